@@ -1,0 +1,104 @@
+"""REST routes for tenants' callers: `POST /generate`, `GET /tasks/{task_id}`, and the error handlers
+that give every REST failure the same JSON shape: `{"error": {"type", "message", ...}}`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from redis.exceptions import RedisError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.auth import Authenticator, principal_dependency
+from app.errors import GatewayError, InvalidRequest, gateway_error_from, invalid_request_from
+from app.images import ImageService, Principal
+from app.models import GenerateRequest, TaskView
+
+logger = logging.getLogger(__name__)
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"description": description}
+    for status, description in {
+        401: "Missing, malformed, unknown or revoked API key",
+        404: "No such task for this API key",
+        409: "The same idempotency key is still being submitted",
+        422: "Invalid argument (the error names the field)",
+        429: "Kling account busy (see Retry-After)",
+        502: "Kling failed or answered unexpectedly",
+        503: "Kling or the gateway's store is unavailable (see Retry-After)",
+        504: "Kling did not answer in time",
+    }.items()
+}
+
+
+def build_api_router(service: ImageService, authenticator: Authenticator) -> APIRouter:
+    router = APIRouter(tags=["images"], responses=ERROR_RESPONSES)
+    caller = Annotated[Principal, Depends(principal_dependency(authenticator))]
+
+    @router.post(
+        "/generate",
+        status_code=202,
+        response_model=TaskView,
+        responses={200: {"model": TaskView, "description": "The task finished within wait_seconds"}},
+    )
+    async def generate(
+        body: GenerateRequest,
+        principal: caller,
+        response: Response,
+        idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    ) -> TaskView:
+        """Start generating images. Answers 202 with the task, or 200 with the images when the task
+        finished within `wait_seconds` (default 0). Send an `Idempotency-Key` to retry without paying twice."""
+        if idempotency_key is not None and idempotency_key != body.idempotency_key:
+            if body.idempotency_key is not None:
+                raise InvalidRequest("Idempotency-Key", "differs from the idempotency_key in the body")
+            body = GenerateRequest.model_validate(
+                body.model_dump(exclude_none=True) | {"idempotency_key": idempotency_key}
+            )
+        record = await service.generate(principal, body, wait_s=body.wait_seconds or 0)
+        response.status_code = 200 if record.status.is_terminal else 202
+        return record.view()
+
+    @router.get("/tasks/{task_id}", response_model=TaskView)
+    async def get_task(
+        task_id: str,
+        principal: caller,
+        wait_seconds: Annotated[int, Query(ge=0, le=3600, description="Wait up to this long for the end")] = 0,
+    ) -> TaskView:
+        """Status and images of one of the caller's own tasks."""
+        record = await service.status(principal, task_id, wait_s=wait_seconds)
+        return record.view()
+
+    return router
+
+
+def error_response(error: GatewayError) -> JSONResponse:
+    return JSONResponse(error.to_json(), status_code=error.status, headers=error.http_headers())
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_known_error(_: Request, exc: Exception) -> JSONResponse:
+        error = gateway_error_from(exc)
+        if error is None:
+            raise exc
+        if error.status >= 500:
+            logger.warning("request failed: %s (%s)", error.type, type(exc).__name__)
+        return error_response(error)
+
+    async def on_request_validation(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return error_response(invalid_request_from(exc.errors()))
+
+    async def on_http_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        error = GatewayError(str(exc.detail), "not_found" if exc.status_code == 404 else "http_error", exc.status_code)
+        return JSONResponse(error.to_json(), status_code=exc.status_code, headers=exc.headers)
+
+    for exc_class in (GatewayError, ValidationError, RedisError):
+        app.add_exception_handler(exc_class, on_known_error)
+    app.add_exception_handler(RequestValidationError, on_request_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)

@@ -1,0 +1,82 @@
+"""Settings: one validated, immutable object read from `KGW_*` environment variables.
+
+Only the composition root (`app.main.create_app`) and the CLI build a `Settings`; nothing reads the
+environment at import time.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_KLING_BASE_URL = "https://api-singapore.klingai.com"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+
+
+class Settings(BaseSettings):
+    """Every knob of the gateway. The README keeps the table of these in sync."""
+
+    model_config = SettingsConfigDict(env_prefix="KGW_", frozen=True, extra="ignore")
+
+    redis_url: str | None = Field(
+        default=None, description="Redis for all shared state; unset = in-process memory store (one process)"
+    )
+    kling_base_url: str = Field(default=DEFAULT_KLING_BASE_URL, description="Kling API base URL")
+    public_url: str | None = Field(
+        default=None, description="The URL clients use, e.g. https://mcp.example.com; drives allowed hosts"
+    )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Extra Host headers accepted on /mcp (comma-separated; '*' = any)"
+    )
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Extra browser Origins accepted on /mcp (comma-separated)"
+    )
+    admin_token: SecretStr | None = Field(default=None, description="Enables /admin; unset = admin API off")
+    key_pepper: SecretStr | None = Field(
+        default=None, description="Server secret that API keys are hashed under (required with Redis)"
+    )
+    default_wait_seconds: int = Field(default=45, ge=0, description="MCP generate_image wait when not given")
+    max_wait_seconds: int = Field(default=300, ge=0, description="Upper bound for any wait_seconds")
+    kling_timeout_seconds: float = Field(default=30.0, gt=0, description="Overall deadline of one Kling call")
+    kling_max_connections: int = Field(default=100, ge=1, description="Pooled connections to Kling per process")
+    poll_interval_seconds: float = Field(default=1.0, gt=0, description="First poll delay while waiting on a task")
+    max_body_bytes: int = Field(default=1_048_576, ge=1024, description="Largest accepted request body")
+
+    @field_validator("allowed_hosts", "allowed_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("public_url", "kling_base_url")
+    @classmethod
+    def _strip_trailing_slash(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("must be an absolute http(s) URL")
+        return value.rstrip("/")
+
+    def mcp_allowed_hosts(self) -> list[str]:
+        """Host headers accepted on /mcp: loopback always, plus the public URL's host and the extras."""
+        hosts = [pattern for host in LOOPBACK_HOSTS for pattern in (host, f"{host}:*")]
+        if self.public_url:
+            netloc = urlsplit(self.public_url).netloc
+            hosts += [netloc, f"{netloc.split(':')[0]}:*"]
+        return hosts + self.allowed_hosts
+
+    def mcp_allowed_origins(self) -> list[str]:
+        origins = [f"{scheme}://{host}:*" for scheme in ("http", "https") for host in LOOPBACK_HOSTS]
+        origins += [f"{scheme}://{host}" for scheme in ("http", "https") for host in LOOPBACK_HOSTS]
+        if self.public_url:
+            parts = urlsplit(self.public_url)
+            origins.append(f"{parts.scheme}://{parts.netloc}")
+        return origins + self.allowed_origins
+
+    def host_check_disabled(self) -> bool:
+        return "*" in self.allowed_hosts

@@ -1,0 +1,206 @@
+"""ImageService: the one use case behind both edges (REST and MCP).
+
+validate (already done by `GenerateRequest`) -> submit to the tenant's Kling account -> record the
+task -> wait up to `wait_seconds`, reporting progress -> return the task's view. Neither edge talks to
+Kling or the store directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from app.errors import Conflict, InvalidRequest, NotFound, error_from_kling
+from app.kling import (
+    KlingClient,
+    KlingError,
+    KlingFailure,
+    KlingTask,
+    KlingTransportError,
+    build_generation_body,
+)
+from app.models import GenerateRequest, TaskStatus
+from app.tasks import IdempotencyClaim, ProgressCallback, TaskRecord, TaskStore, wait_for_task
+from app.tenants import Tenant
+
+# How long a duplicate request waits for the first one (same idempotency key) to be accepted by Kling.
+IDEMPOTENCY_WAIT_S = 10.0
+_CODE_TASK_NOT_FOUND = 1203
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The authenticated caller: a tenant, through one of its API keys."""
+
+    tenant: Tenant
+    key_id: str
+
+
+def request_fingerprint(request: GenerateRequest) -> str:
+    """What makes two requests "the same" for an idempotency key: every argument but the wait."""
+    fields = request.model_dump(exclude={"wait_seconds", "idempotency_key"})
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def external_task_id_for(tenant_id: str, idempotency_key: str | None) -> str:
+    """Derived from (tenant, key) when there is a key, so a retry reaches the same Kling task."""
+    if idempotency_key is None:
+        return f"kgw-{uuid.uuid4().hex}"
+    return "kgw-" + hashlib.sha256(f"{tenant_id}\0{idempotency_key}".encode()).hexdigest()[:32]
+
+
+class ImageService:
+    def __init__(
+        self,
+        kling: KlingClient,
+        tasks: TaskStore,
+        *,
+        max_wait_s: int,
+        first_poll_interval_s: float,
+    ) -> None:
+        self._kling = kling
+        self._tasks = tasks
+        self._max_wait_s = max_wait_s
+        self._first_poll_interval_s = first_poll_interval_s
+
+    async def generate(
+        self,
+        principal: Principal,
+        request: GenerateRequest,
+        *,
+        wait_s: int,
+        on_progress: ProgressCallback | None = None,
+    ) -> TaskRecord:
+        """Start (or, for a repeated idempotency key, find) the task, then wait for it up to `wait_s`."""
+        if request.idempotency_key is None:
+            record = await self._submit(principal.tenant, request)
+        else:
+            record = await self._submit_once(principal.tenant, request, request.idempotency_key)
+        if on_progress is not None:
+            await on_progress(record, 0.0)
+        return await self._wait(principal.tenant, record, wait_s, on_progress)
+
+    async def status(
+        self,
+        principal: Principal,
+        task_id: str,
+        *,
+        wait_s: int = 0,
+        on_progress: ProgressCallback | None = None,
+    ) -> TaskRecord:
+        """A task of the caller's own tenant; another tenant's task is reported as not found."""
+        record = await self._tasks.get(task_id)
+        if record is None or record.tenant_id != principal.tenant.id:
+            raise NotFound(f"no task {task_id!r} for this API key")
+        if record.status.is_terminal:
+            return record
+        return await self._wait(principal.tenant, record, max(wait_s, 0), on_progress, refresh_first=True)
+
+    async def _wait(
+        self,
+        tenant: Tenant,
+        record: TaskRecord,
+        wait_s: int,
+        on_progress: ProgressCallback | None,
+        *,
+        refresh_first: bool = False,
+    ) -> TaskRecord:
+        async def fetch() -> KlingTask:
+            try:
+                return await self._kling.get_image_task(tenant.kling, record.task_id)
+            except KlingFailure as exc:
+                raise error_from_kling(exc) from exc
+
+        if refresh_first:
+            record = record.updated_from(await fetch())
+            await self._tasks.save(record)
+        return await wait_for_task(
+            record,
+            fetch,
+            self._tasks.save,
+            wait_s=min(wait_s, self._max_wait_s),
+            first_interval_s=self._first_poll_interval_s,
+            on_progress=on_progress,
+        )
+
+    async def _submit(
+        self, tenant: Tenant, request: GenerateRequest, external_task_id: str | None = None
+    ) -> TaskRecord:
+        external_task_id = external_task_id or external_task_id_for(tenant.id, None)
+        body = build_generation_body(request, external_task_id=external_task_id)
+        task = await self._create_or_adopt(tenant, body, external_task_id)
+        record = TaskRecord(
+            task_id=task.task_id,
+            tenant_id=tenant.id,
+            external_task_id=external_task_id,
+            model_name=request.model_name,
+            num_images=request.num_images,
+            status=TaskStatus.SUBMITTED,
+            created_at_ms=task.created_at,
+            updated_at_ms=task.updated_at,
+        ).updated_from(task)
+        await self._tasks.save(record)
+        return record
+
+    async def _create_or_adopt(self, tenant: Tenant, body: dict[str, Any], external_task_id: str) -> KlingTask:
+        try:
+            return await self._kling.create_image_task(tenant.kling, body)
+        except KlingFailure as exc:
+            # The create may have reached Kling although its answer was lost (a transport failure), or an
+            # earlier attempt whose answer was lost created it (a duplicate external_task_id). Either way,
+            # look it up and adopt it: never pay twice, never report a task that exists as failed.
+            ambiguous = isinstance(exc, KlingTransportError) or (
+                isinstance(exc, KlingError) and exc.code in (1200, 1201) and "external_task_id" in exc.message
+            )
+            found = await self._find_by_external_id(tenant, external_task_id) if ambiguous else None
+            if found is None:
+                raise error_from_kling(exc) from exc
+            return found
+
+    async def _find_by_external_id(self, tenant: Tenant, external_task_id: str) -> KlingTask | None:
+        try:
+            return await self._kling.get_image_task(tenant.kling, external_task_id)
+        except KlingError as exc:
+            if exc.code == _CODE_TASK_NOT_FOUND:
+                return None
+            raise error_from_kling(exc) from exc
+        except KlingFailure:
+            return None
+
+    async def _submit_once(self, tenant: Tenant, request: GenerateRequest, key: str) -> TaskRecord:
+        """Exactly one Kling task per (tenant, key): the first caller submits, duplicates get its task."""
+        scope = f"{tenant.id}:{hashlib.sha256(key.encode()).hexdigest()}"
+        fingerprint = request_fingerprint(request)
+        deadline = time.monotonic() + IDEMPOTENCY_WAIT_S
+        while True:
+            existing = await self._tasks.claim_idempotency(scope, IdempotencyClaim(fingerprint))
+            if existing is None:
+                return await self._submit_claimed(tenant, request, key, scope, fingerprint)
+            if existing.fingerprint != fingerprint:
+                raise InvalidRequest("idempotency_key", "was already used with different arguments")
+            if existing.task_id is not None:
+                record = await self._tasks.get(existing.task_id)
+                if record is None:
+                    raise NotFound("the task of this idempotency key no longer exists")
+                return record
+            if time.monotonic() >= deadline:
+                raise Conflict("a request with this idempotency_key is still being submitted; retry shortly")
+            # The first request is talking to Kling right now; its answer is usually a moment away.
+            await asyncio.sleep(0.1)
+
+    async def _submit_claimed(
+        self, tenant: Tenant, request: GenerateRequest, key: str, scope: str, fingerprint: str
+    ) -> TaskRecord:
+        try:
+            record = await self._submit(tenant, request, external_task_id_for(tenant.id, key))
+        except BaseException:
+            # Nothing was created (a lost answer was already looked up): a retry may submit again.
+            await asyncio.shield(self._tasks.release_idempotency(scope))
+            raise
+        await self._tasks.complete_idempotency(scope, IdempotencyClaim(fingerprint, record.task_id))
+        return record

@@ -1,0 +1,227 @@
+"""KlingClient: the one way the gateway talks to Kling's image API.
+
+One pooled `httpx2.AsyncClient` per process (owned by the app lifespan), one cached HS256 JWT per
+credential, typed errors that keep the HTTP status, Kling code, message and request_id. Facts behind
+it: reference/kling-api.md.
+
+    KlingFailure
+    ├── KlingError           Kling answered with a non-zero code (status, code, message, request_id)
+    ├── KlingTransportError  no answer: connect failure or timeout (`timed_out`)
+    └── KlingProtocolError   an answer that is not Kling's envelope
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx2
+import jwt
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from app.models import IMAGE_MODELS, GenerateRequest
+
+GENERATIONS_PATH = "/v1/images/generations"
+JWT_LIFETIME_S = 1800
+# Re-sign when less than this is left, so a token never expires between signing and Kling checking it.
+JWT_RENEW_MARGIN_S = 300
+CODE_TOKEN_EXPIRED = 1004
+
+
+@dataclass(frozen=True)
+class KlingCredentials:
+    """One Kling account's AK/SK. `repr` hides the secret."""
+
+    access_key: str
+    secret_key: str
+
+    def __repr__(self) -> str:
+        return f"KlingCredentials(access_key={self.access_key!r}, secret_key='***')"
+
+
+class KlingFailure(Exception):
+    """Any failure of a Kling call."""
+
+
+class KlingError(KlingFailure):
+    def __init__(self, http_status: int, code: int, message: str, request_id: str | None) -> None:
+        super().__init__(f"Kling error {code} (HTTP {http_status}): {message}")
+        self.http_status = http_status
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+class KlingTransportError(KlingFailure):
+    def __init__(self, message: str, *, timed_out: bool) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
+
+
+class KlingProtocolError(KlingFailure):
+    pass
+
+
+class KlingImage(BaseModel):
+    index: int
+    url: str
+    watermark_url: str | None = None
+
+
+class KlingTaskResult(BaseModel):
+    images: list[KlingImage] = Field(default_factory=list)
+
+
+class KlingTaskInfo(BaseModel):
+    external_task_id: str | None = None
+
+
+class KlingTask(BaseModel):
+    """The `data` of a create or query answer (unknown fields ignored: Kling adds fields over time)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    task_id: str
+    task_status: str
+    task_status_msg: str | None = None
+    created_at: int
+    updated_at: int
+    task_info: KlingTaskInfo = Field(default_factory=KlingTaskInfo)
+    task_result: KlingTaskResult = Field(default_factory=KlingTaskResult)
+
+
+class JwtCache:
+    """One token per credential, re-signed `JWT_RENEW_MARGIN_S` before it expires."""
+
+    def __init__(self, lifetime_s: int = JWT_LIFETIME_S) -> None:
+        self._lifetime_s = lifetime_s
+        self._tokens: dict[str, tuple[str, float]] = {}
+
+    def token(self, credentials: KlingCredentials, *, force_new: bool = False) -> str:
+        # Keyed by a digest of both keys so a rotated secret never reuses a token signed with the old one.
+        cache_key = hashlib.sha256(f"{credentials.access_key}\0{credentials.secret_key}".encode()).hexdigest()
+        cached = self._tokens.get(cache_key)
+        now = time.time()
+        if cached and not force_new and cached[1] - now > JWT_RENEW_MARGIN_S:
+            return cached[0]
+        expires_at = int(now) + self._lifetime_s
+        token = jwt.encode(
+            {"iss": credentials.access_key, "exp": expires_at, "nbf": int(now) - 5},
+            credentials.secret_key,
+            algorithm="HS256",
+            headers={"typ": "JWT"},
+        )
+        self._tokens[cache_key] = (token, expires_at)
+        return token
+
+
+def create_http_client(max_connections: int = 100) -> httpx2.AsyncClient:
+    """The process's pooled client for Kling. Per-phase timeouts here; each call adds an overall deadline."""
+    return httpx2.AsyncClient(
+        timeout=httpx2.Timeout(connect=5.0, read=30.0, write=10.0, pool=2.0),
+        limits=httpx2.Limits(
+            max_connections=max_connections,
+            max_keepalive_connections=max_connections // 2,
+            keepalive_expiry=30.0,
+        ),
+        follow_redirects=False,
+        trust_env=False,
+    )
+
+
+def build_generation_body(
+    request: GenerateRequest, *, external_task_id: str | None = None, callback_url: str | None = None
+) -> dict[str, Any]:
+    """Map the tool's arguments onto Kling's documented create fields (reference/kling-api.md §4)."""
+    body: dict[str, Any] = {
+        "model_name": request.model_name,
+        "prompt": request.prompt,
+        "n": request.num_images,
+        "aspect_ratio": request.aspect_ratio,
+    }
+    if request.ref_image_url is not None:
+        body["image"] = request.ref_image_url
+        if request.ref_image_weight is not None and IMAGE_MODELS[request.model_name].image_fidelity:
+            body["image_fidelity"] = request.ref_image_weight
+    elif request.negative_prompt:
+        body["negative_prompt"] = request.negative_prompt
+    optional = {
+        "image_reference": request.image_reference,
+        "human_fidelity": request.human_fidelity,
+        "resolution": request.resolution,
+        "external_task_id": external_task_id,
+        "callback_url": callback_url,
+    }
+    body.update({key: value for key, value in optional.items() if value is not None})
+    return body
+
+
+class KlingClient:
+    """Typed calls to Kling's image endpoints over the shared pool."""
+
+    def __init__(self, http: httpx2.AsyncClient, base_url: str, *, deadline_s: float = 30.0) -> None:
+        self._http = http
+        self._base_url = base_url.rstrip("/")
+        self._deadline_s = deadline_s
+        self._jwts = JwtCache()
+
+    async def create_image_task(self, credentials: KlingCredentials, body: dict[str, Any]) -> KlingTask:
+        return await self._call(credentials, "POST", GENERATIONS_PATH, body)
+
+    async def get_image_task(self, credentials: KlingCredentials, task_id: str) -> KlingTask:
+        """Look a task up by Kling's task_id or by the external_task_id the gateway chose."""
+        return await self._call(credentials, "GET", f"{GENERATIONS_PATH}/{task_id}", None)
+
+    async def _call(
+        self, credentials: KlingCredentials, method: str, path: str, body: dict[str, Any] | None
+    ) -> KlingTask:
+        try:
+            return await self._send(credentials, method, path, body, force_new_token=False)
+        except KlingError as exc:
+            # A token can expire between our clock and Kling's; re-sign once, as Kling's docs advise.
+            if exc.code != CODE_TOKEN_EXPIRED:
+                raise
+            return await self._send(credentials, method, path, body, force_new_token=True)
+
+    async def _send(
+        self,
+        credentials: KlingCredentials,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None,
+        *,
+        force_new_token: bool,
+    ) -> KlingTask:
+        token = self._jwts.token(credentials, force_new=force_new_token)
+        headers = {"Authorization": f"Bearer {token}"}
+        try:
+            # httpx2 timeouts are per phase; a slow drip would never trip them, so bound the whole call.
+            async with asyncio.timeout(self._deadline_s):
+                response = await self._http.request(method, self._base_url + path, json=body, headers=headers)
+        except (TimeoutError, httpx2.TimeoutException) as exc:
+            raise KlingTransportError(f"{method} {path} timed out", timed_out=True) from exc
+        except httpx2.TransportError as exc:
+            raise KlingTransportError(f"{method} {path} failed: {type(exc).__name__}", timed_out=False) from exc
+        return parse_envelope(response)
+
+
+def parse_envelope(response: httpx2.Response) -> KlingTask:
+    """Return the task in a successful answer; raise the matching typed error otherwise."""
+    try:
+        envelope = response.json()
+    except ValueError as exc:
+        raise KlingProtocolError(f"HTTP {response.status_code} with a body that is not JSON") from exc
+    if not isinstance(envelope, dict) or not isinstance(envelope.get("code"), int):
+        raise KlingProtocolError(f"HTTP {response.status_code} without Kling's envelope")
+    code: int = envelope["code"]
+    request_id = envelope.get("request_id")
+    if code != 0 or response.status_code >= 400:
+        message = str(envelope.get("message") or "no message")
+        raise KlingError(response.status_code, code, message, request_id if isinstance(request_id, str) else None)
+    try:
+        return KlingTask.model_validate(envelope.get("data"))
+    except ValidationError as exc:
+        raise KlingProtocolError("a success envelope without a valid task") from exc

@@ -1,0 +1,190 @@
+"""Task records (who owns which Kling task, and its last known state), idempotency claims, and waiting.
+
+A record is written as soon as Kling accepts a task, so any replica can answer `GET /tasks/{id}` and
+resume waiting. Records live as long as Kling keeps the images (30 days).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field, replace
+from datetime import timedelta
+from typing import Protocol
+
+from redis.asyncio import Redis
+
+from app.kling import KlingTask
+from app.models import IMAGE_URL_LIFETIME_DAYS, ImageView, TaskStatus, TaskView, datetime_from_ms
+
+TASK_TTL_S = IMAGE_URL_LIFETIME_DAYS * 86_400
+IDEMPOTENCY_TTL_S = 86_400
+MAX_POLL_INTERVAL_S = 5.0  # also the longest silence between progress reports while waiting
+
+_KLING_STATUS = {
+    "submitted": TaskStatus.SUBMITTED,
+    "processing": TaskStatus.PROCESSING,
+    "succeed": TaskStatus.SUCCEEDED,
+    "failed": TaskStatus.FAILED,
+}
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    task_id: str
+    tenant_id: str
+    external_task_id: str
+    model_name: str
+    num_images: int
+    status: TaskStatus
+    created_at_ms: int
+    updated_at_ms: int
+    status_message: str | None = None
+    images: list[tuple[int, str]] = field(default_factory=list)
+
+    def updated_from(self, task: KlingTask) -> TaskRecord:
+        return replace(
+            self,
+            status=_KLING_STATUS.get(task.task_status, TaskStatus.PROCESSING),
+            status_message=task.task_status_msg or None,
+            updated_at_ms=task.updated_at,
+            images=[(image.index, image.url) for image in task.task_result.images],
+        )
+
+    def view(self) -> TaskView:
+        created = datetime_from_ms(self.created_at_ms)
+        return TaskView(
+            task_id=self.task_id,
+            status=self.status,
+            status_message=self.status_message,
+            model_name=self.model_name,
+            num_images=self.num_images,
+            images=[ImageView(index=index, url=url) for index, url in self.images],
+            created_at=created,
+            updated_at=datetime_from_ms(self.updated_at_ms),
+            images_expire_at=created + timedelta(days=IMAGE_URL_LIFETIME_DAYS) if self.images else None,
+        )
+
+
+def _record_to_json(record: TaskRecord) -> str:
+    return json.dumps(asdict(record))
+
+
+def _record_from_json(raw: str | bytes) -> TaskRecord:
+    fields = json.loads(raw)
+    fields["status"] = TaskStatus(fields["status"])
+    fields["images"] = [tuple(image) for image in fields["images"]]
+    return TaskRecord(**fields)
+
+
+@dataclass(frozen=True)
+class IdempotencyClaim:
+    """Who first used an idempotency key: the request's fingerprint and, once Kling accepted it, the task."""
+
+    fingerprint: str
+    task_id: str | None = None
+
+
+class TaskStore(Protocol):
+    async def save(self, record: TaskRecord) -> None: ...
+    async def get(self, task_id: str) -> TaskRecord | None: ...
+
+    async def claim_idempotency(self, scope: str, claim: IdempotencyClaim) -> IdempotencyClaim | None:
+        """Claim `scope` atomically; None when this caller won, else the existing claim."""
+
+    async def complete_idempotency(self, scope: str, claim: IdempotencyClaim) -> None: ...
+    async def release_idempotency(self, scope: str) -> None: ...
+
+
+class MemoryTaskStore:
+    """In-process backend, bounded so a long-running demo cannot grow without limit."""
+
+    def __init__(self, max_records: int = 100_000) -> None:
+        self._records: OrderedDict[str, TaskRecord] = OrderedDict()
+        self._claims: dict[str, tuple[IdempotencyClaim, float]] = {}
+        self._max_records = max_records
+
+    async def save(self, record: TaskRecord) -> None:
+        self._records[record.task_id] = record
+        self._records.move_to_end(record.task_id)
+        while len(self._records) > self._max_records:
+            self._records.popitem(last=False)
+
+    async def get(self, task_id: str) -> TaskRecord | None:
+        return self._records.get(task_id)
+
+    async def claim_idempotency(self, scope: str, claim: IdempotencyClaim) -> IdempotencyClaim | None:
+        existing = self._claims.get(scope)
+        if existing is not None and existing[1] > time.monotonic():
+            return existing[0]
+        self._claims[scope] = (claim, time.monotonic() + IDEMPOTENCY_TTL_S)
+        return None
+
+    async def complete_idempotency(self, scope: str, claim: IdempotencyClaim) -> None:
+        self._claims[scope] = (claim, time.monotonic() + IDEMPOTENCY_TTL_S)
+
+    async def release_idempotency(self, scope: str) -> None:
+        self._claims.pop(scope, None)
+
+
+class RedisTaskStore:
+    def __init__(self, redis: Redis, namespace: str = "kgw") -> None:
+        self._redis = redis
+        self._ns = namespace
+
+    async def save(self, record: TaskRecord) -> None:
+        await self._redis.set(f"{self._ns}:task:{record.task_id}", _record_to_json(record), ex=TASK_TTL_S)
+
+    async def get(self, task_id: str) -> TaskRecord | None:
+        raw = await self._redis.get(f"{self._ns}:task:{task_id}")
+        return _record_from_json(raw) if raw is not None else None
+
+    async def claim_idempotency(self, scope: str, claim: IdempotencyClaim) -> IdempotencyClaim | None:
+        key = f"{self._ns}:idem:{scope}"
+        # SET NX GET: claim and read the previous claim in one round trip, atomically across replicas.
+        previous = await self._redis.set(key, json.dumps(asdict(claim)), nx=True, get=True, ex=IDEMPOTENCY_TTL_S)
+        return IdempotencyClaim(**json.loads(previous)) if isinstance(previous, (str, bytes)) else None
+
+    async def complete_idempotency(self, scope: str, claim: IdempotencyClaim) -> None:
+        await self._redis.set(f"{self._ns}:idem:{scope}", json.dumps(asdict(claim)), ex=IDEMPOTENCY_TTL_S)
+
+    async def release_idempotency(self, scope: str) -> None:
+        await self._redis.delete(f"{self._ns}:idem:{scope}")
+
+
+ProgressCallback = Callable[[TaskRecord, float], Awaitable[None]]
+
+
+async def wait_for_task(
+    record: TaskRecord,
+    fetch: Callable[[], Awaitable[KlingTask]],
+    save: Callable[[TaskRecord], Awaitable[None]],
+    *,
+    wait_s: float,
+    first_interval_s: float,
+    on_progress: ProgressCallback | None = None,
+) -> TaskRecord:
+    """Poll Kling until the task ends or `wait_s` passes; report every poll (a heartbeat) to `on_progress`.
+
+    Returns the last known record, terminal or not. The interval backs off to MAX_POLL_INTERVAL_S so a
+    long task costs few queries, while progress still arrives at least that often.
+    """
+    started = time.monotonic()
+    deadline = started + wait_s
+    interval = first_interval_s
+    while not record.status.is_terminal:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        await asyncio.sleep(min(interval, remaining))
+        interval = min(interval * 1.5, MAX_POLL_INTERVAL_S)
+        latest = record.updated_from(await fetch())
+        if latest != record:
+            await save(latest)
+            record = latest
+        if on_progress is not None:
+            await on_progress(record, time.monotonic() - started)
+    return record

@@ -1,0 +1,107 @@
+"""Fixtures: a private redis-server, the Kling simulator and the gateway, each really served on loopback."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import httpx2
+import pytest
+from redis.asyncio import Redis
+
+from app.config import Settings
+from app.main import Gateway, build_gateway
+from app.simulator import SimAccount, SimulatorConfig, create_simulator_app
+from tests.servers import redis_server, serve
+
+ADMIN_TOKEN = "admin-" + secrets.token_urlsafe(24)
+PRIMARY = SimAccount(access_key="ak-primary", secret_key="sk-primary-" + secrets.token_hex(24), concurrency=20)
+SECONDARY = SimAccount(access_key="ak-secondary", secret_key="sk-secondary-" + secrets.token_hex(24), concurrency=20)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    with redis_server() as url:
+        yield url
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
+    await client.flushdb()
+    yield client
+    await client.aclose()
+
+
+@dataclass
+class Simulator:
+    url: str
+    http: httpx2.AsyncClient
+
+    async def control(self, path: str, body: dict[str, object]) -> None:
+        response = await self.http.post(f"{self.url}/_sim/{path}", json=body)
+        response.raise_for_status()
+
+    async def stats(self) -> dict[str, object]:
+        response = await self.http.get(f"{self.url}/_sim/stats")
+        response.raise_for_status()
+        stats: dict[str, object] = response.json()
+        return stats
+
+
+@pytest.fixture
+async def simulator() -> AsyncIterator[Simulator]:
+    config = SimulatorConfig(accounts=(PRIMARY, SECONDARY), delay=0.3)
+    async with serve(create_simulator_app(config)) as url, httpx2.AsyncClient(timeout=10) as http:
+        yield Simulator(url=url, http=http)
+
+
+@dataclass
+class RunningGateway:
+    url: str
+    gateway: Gateway
+    http: httpx2.AsyncClient
+
+    async def new_api_key(self, name: str, account: SimAccount = PRIMARY) -> str:
+        """Create a tenant through the admin API and issue it a key."""
+        admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        body = {"name": name, "kling": {"access_key": account.access_key, "secret_key": account.secret_key}}
+        created = await self.http.post(f"{self.url}/admin/tenants", json=body, headers=admin)
+        assert created.status_code == 201, created.text
+        issued = await self.http.post(
+            f"{self.url}/admin/tenants/{created.json()['id']}/keys", json={"label": "tests"}, headers=admin
+        )
+        assert issued.status_code == 201, issued.text
+        api_key: str = issued.json()["api_key"]
+        return api_key
+
+
+def gateway_settings(simulator: Simulator, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "kling_base_url": simulator.url,
+        "admin_token": ADMIN_TOKEN,
+        "poll_interval_seconds": 0.05,
+        "redis_url": None,
+        **overrides,
+    }
+    return Settings.model_validate(values)
+
+
+@pytest.fixture
+async def gateway(simulator: Simulator) -> AsyncIterator[RunningGateway]:
+    built = build_gateway(gateway_settings(simulator))
+    async with serve(built.app) as url, httpx2.AsyncClient(timeout=30) as http:
+        yield RunningGateway(url=url, gateway=built, http=http)
+
+
+@pytest.fixture
+async def redis_gateway(simulator: Simulator, redis: Redis, redis_url: str) -> AsyncIterator[RunningGateway]:
+    built = build_gateway(gateway_settings(simulator, redis_url=redis_url, key_pepper="pepper-" + "x" * 32))
+    async with serve(built.app) as url, httpx2.AsyncClient(timeout=30) as http:
+        yield RunningGateway(url=url, gateway=built, http=http)

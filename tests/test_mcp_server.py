@@ -1,0 +1,184 @@
+"""generate_image and check_image_status through the official MCP client, over real HTTP, in both eras."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import httpx2
+import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.types import CallToolResult, ResourceLink, TextContent
+from PIL import Image
+
+from tests.conftest import RunningGateway, Simulator
+
+pytestmark = pytest.mark.anyio
+ERAS = ["legacy", "auto"]  # 2025-11-25 (initialize handshake) and 2026-07-28 (sessionless)
+
+
+@asynccontextmanager
+async def mcp_client(gateway: RunningGateway, api_key: str, mode: str = "auto") -> AsyncIterator[Client]:
+    headers = {"Authorization": f"Bearer {api_key}"}
+    async with httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=120)) as http:
+        transport = streamable_http_client(f"{gateway.url}/mcp", http_client=http)
+        async with Client(transport, mode=mode) as client:  # type: ignore[arg-type]
+            yield client
+
+
+def text_of(result: CallToolResult) -> str:
+    return "\n".join(block.text for block in result.content if isinstance(block, TextContent))
+
+
+def structured(result: CallToolResult) -> dict[str, Any]:
+    assert isinstance(result.structured_content, dict)
+    return result.structured_content
+
+
+@pytest.mark.parametrize("mode", ERAS)
+async def test_generate_image_reports_progress_and_returns_image_links(
+    gateway: RunningGateway, mode: str
+) -> None:
+    api_key = await gateway.new_api_key("acme")
+    progress: list[tuple[float, str | None]] = []
+
+    async def on_progress(value: float, total: float | None, message: str | None) -> None:
+        progress.append((value, message))
+
+    async with mcp_client(gateway, api_key, mode) as client:
+        with anyio.fail_after(30):
+            result = await client.call_tool(
+                "generate_image",
+                {"prompt": "a lighthouse at dawn", "num_images": 2, "aspect_ratio": "1:1"},
+                progress_callback=on_progress,
+            )
+
+    assert not result.is_error, text_of(result)
+    links = [block for block in result.content if isinstance(block, ResourceLink)]
+    assert len(links) == 2
+    content = structured(result)
+    assert content["status"] == "succeeded"
+    assert [image["index"] for image in content["images"]] == [0, 1]
+    assert progress, "no progress notification arrived"
+    assert [value for value, _ in progress] == sorted({value for value, _ in progress})
+    assert any(message and "generating" in message for _, message in progress)
+    png = await gateway.http.get(str(links[0].uri))
+    with Image.open(io.BytesIO(png.content)) as image:
+        assert image.format == "PNG"
+        assert image.width == image.height
+
+
+@pytest.mark.parametrize("mode", ERAS)
+async def test_a_slow_task_returns_its_id_and_check_image_status_finishes_it(
+    gateway: RunningGateway, mode: str
+) -> None:
+    api_key = await gateway.new_api_key("acme")
+    async with mcp_client(gateway, api_key, mode) as client:
+        started = await client.call_tool("generate_image", {"prompt": "a fox", "wait_seconds": 0})
+        assert not started.is_error, text_of(started)
+        task_id = structured(started)["task_id"]
+        assert structured(started)["status"] in ("submitted", "processing")
+        assert "check_image_status" in text_of(started)
+
+        with anyio.fail_after(30):
+            finished = await client.call_tool("check_image_status", {"task_id": task_id, "wait_seconds": 20})
+    assert structured(finished)["status"] == "succeeded"
+    assert len(structured(finished)["images"]) == 1
+
+
+async def test_tools_publish_the_seed_arguments_and_the_documented_fields(gateway: RunningGateway) -> None:
+    api_key = await gateway.new_api_key("acme")
+    async with mcp_client(gateway, api_key) as client:
+        tools = {tool.name: tool for tool in (await client.list_tools()).tools}
+    schema = tools["generate_image"].input_schema["properties"]
+    for argument in ("prompt", "negative_prompt", "model_name", "aspect_ratio", "num_images", "ref_image_url",
+                     "ref_image_weight", "image_reference", "human_fidelity", "resolution", "wait_seconds",
+                     "idempotency_key"):
+        assert argument in schema
+    assert "ctx" not in schema
+    assert set(tools["check_image_status"].input_schema["properties"]) == {"task_id", "wait_seconds"}
+
+
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        ({"prompt": "x", "num_images": 12}, "num_images"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "x" * 2501}, "prompt"),
+        ({"prompt": "x", "aspect_ratio": "5:4"}, "aspect_ratio"),
+        ({"prompt": "x", "ref_image_url": "/etc/passwd"}, "ref_image_url"),
+        ({"prompt": "x", "ref_image_url": "file:///etc/passwd"}, "ref_image_url"),
+        ({"prompt": "x", "ref_image_url": "https://169.254.169.254/latest"}, "ref_image_url"),
+        ({"prompt": "x", "ref_image_url": "https://example.com/a.png", "negative_prompt": "blur"}, "negative_prompt"),
+        ({"prompt": "x", "ref_image_weight": 1.5}, "ref_image_weight"),
+        ({"prompt": "x", "model_name": "kling-v1.6"}, "video model"),
+        ({"prompt": "x", "model_name": "kling-v1", "aspect_ratio": "21:9"}, "aspect_ratio"),
+    ],
+)
+async def test_bad_arguments_get_an_error_result_and_nothing_reaches_kling(
+    gateway: RunningGateway, simulator: Simulator, arguments: dict[str, Any], named: str
+) -> None:
+    api_key = await gateway.new_api_key("acme")
+    async with mcp_client(gateway, api_key) as client:
+        result = await client.call_tool("generate_image", arguments)
+    assert result.is_error
+    assert named in text_of(result)
+    assert (await simulator.stats())["creates"] == 0
+
+
+async def test_a_task_kling_fails_is_an_error_result_with_the_reason(
+    gateway: RunningGateway, simulator: Simulator
+) -> None:
+    await simulator.control("outcomes", {"status": "failed", "message": "content risk control", "times": 1})
+    api_key = await gateway.new_api_key("acme")
+    async with mcp_client(gateway, api_key) as client:
+        with anyio.fail_after(30):
+            result = await client.call_tool("generate_image", {"prompt": "something risky"})
+    assert result.is_error
+    assert "content risk control" in text_of(result)
+    assert structured(result)["status"] == "failed"
+
+
+async def test_a_depleted_kling_account_is_reported_as_not_retryable(
+    gateway: RunningGateway, simulator: Simulator
+) -> None:
+    await simulator.control("faults", {"code": 1102, "http_status": 429, "message": "resource pack exhausted",
+                                       "times": 1, "path": "create"})
+    api_key = await gateway.new_api_key("acme")
+    async with mcp_client(gateway, api_key) as client:
+        result = await client.call_tool("generate_image", {"prompt": "a cat"})
+    assert result.is_error
+    assert structured(result)["error"]["type"] == "kling_account_unavailable"
+    assert "retrying will not help" in text_of(result)
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer nonsense", "Bearer kgw_AAAAAAAAAAAA_" + "B" * 32])
+async def test_mcp_without_a_valid_key_gets_401_with_www_authenticate(
+    gateway: RunningGateway, authorization: str | None
+) -> None:
+    headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+    if authorization:
+        headers["Authorization"] = authorization
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}}
+    response = await gateway.http.post(f"{gateway.url}/mcp", json=body, headers=headers)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"].startswith("Bearer")
+    assert response.json()["error"]["type"] == "unauthorized"
+
+
+async def test_a_foreign_host_header_is_refused_but_loopback_is_served(gateway: RunningGateway) -> None:
+    api_key = await gateway.new_api_key("acme")
+    headers = {
+        "Authorization": f"Bearer {api_key}",
+        "Accept": "application/json, text/event-stream",
+        "Content-Type": "application/json",
+    }
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}}
+    rebinding = await gateway.http.post(f"{gateway.url}/mcp", json=body, headers={**headers, "Host": "evil.example"})
+    assert rebinding.status_code == 421
+    async with mcp_client(gateway, api_key) as client:
+        assert (await client.list_tools()).tools

@@ -1,8 +1,6 @@
 """REST routes for tenants' callers: `POST /generate`, `GET /tasks/{task_id}`, and the error handlers
 that give every REST failure the same JSON shape: `{"error": {"type", "message", ...}}`."""
 
-from __future__ import annotations
-
 import logging
 from typing import Annotated, Any
 

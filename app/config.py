@@ -43,7 +43,8 @@ class Settings(BaseSettings):
     kling_timeout_seconds: float = Field(default=30.0, gt=0, description="Overall deadline of one Kling call")
     kling_max_connections: int = Field(default=100, ge=1, description="Pooled connections to Kling per process")
     poll_interval_seconds: float = Field(default=1.0, gt=0, description="First poll delay while waiting on a task")
-    max_body_bytes: int = Field(default=1_048_576, ge=1024, description="Largest accepted request body")
+    # Inline base64 reference images may be 10 MB, which is about 13.4 MB of base64.
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, description="Largest accepted request body")
 
     @field_validator("allowed_hosts", "allowed_origins", mode="before")
     @classmethod

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
-from mcp.server.transport_security import TransportSecuritySettings
+from mcp.server.transport_security import RequestBodyLimitMiddleware, TransportSecuritySettings
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -108,6 +108,7 @@ def build_gateway(settings: Settings) -> Gateway:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.add_middleware(RequestBodyLimitMiddleware, max_body_size=settings.max_body_bytes)
     add_health_routes(app, tenant_store)
     app.include_router(build_api_router(service, authenticator))
     if settings.admin_token is not None:

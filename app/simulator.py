@@ -1,8 +1,8 @@
 """A local fake of Kling's image API (kling-api.md §2-9, §11) for tests, the demo and benchmarks.
 
-Task status is derived from elapsed monotonic time instead of being advanced by timers, so idle tasks cost nothing;
-only tasks with a `callback_url` get a background delivery task. Handlers never await between checking capacity and
-recording a task, which is what makes the per-account slot accounting race-free on one event loop.
+Task status is derived from elapsed monotonic time rather than advanced by timers, so idle tasks cost nothing;
+only tasks with a `callback_url` get a background task. Handlers never await between checking capacity and
+recording a task, which is what keeps per-account slot accounting race-free on one event loop.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import logging
 import re
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -39,29 +40,28 @@ from starlette.routing import Route
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+_Endpoint = Callable[[Request], Awaitable[Response]]
 
 MODELS = frozenset({"kling-v1", "kling-v1-5", "kling-v2", "kling-v2-new", "kling-v2-1", "kling-v3"})
-ASPECT_RATIOS: dict[str, tuple[int, int]] = {
-    "16:9": (16, 9), "9:16": (9, 16), "1:1": (1, 1), "4:3": (4, 3),
-    "3:4": (3, 4), "3:2": (3, 2), "2:3": (2, 3), "21:9": (21, 9),
-}  # fmt: skip
-# Real outputs are far larger; small images keep renders and downloads cheap in benchmarks.
-LONG_SIDE = {"1k": 512, "2k": 1024}
-_FIELDS = frozenset({
-    "prompt", "negative_prompt", "model_name", "model", "image", "image_reference", "image_fidelity",
-    "human_fidelity", "element_list", "resolution", "n", "aspect_ratio", "watermark_info", "callback_url",
-    "external_task_id",
-})  # fmt: skip
-_PROCESSING_AT = 0.3
-_IMAGE_NAME = re.compile(r"(\d+)(-wm)?\.png")
-_PATHS = frozenset({"create", "query", "any"})
-_FAULT_MESSAGES = {
-    1302: "request too fast, rate limit exceeded",
-    1303: "parallel task over resource pack limit",
-    5000: "internal error",
-    5001: "service temporarily unavailable",
-    5002: "internal timeout",
+ASPECT_RATIOS = {"16:9": (16, 9), "9:16": (9, 16), "1:1": (1, 1), "4:3": (4, 3), "3:4": (3, 4), "3:2": (3, 2),
+                 "2:3": (2, 3), "21:9": (21, 9)}  # fmt: skip
+LONG_SIDE = {"1k": 512, "2k": 1024}  # far below Kling's sizes: renders and downloads stay cheap in benchmarks
+_STR_LIMITS = {"prompt": 2500, "negative_prompt": 2500, "model_name": 64, "model": 64, "image": 14_000_000,
+               "image_reference": 16, "resolution": 8, "aspect_ratio": 8, "callback_url": 2048,
+               "external_task_id": 256}  # fmt: skip
+_FIELDS = frozenset({*_STR_LIMITS, "image_fidelity", "human_fidelity", "element_list", "n", "watermark_info"})
+_CHOICES: dict[str, Any] = {
+    "aspect_ratio": ASPECT_RATIOS,
+    "resolution": LONG_SIDE,
+    "image_reference": ("subject", "face"),
 }
+_PROCESSING_AT = 0.3
+_TERMINAL = ("succeed", "failed")
+_IMAGE_NAME = re.compile(r"(\d+)(-wm)?\.png")
+_FAULT_MESSAGES = {1302: "request too fast, rate limit exceeded", 1303: "parallel task over resource pack limit",
+                   5000: "internal error", 5001: "service temporarily unavailable",
+                   5002: "internal timeout"}  # fmt: skip
+_COUNTERS = ("creates", "queries", "rejected_1303", "callbacks_sent", "callbacks_failed")
 
 
 @dataclass(frozen=True)
@@ -81,9 +81,7 @@ class SimulatorConfig:
 class _KlingError(Exception):
     def __init__(self, http_status: int, code: int, message: str) -> None:
         super().__init__(message)
-        self.http_status = http_status
-        self.code = code
-        self.message = message
+        self.http_status, self.code, self.message = http_status, code, message
 
 
 class _BadControl(Exception):
@@ -97,8 +95,7 @@ def _invalid(message: str) -> _KlingError:
 def _status_for(code: int) -> int:
     """The HTTP status Kling pairs with an error code (kling-api.md §6)."""
     ranges = ((1000, 1004, 401), (1100, 1102, 429), (1103, 1103, 403), (1202, 1203, 404), (1302, 1304, 429))
-    statuses = {5000: 500, 5001: 503, 5002: 504}
-    return next((status for lo, hi, status in ranges if lo <= code <= hi), statuses.get(code, 400))
+    return next((s for lo, hi, s in ranges if lo <= code <= hi), {5000: 500, 5001: 503, 5002: 504}.get(code, 400))
 
 
 @dataclass(frozen=True)
@@ -119,10 +116,10 @@ class _Task:
     outcome: tuple[str, str]  # terminal status and its task_status_msg
     started: float  # monotonic
     created_ms: int
-    base_url: str
+    base_url: str  # of the create request, for the image URLs in callbacks
 
     def phase(self, delay: float) -> tuple[str, float]:
-        """Current status and the offset (s) at which it began."""
+        """The current status and the offset (s) at which it began."""
         elapsed = time.monotonic() - self.started
         if elapsed >= delay:
             return self.outcome[0], delay
@@ -151,21 +148,13 @@ def _take(rules: list[_Rule[T]], kind: str) -> T | None:
 @dataclass
 class _State:
     tasks: dict[str, _Task] = field(default_factory=dict)
-    external: dict[tuple[str, str], str] = field(default_factory=dict)
-    active: dict[str, dict[str, _Task]] = field(default_factory=dict)  # access key -> unfinished tasks
+    external: dict[tuple[str, str], str] = field(default_factory=dict)  # (access key, external id) -> task id
+    active: dict[str, dict[str, _Task]] = field(default_factory=dict)  # access key -> tasks maybe holding slots
     faults: list[_Rule[_KlingError]] = field(default_factory=list)
     slow: list[_Rule[float]] = field(default_factory=list)
     malformed: list[_Rule[bool]] = field(default_factory=list)
     outcomes: list[_Rule[tuple[str, str]]] = field(default_factory=list)
-    creates: int = 0
-    queries: int = 0
-    rejected_1303: int = 0
-    callbacks_sent: int = 0
-    callbacks_failed: int = 0
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
+    counts: Counter[str] = field(default_factory=Counter)  # the _COUNTERS
 
 
 def _envelope(data: Any) -> JSONResponse:
@@ -180,115 +169,80 @@ async def _read_object(request: Request) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
-# --- create validation (kling-api.md §4) ---
-
-
-def _opt_str(body: dict[str, Any], key: str, max_len: int = 2500) -> str | None:
-    value = body.get(key)
-    if key not in body:
-        return None
-    if not isinstance(value, str) or not 1 <= len(value) <= max_len:
-        raise _invalid(f"{key} must be a string of 1 to {max_len} characters")
-    return value
-
-
-def _choice(body: dict[str, Any], key: str, allowed: dict[str, Any], default: str) -> str:
-    value = body.get(key, default)
-    if not isinstance(value, str) or value not in allowed:
-        raise _invalid(f"{key} value '{value}' is invalid")
-    return value
-
-
-def _fraction(body: dict[str, Any], key: str) -> None:
-    value = body.get(key, 0.5)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-        raise _invalid(f"{key} must be a number between 0 and 1")
-
-
-def _check_model(body: dict[str, Any]) -> str:
-    value = body.get("model_name", body.get("model", "kling-v3"))
-    if not isinstance(value, str):
-        raise _invalid("model_name must be a string")
-    model = value or "kling-v1"
-    if model not in MODELS:
-        raise _KlingError(404, 1203, f"model_name '{model}' does not exist")
-    return model
+def _check_scalars(body: dict[str, Any]) -> None:
+    for key, limit in _STR_LIMITS.items():
+        value = body.get(key)
+        if key not in body:
+            continue
+        if not isinstance(value, str) or len(value) > limit or (not value and key not in ("model_name", "model")):
+            raise _invalid(f"{key} must be a string of 1 to {limit} characters")
+        if key in _CHOICES and value not in _CHOICES[key]:
+            raise _invalid(f"{key} value '{value}' is invalid")
+    for key in ("image_fidelity", "human_fidelity"):
+        value = body.get(key, 0.5)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+            raise _invalid(f"{key} must be a number between 0 and 1")
+    n = body.get("n", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 9:
+        raise _invalid("n must be an integer between 1 and 9")
 
 
 def _check_image(body: dict[str, Any]) -> None:
-    image = _opt_str(body, "image", max_len=14_000_000)
+    image = body.get("image")
     if image is not None and not image.startswith(("http://", "https://")):
         if image.startswith("data:"):
             raise _invalid("image must be a URL or raw base64 without a data: prefix")
         try:
             binascii.a2b_base64(image.encode("ascii"), strict_mode=True)
         except (binascii.Error, UnicodeEncodeError) as exc:
-            raise _invalid("image is neither a URL nor valid base64") from exc
+            raise _invalid("image is neither an http(s) URL nor valid base64") from exc
     if image is not None and "negative_prompt" in body:
         raise _invalid("negative_prompt is not supported when image is set")
-    reference = _choice(body, "image_reference", {"subject": 1, "face": 1}, "subject")
     if "image_reference" in body and image is None:
         raise _invalid("image_reference requires image")
-    _fraction(body, "image_fidelity")
-    _fraction(body, "human_fidelity")
-    if "human_fidelity" in body and ("image_reference" not in body or reference != "subject"):
+    if "human_fidelity" in body and body.get("image_reference") != "subject":
         raise _invalid("human_fidelity requires image_reference=subject")
 
 
-def _check_extras(body: dict[str, Any]) -> None:
+def _check_objects(body: dict[str, Any]) -> None:
     elements = body.get("element_list", [])
-    if not isinstance(elements, list) or not all(
-        isinstance(e, dict) and isinstance(e.get("element_id"), int) for e in elements
-    ):
+    if not isinstance(elements, list) or not all(isinstance(e, dict) and "element_id" in e for e in elements):
         raise _invalid("element_list must be a list of {element_id}")
     if len(elements) + ("image" in body) > 10:
         raise _invalid("element_list and reference images exceed 10")
-    mark = body.get("watermark_info", {"enabled": False})
-    if (
-        not isinstance(mark, dict)
-        or set(mark) - {"enabled"}
-        or not isinstance(mark.get("enabled", False), bool)
-    ):
+    mark = body.get("watermark_info", {})
+    if not isinstance(mark, dict) or set(mark) - {"enabled"} or not isinstance(mark.get("enabled", False), bool):
         raise _invalid("watermark_info must be {enabled: bool}")
-    url = _opt_str(body, "callback_url", max_len=2048)
-    if url is not None and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc):
+    url = urlsplit(body.get("callback_url", "http://x"))
+    if url.scheme not in ("http", "https") or not url.netloc:
         raise _invalid("callback_url must be an http(s) URL")
 
 
 def _validate(body: dict[str, Any]) -> _Spec:
+    """Check a create body the way Kling does (kling-api.md §4); unknown keys are refused, not ignored."""
     unknown = sorted(body.keys() - _FIELDS)
     if unknown:
         raise _invalid(f'"{unknown[0]}" is not a valid parameter')
     if "prompt" not in body:
         raise _invalid("prompt is required")
-    _opt_str(body, "prompt")
-    _opt_str(body, "negative_prompt")
-    model = _check_model(body)
+    _check_scalars(body)
+    model = body.get("model_name", body.get("model", "kling-v3")) or "kling-v1"  # empty means V1, as documented
+    if model not in MODELS:
+        raise _KlingError(404, 1203, f"model_name '{model}' does not exist")
     _check_image(body)
-    _check_extras(body)
-    n = body.get("n", 1)
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 9:
-        raise _invalid("n must be an integer between 1 and 9")
-    aspect = _choice(body, "aspect_ratio", ASPECT_RATIOS, "16:9")
+    _check_objects(body)
+    aspect = body.get("aspect_ratio", "16:9")
     if aspect == "21:9" and model == "kling-v1":
         raise _invalid("aspect_ratio value '21:9' is invalid for kling-v1")
-    return _Spec(
-        n=n,
-        aspect_ratio=aspect,
-        resolution=_choice(body, "resolution", LONG_SIDE, "1k"),
-        watermark=body.get("watermark_info", {}).get("enabled", False),
-        external_task_id=_opt_str(body, "external_task_id", max_len=256),
-        callback_url=body.get("callback_url"),
-    )
-
-
-# --- images ---
+    watermark = body.get("watermark_info", {}).get("enabled", False)
+    resolution, ext = body.get("resolution", "1k"), body.get("external_task_id")
+    return _Spec(body.get("n", 1), aspect, resolution, watermark, ext, body.get("callback_url"))
 
 
 def _image_size(spec: _Spec) -> tuple[int, int]:
     w, h = ASPECT_RATIOS[spec.aspect_ratio]
     side = LONG_SIDE[spec.resolution]
-    return (side, max(1, round(side * h / w))) if w >= h else (max(1, round(side * w / h)), side)
+    return (side, round(side * h / w)) if w >= h else (round(side * w / h), side)
 
 
 @functools.lru_cache(maxsize=256)
@@ -297,11 +251,10 @@ def _render_png(width: int, height: int, index: int, task_id: str, watermark: bo
     img = Image.new("RGB", (width, height), (r, g, b))
     draw = ImageDraw.Draw(img)
     draw.ellipse((width // 4, height // 4, 3 * width // 4, 3 * height // 4), fill=(255 - r, 255 - g, 255 - b))
-    draw.text((8, 8), f"#{index} {task_id[:8]}", fill=(255, 255, 255), font_size=max(12, height // 12))
+    font_size = max(12, height // 12)
+    draw.text((8, 8), f"#{index} {task_id[:8]}", fill=(255, 255, 255), font_size=font_size)
     if watermark:
-        draw.text(
-            (8, height - height // 8), "KLING AI", fill=(255, 255, 255), font_size=max(12, height // 12)
-        )
+        draw.text((8, height - font_size - 8), "KLING AI", fill=(255, 255, 255), font_size=font_size)
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
@@ -317,26 +270,27 @@ class _Simulator:
 
     @asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
-        async with httpx2.AsyncClient(timeout=self._config.callback_timeout) as http:
-            async with anyio.create_task_group() as tg:
-                self._http, self._tg = http, tg
-                try:
-                    yield
-                finally:
-                    self._http = self._tg = None
-                    tg.cancel_scope.cancel()
+        async with httpx2.AsyncClient(timeout=self._config.callback_timeout) as http, anyio.create_task_group() as tg:
+            self._http, self._tg = http, tg
+            try:
+                yield
+            finally:
+                self._http = self._tg = None
+                tg.cancel_scope.cancel()
 
-    # --- request pipeline: auth, scripted behaviour, work, optional slowness ---
+    def endpoint(self, kind: str, work: Callable[[Request, str], Awaitable[Response]]) -> _Endpoint:
+        async def handle(request: Request) -> Response:
+            return await self._api(request, kind, work)
 
-    async def _api(
-        self, request: Request, kind: str, work: Callable[[Request, str], Awaitable[Response]]
-    ) -> Response:
+        return handle
+
+    async def _api(self, request: Request, kind: str, work: Callable[[Request, str], Awaitable[Response]]) -> Response:
+        """Auth, then scripted behaviour or the real work, then any scripted slowness."""
         try:
             access_key = self._authenticate(request)
         except _KlingError as exc:
             return self._error(exc)
-        if kind == "query":
-            self._s.queries += 1
+        self._s.counts["queries"] += kind == "query"
         pause = _take(self._s.slow, kind)
         response = self._scripted(kind)
         if response is None:
@@ -360,88 +314,52 @@ class _Simulator:
     def _error(self, exc: _KlingError) -> JSONResponse:
         body: dict[str, Any] = {"code": exc.code, "message": exc.message, "request_id": str(uuid.uuid4())}
         if exc.code == 1303:
-            self._s.rejected_1303 += 1
+            self._s.counts["rejected_1303"] += 1
         else:
-            body["data"] = None  # Kling's 1303 sample is the only one documented without `data`
+            body["data"] = None  # Kling's 1303 sample is the only error documented without `data`
         return JSONResponse(body, status_code=exc.http_status)
 
     def _authenticate(self, request: Request) -> str:
         scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
-        if not scheme or (scheme.lower() == "bearer" and not token.strip()):
+        token = token.strip()
+        if not scheme or (scheme.lower() == "bearer" and not token):
             raise _KlingError(401, 1001, "Authorization is empty")
-        if scheme.lower() != "bearer":
-            raise _KlingError(401, 1002, "Authorization is not valid")
-        account = self._account_for(token.strip())
         try:
-            jwt.decode(
-                token.strip(), account.secret_key, algorithms=["HS256"], options={"require": ["exp", "nbf"]}
-            )
+            if scheme.lower() != "bearer":
+                raise jwt.InvalidTokenError("not a bearer token")
+            # Unverified only to find whose secret to check the signature with.
+            account = self._accounts.get(jwt.decode(token, options={"verify_signature": False}).get("iss", ""))
+            if account is None:
+                raise jwt.InvalidIssuerError("unknown issuer")
+            jwt.decode(token, account.secret_key, algorithms=["HS256"], options={"require": ["exp", "nbf"]})
         except jwt.ImmatureSignatureError as exc:
             raise _KlingError(401, 1003, "Authorization is not active yet") from exc
         except jwt.ExpiredSignatureError as exc:
             raise _KlingError(401, 1004, "Authorization is expired") from exc
-        except jwt.InvalidTokenError as exc:
+        except (jwt.InvalidTokenError, TypeError) as exc:  # TypeError: a non-string `iss`
             raise _KlingError(401, 1002, "Authorization is not valid") from exc
         return account.access_key
 
-    def _account_for(self, token: str) -> SimAccount:
-        try:
-            issuer = jwt.decode(token, options={"verify_signature": False}).get("iss")
-        except jwt.InvalidTokenError as exc:
-            raise _KlingError(401, 1002, "Authorization is not valid") from exc
-        account = self._accounts.get(issuer) if isinstance(issuer, str) else None
-        if account is None:
-            raise _KlingError(401, 1002, "Authorization is not valid")
-        return account
-
-    # --- Kling API ---
-
-    async def create(self, request: Request) -> Response:
-        return await self._api(request, "create", self._create)
-
-    async def query(self, request: Request) -> Response:
-        return await self._api(request, "query", self._query)
-
-    async def list_tasks(self, request: Request) -> Response:
-        return await self._api(request, "query", self._list)
-
-    async def _create(self, request: Request, access_key: str) -> Response:
+    async def create(self, request: Request, access_key: str) -> Response:
         body = await _read_object(request)
         if body is None:
             raise _KlingError(400, 1200, "invalid request body: expected a JSON object")
         spec = _validate(body)
-        self._check_admission(access_key, spec)
-        task = _Task(
-            task_id=str(uuid.uuid4().int)[:19],
-            access_key=access_key,
-            spec=spec,
-            outcome=_take(self._s.outcomes, "create") or ("succeed", ""),
-            started=time.monotonic(),
-            created_ms=_now_ms(),
-            base_url=str(request.base_url),
-        )
-        self._record(task)
-        return _envelope({
-            "task_id": task.task_id,
-            "task_status": "submitted",
-            "task_info": self._task_info(task),
-            "created_at": task.created_ms,
-            "updated_at": task.created_ms,
-        })  # fmt: skip
-
-    def _check_admission(self, access_key: str, spec: _Spec) -> None:
         if spec.external_task_id is not None and (access_key, spec.external_task_id) in self._s.external:
             raise _invalid("external_task_id already exists")
-        limit = self._accounts[access_key].concurrency
-        if self._slots_used(access_key) + spec.n > limit:
+        if self._slots_used(access_key) + spec.n > self._accounts[access_key].concurrency:
             raise _KlingError(429, 1303, "parallel task over resource pack limit")
+        outcome = _take(self._s.outcomes, "create") or ("succeed", "")
+        task = _Task(str(uuid.uuid4().int)[:19], access_key, spec, outcome, time.monotonic(),
+                     int(time.time() * 1000), str(request.base_url))  # fmt: skip
+        self._record(task)
+        info = self._task_data(task, task.base_url)
+        return _envelope({k: info[k] for k in ("task_id", "task_status", "task_info", "created_at", "updated_at")})
 
     def _slots_used(self, access_key: str) -> int:
         active = self._s.active.setdefault(access_key, {})
-        for task_id in [
-            t.task_id for t in active.values() if t.phase(self._config.delay)[0] in ("succeed", "failed")
-        ]:
-            del active[task_id]
+        for task in [t for t in active.values() if t.phase(self._config.delay)[0] in _TERMINAL]:
+            del active[task.task_id]
         return sum(task.spec.n for task in active.values())
 
     def _record(self, task: _Task) -> None:
@@ -449,15 +367,13 @@ class _Simulator:
         self._s.active[task.access_key][task.task_id] = task
         if task.spec.external_task_id is not None:
             self._s.external[(task.access_key, task.spec.external_task_id)] = task.task_id
-        self._s.creates += 1
-        if task.spec.callback_url is None:
-            return
-        if self._tg is None:
-            logger.warning("simulator lifespan is not running; no callbacks for task %s", task.task_id)
-        else:
+        self._s.counts["creates"] += 1
+        if task.spec.callback_url is not None and self._tg is None:
+            logger.warning("simulator lifespan is not running: no callbacks for task %s", task.task_id)
+        elif task.spec.callback_url is not None and self._tg is not None:
             self._tg.start_soon(self._deliver_callbacks, task)
 
-    async def _query(self, request: Request, access_key: str) -> Response:
+    async def query(self, request: Request, access_key: str) -> Response:
         ident = request.path_params["task_id"]
         task = self._s.tasks.get(ident)
         if task is None or task.access_key != access_key:
@@ -466,32 +382,25 @@ class _Simulator:
             raise _KlingError(404, 1203, "task not found")
         return _envelope(self._task_data(task, str(request.base_url)))
 
-    async def _list(self, request: Request, access_key: str) -> Response:
+    async def list_tasks(self, request: Request, access_key: str) -> Response:
         page = _page_param(request, "pageNum", 1, 1000)
         size = _page_param(request, "pageSize", 30, 500)
         mine = [task for task in reversed(self._s.tasks.values()) if task.access_key == access_key]
         base_url = str(request.base_url)
         return _envelope([self._task_data(task, base_url) for task in mine[(page - 1) * size : page * size]])
 
-    @staticmethod
-    def _task_info(task: _Task) -> dict[str, Any]:
-        ext = task.spec.external_task_id
-        return {} if ext is None else {"external_task_id": ext}
-
     def _task_data(self, task: _Task, base_url: str) -> dict[str, Any]:
         status, since = task.phase(self._config.delay)
-        images = [
-            {"index": i, "url": f"{base_url}images/{task.task_id}/{i}.png",
-             "watermark_url": f"{base_url}images/{task.task_id}/{i}-wm.png"}
-            for i in range(task.spec.n)
-        ]  # fmt: skip
+        prefix, ext = f"{base_url}images/{task.task_id}", task.spec.external_task_id
+        images = [{"index": i, "url": f"{prefix}/{i}.png", "watermark_url": f"{prefix}/{i}-wm.png"}
+                  for i in range(task.spec.n)]  # fmt: skip
         return {
             "task_id": task.task_id,
             "task_status": status,
             "task_status_msg": task.outcome[1] if status == "failed" else "",
             "final_unit_deduction": str(task.spec.n),
             "watermark_info": {"enabled": task.spec.watermark},
-            "task_info": self._task_info(task),
+            "task_info": {} if ext is None else {"external_task_id": ext},
             "created_at": task.created_ms,
             "updated_at": task.created_ms + int(since * 1000),
             "task_result": {"images": images} if status == "succeed" else {},
@@ -502,53 +411,39 @@ class _Simulator:
         for offset in (delay * _PROCESSING_AT, delay):
             await anyio.sleep(max(0.0, task.started + offset - time.monotonic()))
             status = task.phase(delay)[0]
-            if self._s.tasks.get(task.task_id) is not task or status == last:
-                continue
-            last = status
-            await self._post_callback(task)
+            if self._s.tasks.get(task.task_id) is task and status != last:  # skip tasks forgotten by a reset
+                last = status
+                await self._post_callback(task)
 
     async def _post_callback(self, task: _Task) -> None:
-        assert self._http is not None and task.spec.callback_url is not None
+        assert self._http is not None
+        assert task.spec.callback_url is not None
         try:
-            response = await self._http.post(
-                task.spec.callback_url, json=self._task_data(task, task.base_url)
-            )
+            response = await self._http.post(task.spec.callback_url, json=self._task_data(task, task.base_url))
             response.raise_for_status()
         except httpx2.HTTPError as exc:
-            self._s.callbacks_failed += 1
+            self._s.counts["callbacks_failed"] += 1
             logger.warning("callback for task %s failed: %s", task.task_id, type(exc).__name__)
         else:
-            self._s.callbacks_sent += 1
+            self._s.counts["callbacks_sent"] += 1
 
     async def image(self, request: Request) -> Response:
         task = self._s.tasks.get(request.path_params["task_id"])
         name = _IMAGE_NAME.fullmatch(request.path_params["name"])
-        if (
-            task is None
-            or name is None
-            or int(name[1]) >= task.spec.n
-            or task.phase(self._config.delay)[0] != "succeed"
-        ):
+        if task is None or name is None or int(name[1]) >= task.spec.n:
             return PlainTextResponse("Not Found", status_code=404)
-        width, height = _image_size(task.spec)
-        # ~20 ms for 1024 px: keep it off the event loop.
-        png = await anyio.to_thread.run_sync(
-            _render_png, width, height, int(name[1]), task.task_id, bool(name[2])
-        )
-        return Response(png, media_type="image/png")
-
-    # --- control surface for tests ---
+        if task.phase(self._config.delay)[0] != "succeed":
+            return PlainTextResponse("Not Found", status_code=404)
+        # About 20 ms at 1024 px: too long to hold the event loop under benchmark load.
+        args = (*_image_size(task.spec), int(name[1]), task.task_id, bool(name[2]))
+        return Response(await anyio.to_thread.run_sync(_render_png, *args), media_type="image/png")
 
     async def control(self, request: Request) -> Response:
-        handler = {
-            "faults": self._add_fault,
-            "slow": self._add_slow,
-            "malformed": self._add_malformed,
-            "outcomes": self._add_outcome,
-            "accounts": self._set_account,
-        }.get(request.path_params["what"])
+        what = request.path_params["what"]
+        handler = {"faults": self._add_fault, "slow": self._add_slow, "malformed": self._add_malformed,
+                   "outcomes": self._add_outcome, "accounts": self._set_account}.get(what)  # fmt: skip
         if handler is None:
-            return _spring_404(request)
+            return await _spring_404(request)
         body = await _read_object(request)
         try:
             if body is None:
@@ -560,9 +455,9 @@ class _Simulator:
 
     def _add_fault(self, body: dict[str, Any]) -> None:
         code = _ctl(body, "code", int, None)
-        status = _ctl(body, "http_status", int, _status_for(code))
         message = _ctl(body, "message", str, _FAULT_MESSAGES.get(code, "simulated error"))
-        self._s.faults.append(_Rule(_KlingError(status, code, message), *_times_path(body)))
+        fault = _KlingError(_ctl(body, "http_status", int, _status_for(code)), code, message)
+        self._s.faults.append(_Rule(fault, *_times_path(body)))
 
     def _add_slow(self, body: dict[str, Any]) -> None:
         seconds = body.get("seconds")
@@ -575,31 +470,21 @@ class _Simulator:
 
     def _add_outcome(self, body: dict[str, Any]) -> None:
         status = _ctl(body, "status", str, "failed")
-        if status not in ("failed", "succeed"):
+        if status not in _TERMINAL:
             raise _BadControl("status must be 'failed' or 'succeed'")
         message = _ctl(body, "message", str, "simulated failure" if status == "failed" else "")
         self._s.outcomes.append(_Rule((status, message), _times_path(body)[0], "create"))
 
     def _set_account(self, body: dict[str, Any]) -> None:
-        account = SimAccount(
-            _ctl(body, "access_key", str, None),
-            _ctl(body, "secret_key", str, None),
-            _ctl(body, "concurrency", int, 5),
-        )
-        if not account.access_key or account.concurrency < 1:
-            raise _BadControl("access_key must be non-empty and concurrency >= 1")
-        self._accounts[account.access_key] = account
+        key, secret = _ctl(body, "access_key", str, None), _ctl(body, "secret_key", str, None)
+        account = SimAccount(key, secret, _ctl(body, "concurrency", int, 5))
+        if not key or not secret or account.concurrency < 1:
+            raise _BadControl("access_key and secret_key must be non-empty and concurrency >= 1")
+        self._accounts[key] = account
 
     async def stats(self, _request: Request) -> Response:
-        s = self._s
-        return JSONResponse({
-            "creates": s.creates,
-            "queries": s.queries,
-            "rejected_1303": s.rejected_1303,
-            "in_flight": {key: self._slots_used(key) for key in self._accounts.keys() | s.active.keys()},
-            "callbacks_sent": s.callbacks_sent,
-            "callbacks_failed": s.callbacks_failed,
-        })  # fmt: skip
+        in_flight = {key: self._slots_used(key) for key in self._accounts.keys() | self._s.active.keys()}
+        return JSONResponse({name: self._s.counts[name] for name in _COUNTERS} | {"in_flight": in_flight})
 
     async def reset(self, _request: Request) -> Response:
         self._s = _State()
@@ -615,7 +500,7 @@ def _ctl(body: dict[str, Any], key: str, kind: type[T], default: T | None) -> T:
 
 def _times_path(body: dict[str, Any]) -> tuple[int, str]:
     times, path = _ctl(body, "times", int, 1), _ctl(body, "path", str, "any")
-    if times < 1 or path not in _PATHS:
+    if times < 1 or path not in ("create", "query", "any"):
         raise _BadControl("times must be >= 1 and path one of create, query, any")
     return times, path
 
@@ -627,14 +512,10 @@ def _page_param(request: Request, name: str, default: int, maximum: int) -> int:
     return int(raw)
 
 
-def _spring_404(request: Request) -> Response:
+async def _spring_404(request: Request, _exc: Exception | None = None) -> Response:
     timestamp = datetime.now(UTC).isoformat(timespec="milliseconds")
     body = {"timestamp": timestamp, "status": 404, "error": "Not Found", "path": request.url.path}
     return JSONResponse(body, status_code=404)
-
-
-async def _spring_not_found(request: Request, _exc: Exception) -> Response:
-    return _spring_404(request)
 
 
 async def _wrong_method(_request: Request, _exc: Exception) -> Response:
@@ -646,28 +527,26 @@ def create_simulator_app(config: SimulatorConfig) -> Starlette:
     """Build a fresh simulator; each app owns its tasks, accounts and callback client."""
     sim = _Simulator(config)
     routes = [
-        Route("/v1/images/generations", sim.create, methods=["POST"]),
-        Route("/v1/images/generations", sim.list_tasks, methods=["GET"]),
-        Route("/v1/images/generations/{task_id}", sim.query, methods=["GET"]),
+        Route("/v1/images/generations", sim.endpoint("create", sim.create), methods=["POST"]),
+        Route("/v1/images/generations", sim.endpoint("query", sim.list_tasks), methods=["GET"]),
+        Route("/v1/images/generations/{task_id}", sim.endpoint("query", sim.query), methods=["GET"]),
         Route("/images/{task_id}/{name}", sim.image, methods=["GET"]),
         Route("/_sim/stats", sim.stats, methods=["GET"]),
         Route("/_sim/reset", sim.reset, methods=["POST"]),
-        Route("/_sim/{what:str}", sim.control, methods=["POST"]),
+        Route("/_sim/{what}", sim.control, methods=["POST"]),
     ]
-    handlers = {404: _spring_not_found, 405: _wrong_method}
-    return Starlette(routes=routes, lifespan=sim.lifespan, exception_handlers=handlers)
+    return Starlette(routes=routes, lifespan=sim.lifespan, exception_handlers={404: _spring_404, 405: _wrong_method})
 
 
 async def serve_simulator(config: SimulatorConfig, host: str, port: int) -> None:
     """Run the simulator under uvicorn until cancelled (used by the CLI `kling-gateway simulator` and the demo)."""
-    server = uvicorn.Server(
-        uvicorn.Config(create_simulator_app(config), host=host, port=port, lifespan="on", log_level="warning")
-    )
+    app = create_simulator_app(config)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, lifespan="on", log_level="warning"))
     serving = asyncio.ensure_future(server.serve())
     try:
         await asyncio.shield(serving)
     except asyncio.CancelledError:
-        # Let uvicorn drain and run the lifespan shutdown instead of dying mid-request.
+        # Let uvicorn drain and run the lifespan shutdown rather than die mid-request.
         server.should_exit = True
         await serving
         raise

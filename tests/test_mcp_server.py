@@ -26,7 +26,7 @@ async def mcp_client(gateway: RunningGateway, api_key: str, mode: str = "auto") 
     headers = {"Authorization": f"Bearer {api_key}"}
     async with httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=120)) as http:
         transport = streamable_http_client(f"{gateway.url}/mcp", http_client=http)
-        async with Client(transport, mode=mode) as client:  # type: ignore[arg-type]
+        async with Client(transport, mode=mode) as client:
             yield client
 
 
@@ -40,14 +40,12 @@ def structured(result: CallToolResult) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("mode", ERAS)
-async def test_generate_image_reports_progress_and_returns_image_links(
-    gateway: RunningGateway, mode: str
-) -> None:
+async def test_generate_image_reports_progress_and_returns_image_links(gateway: RunningGateway, mode: str) -> None:
     api_key = await gateway.new_api_key("acme")
-    progress: list[tuple[float, str | None]] = []
+    reports: list[tuple[float, str | None]] = []
 
-    async def on_progress(value: float, total: float | None, message: str | None) -> None:
-        progress.append((value, message))
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        reports.append((progress, message))
 
     async with mcp_client(gateway, api_key, mode) as client:
         with anyio.fail_after(30):
@@ -63,9 +61,9 @@ async def test_generate_image_reports_progress_and_returns_image_links(
     content = structured(result)
     assert content["status"] == "succeeded"
     assert [image["index"] for image in content["images"]] == [0, 1]
-    assert progress, "no progress notification arrived"
-    assert [value for value, _ in progress] == sorted({value for value, _ in progress})
-    assert any(message and "generating" in message for _, message in progress)
+    assert reports, "no progress notification arrived"
+    assert [value for value, _ in reports] == sorted({value for value, _ in reports})
+    assert any(message and "generating" in message for _, message in reports)
     png = await gateway.http.get(str(links[0].uri))
     with Image.open(io.BytesIO(png.content)) as image:
         assert image.format == "PNG"
@@ -95,9 +93,20 @@ async def test_tools_publish_the_seed_arguments_and_the_documented_fields(gatewa
     async with mcp_client(gateway, api_key) as client:
         tools = {tool.name: tool for tool in (await client.list_tools()).tools}
     schema = tools["generate_image"].input_schema["properties"]
-    for argument in ("prompt", "negative_prompt", "model_name", "aspect_ratio", "num_images", "ref_image_url",
-                     "ref_image_weight", "image_reference", "human_fidelity", "resolution", "wait_seconds",
-                     "idempotency_key"):
+    for argument in (
+        "prompt",
+        "negative_prompt",
+        "model_name",
+        "aspect_ratio",
+        "num_images",
+        "ref_image_url",
+        "ref_image_weight",
+        "image_reference",
+        "human_fidelity",
+        "resolution",
+        "wait_seconds",
+        "idempotency_key",
+    ):
         assert argument in schema
     assert "ctx" not in schema
     assert set(tools["check_image_status"].input_schema["properties"]) == {"task_id", "wait_seconds"}
@@ -146,8 +155,9 @@ async def test_a_task_kling_fails_is_an_error_result_with_the_reason(
 async def test_a_depleted_kling_account_is_reported_as_not_retryable(
     gateway: RunningGateway, simulator: Simulator
 ) -> None:
-    await simulator.control("faults", {"code": 1102, "http_status": 429, "message": "resource pack exhausted",
-                                       "times": 1, "path": "create"})
+    await simulator.control(
+        "faults", {"code": 1102, "http_status": 429, "message": "resource pack exhausted", "times": 1, "path": "create"}
+    )
     api_key = await gateway.new_api_key("acme")
     async with mcp_client(gateway, api_key) as client:
         result = await client.call_tool("generate_image", {"prompt": "a cat"})

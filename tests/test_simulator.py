@@ -48,10 +48,10 @@ async def serve(app: Starlette, host: str = "127.0.0.1") -> AsyncIterator[str]:
     sock.bind((host, 0))
     server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning"))
     task = asyncio.create_task(server.serve(sockets=[sock]))
-    async with asyncio.timeout(5):
-        while not server.started:  # noqa: ASYNC110 - uvicorn exposes no startup event
-            await asyncio.sleep(0.01)
     try:
+        async with asyncio.timeout(5):
+            while not server.started:  # noqa: ASYNC110 - uvicorn exposes no startup event
+                await asyncio.sleep(0.01)
         yield f"http://{host}:{sock.getsockname()[1]}"
     finally:
         server.should_exit = True
@@ -86,9 +86,8 @@ async def create(client: httpx2.AsyncClient, account: SimAccount = ACME, **body:
 async def wait_terminal(client: httpx2.AsyncClient, task_id: str) -> dict[str, Any]:
     with anyio.fail_after(5):
         while True:
-            data: dict[str, Any] = (await client.get(f"/v1/images/generations/{task_id}", headers=auth())).json()[
-                "data"
-            ]
+            response = await client.get(f"/v1/images/generations/{task_id}", headers=auth())
+            data: dict[str, Any] = response.json()["data"]
             if data["task_status"] in ("succeed", "failed"):
                 return data
             await anyio.sleep(DELAY / 10)
@@ -113,7 +112,7 @@ async def test_missing_authorization_answers_401_code_1001(sim: httpx2.AsyncClie
         "not-a-jwt",
         token(ACME, key="wrong-secret-0123456789abcdef0123456789"),
         token(SimAccount("ak-unknown", ACME.secret_key)),
-        jwt.encode({"iss": ACME.access_key, "exp": int(time.time()) + 600, "nbf": 0}, None, algorithm="none"),
+        jwt.encode({"iss": ACME.access_key, "exp": int(time.time()) + 600, "nbf": 0}, "", algorithm="none"),
     ],
     ids=["garbage", "wrong-signature", "unknown-issuer", "alg-none"],
 )
@@ -171,7 +170,12 @@ async def test_invalid_values_answer_1201_naming_the_field(
 
 
 async def test_valid_image_to_image_request_is_accepted(sim: httpx2.AsyncClient) -> None:
-    body = {"image": "iVBORw0KGgo=", "image_reference": "subject", "human_fidelity": 0, "model_name": "kling-v1-5"}
+    body: dict[str, Any] = {
+        "image": "iVBORw0KGgo=",
+        "image_reference": "subject",
+        "human_fidelity": 0,
+        "model_name": "kling-v1-5",
+    }
     response = await create(sim, **body, image_fidelity=1, watermark_info={"enabled": True}, aspect_ratio="21:9")
     assert response.json()["code"] == 0
 
@@ -236,7 +240,11 @@ async def test_slots_over_concurrency_answer_1303_until_the_task_ends(sim: httpx
     rejected = await create(sim, n=2)
     assert (rejected.status_code, rejected.json()) == (
         429,
-        {"code": 1303, "message": "parallel task over resource pack limit", "request_id": rejected.json()["request_id"]},
+        {
+            "code": 1303,
+            "message": "parallel task over resource pack limit",
+            "request_id": rejected.json()["request_id"],
+        },
     )
     assert (await create(sim, n=1)).json()["code"] == 0
     assert (await sim.get("/_sim/stats")).json()["in_flight"][ACME.access_key] == 3
@@ -324,7 +332,7 @@ async def test_unreachable_callback_is_counted_as_failed(sim: httpx2.AsyncClient
         url = f"http://127.0.0.1:{closed.getsockname()[1]}/hook"
         await create(sim, callback_url=url)
         with anyio.fail_after(5):
-            while (await sim.get("/_sim/stats")).json()["callbacks_failed"] < 2:
+            while (await sim.get("/_sim/stats")).json()["callbacks_failed"] < 2:  # noqa: ASYNC110 - counters only
                 await anyio.sleep(DELAY / 4)
 
 

@@ -1,0 +1,217 @@
+"""The `kling-gateway` command: serve, demo, simulator, tenant and key administration, and a client."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+
+import uvicorn
+from pydantic import ValidationError
+
+from app.client import generate_and_download
+from app.config import Settings
+from app.demo import run_demo
+from app.kling import KlingCredentials
+from app.main import ConfigurationError, create_redis, open_stores
+from app.simulator import SimAccount, SimulatorConfig, serve_simulator
+from app.tenants import TenantDirectory
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise SystemExit(f"invalid KGW_* settings:\n{exc}") from exc
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings()
+    try:
+        # Build once in the parent so a bad configuration fails here, with a clear message.
+        open_stores(settings, create_redis(settings.redis_url) if settings.redis_url else None)
+    except ConfigurationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if settings.redis_url is None and args.workers > 1:
+        print("error: --workers > 1 needs KGW_REDIS_URL (the memory store lives in one process)", file=sys.stderr)
+        return 2
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        proxy_headers=True,
+        timeout_graceful_shutdown=settings.max_wait_seconds + 5,
+        ws="none",
+    )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run_demo(args.host, args.port))
+    return 0
+
+
+def cmd_simulator(args: argparse.Namespace) -> int:
+    account = SimAccount(args.access_key, args.secret_key, args.concurrency)
+    print(f"Kling simulator on http://{args.host}:{args.port} (access key {args.access_key})", flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve_simulator(SimulatorConfig((account,), delay=args.delay), args.host, args.port))
+    return 0
+
+
+def _with_directory(work: Callable[[TenantDirectory], Awaitable[int]]) -> int:
+    settings = _settings()
+    if settings.redis_url is None:
+        print("error: set KGW_REDIS_URL (and KGW_KEY_PEPPER): tenants live in the gateway's Redis", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        assert settings.redis_url is not None
+        redis = create_redis(settings.redis_url)
+        try:
+            tenant_store, _, pepper = open_stores(settings, redis)
+            return await work(TenantDirectory(tenant_store, pepper))
+        finally:
+            await redis.aclose()
+
+    try:
+        return asyncio.run(run())
+    except ConfigurationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def cmd_tenants_create(args: argparse.Namespace) -> int:
+    async def work(directory: TenantDirectory) -> int:
+        credentials = KlingCredentials(args.kling_access_key, args.kling_secret_key)
+        tenant = await directory.create_tenant(args.name, credentials, args.concurrency)
+        print(f"created tenant {tenant.id} ({tenant.name})")
+        return 0
+
+    return _with_directory(work)
+
+
+def cmd_tenants_list(_: argparse.Namespace) -> int:
+    async def work(directory: TenantDirectory) -> int:
+        for tenant in await directory.store.list_tenants():
+            print(f"{tenant.id}\t{tenant.name}\tkling={tenant.kling.access_key}\tconcurrency={tenant.concurrency}")
+        return 0
+
+    return _with_directory(work)
+
+
+def cmd_keys_issue(args: argparse.Namespace) -> int:
+    async def work(directory: TenantDirectory) -> int:
+        issued = await directory.issue_key(args.tenant, args.label)
+        print(f"key id: {issued.record.key_id}", file=sys.stderr)
+        print("The key is shown only this once:", file=sys.stderr)
+        print(issued.api_key)
+        return 0
+
+    return _with_directory(work)
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    async def work(directory: TenantDirectory) -> int:
+        record = await directory.revoke_key(args.key_id)
+        print(f"revoked {record.key_id}")
+        return 0
+
+    return _with_directory(work)
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    async def work(directory: TenantDirectory) -> int:
+        for record in await directory.store.list_keys(args.tenant):
+            state = "active" if record.active else "revoked"
+            print(f"{record.key_id}\t{state}\t{record.label}")
+        return 0
+
+    return _with_directory(work)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if not args.api_key:
+        print("error: pass --api-key or set KGW_API_KEY", file=sys.stderr)
+        return 2
+    arguments = {"prompt": args.prompt, "num_images": args.num_images, "aspect_ratio": args.aspect_ratio}
+    if args.model:
+        arguments["model_name"] = args.model
+    return asyncio.run(generate_and_download(args.url, args.api_key, arguments, args.out, timeout_s=args.timeout))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kling-gateway", description=__doc__)
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    serve = verbs.add_parser("serve", help="run the gateway (configured by KGW_* settings)")
+    serve.add_argument("--host", default="0.0.0.0")  # noqa: S104 - a server's default is to listen
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=int, default=1)
+    serve.set_defaults(run=cmd_serve)
+
+    demo = verbs.add_parser("demo", help="gateway + simulated Kling + a demo tenant; no Redis, no Kling account")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8000)
+    demo.set_defaults(run=cmd_demo)
+
+    sim = verbs.add_parser("simulator", help="run the Kling simulator alone")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=8001)
+    sim.add_argument("--access-key", default="sim-access-key")
+    sim.add_argument("--secret-key", default="sim-secret-key-change-me-0123456789abcdef")
+    sim.add_argument("--delay", type=float, default=2.0, help="seconds from submit to finished")
+    sim.add_argument("--concurrency", type=int, default=5, help="image slots of the simulated account")
+    sim.set_defaults(run=cmd_simulator)
+
+    tenants = verbs.add_parser("tenants", help="tenant administration").add_subparsers(dest="action", required=True)
+    create = tenants.add_parser("create", help="create a tenant")
+    create.add_argument("name")
+    create.add_argument("--kling-access-key", required=True)
+    create.add_argument("--kling-secret-key", required=True)
+    create.add_argument("--concurrency", type=int, default=5, help="images the Kling account may run at once")
+    create.set_defaults(run=cmd_tenants_create)
+    tenants.add_parser("list", help="list tenants").set_defaults(run=cmd_tenants_list)
+
+    keys = verbs.add_parser("keys", help="API key administration").add_subparsers(dest="action", required=True)
+    issue = keys.add_parser("issue", help="issue a key (printed once)")
+    issue.add_argument("tenant", help="tenant id")
+    issue.add_argument("--label", default="")
+    issue.set_defaults(run=cmd_keys_issue)
+    revoke = keys.add_parser("revoke", help="revoke a key")
+    revoke.add_argument("key_id")
+    revoke.set_defaults(run=cmd_keys_revoke)
+    listing = keys.add_parser("list", help="list a tenant's keys (never the secrets)")
+    listing.add_argument("tenant", help="tenant id")
+    listing.set_defaults(run=cmd_keys_list)
+
+    generate = verbs.add_parser("generate", help="generate images through a gateway and download them")
+    generate.add_argument("prompt")
+    generate.add_argument("--url", default=os.environ.get("KGW_URL", "http://127.0.0.1:8000"))
+    generate.add_argument("--api-key", default=os.environ.get("KGW_API_KEY"))
+    generate.add_argument("--out", default=".", help="directory for the images")
+    generate.add_argument("--num-images", type=int, default=1)
+    generate.add_argument("--aspect-ratio", default="16:9")
+    generate.add_argument("--model")
+    generate.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
+    generate.set_defaults(run=cmd_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command: Command = args.run
+    return command(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -66,6 +66,9 @@ def _bound_socket(host: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    # Listening now means a client that reads the banner and connects at once waits in the backlog
+    # instead of being refused while uvicorn starts.
+    sock.listen(128)
     return sock
 
 

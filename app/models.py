@@ -12,6 +12,7 @@ import binascii
 import io
 import ipaddress
 import re
+import socket
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -60,6 +61,8 @@ ACCEPTED_MODEL_NAMES = [*IMAGE_MODELS, "kling-v1.5", "kling-v2.1", *MODEL_ALIASE
 _BASE64_RE = re.compile(r"^[A-Za-z0-9+/]+={0,2}$")
 _DATA_URI_RE = re.compile(r"^data:image/(png|jpeg|jpg);base64,", re.IGNORECASE)
 _BLOCKED_HOSTNAMES = {"localhost", "metadata", "metadata.google.internal", "instance-data"}
+_INTERNAL_SUFFIXES = (".localhost", ".internal", ".local", ".lan", ".home.arpa", ".intranet", ".corp")
+MAX_URL_CHARS = 2048
 
 
 def canonical_model_name(name: str) -> str:
@@ -75,28 +78,41 @@ def canonical_model_name(name: str) -> str:
 
 
 def check_reference_url(url: str) -> str:
-    """Accept an https URL that Kling can fetch; refuse paths, other schemes and internal hosts.
+    """Accept an https URL on a public host name; refuse other schemes, credentials, IP literals and internal names.
 
-    The gateway never fetches the URL itself; Kling does. Refusing internal names and private IP literals
-    still matters: Kling must not be pointed at anything but the public internet.
+    The gateway never fetches the URL itself; Kling does. Refusing internal names and IP literals (in every
+    notation: `127.1` and `0x7f000001` are loopback too) still matters: Kling must only be pointed at the
+    public internet, and a name is what an operator can audit.
     """
+    if len(url) > MAX_URL_CHARS:
+        raise ValueError(f"URL is longer than {MAX_URL_CHARS} characters")
     parts = urlsplit(url)
     if parts.scheme != "https":
         raise ValueError("must be an https:// URL or base64 image data (local paths and other schemes are refused)")
     if parts.username or parts.password:
         raise ValueError("must not contain credentials")
-    host = (parts.hostname or "").rstrip(".")
+    host = (parts.hostname or "").rstrip(".").lower()
     if not host:
         raise ValueError("has no host")
-    if host in _BLOCKED_HOSTNAMES or host.endswith((".localhost", ".internal", ".local")):
+    if _is_ip_literal(host):
+        raise ValueError(f"host {host!r} is an IP address; use the public host name of the image")
+    if host in _BLOCKED_HOSTNAMES or host.endswith(_INTERNAL_SUFFIXES) or "." not in host:
         raise ValueError(f"host {host!r} is not a public internet host")
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return url
-    if not address.is_global:
-        raise ValueError(f"address {host} is not a public internet address")
     return url
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return True
+    try:
+        socket.inet_aton(host)  # the legacy forms resolvers still accept: 127.1, 0x7f000001, 2130706433
+    except OSError:
+        return False
+    return True
 
 
 def check_reference_base64(data: str) -> str:
@@ -223,9 +239,12 @@ class GenerateRequest(BaseModel):
     def _reference_image(cls, value: str | None) -> str | None:
         if value is None or value == "":
             return None
-        if "://" in value or value.startswith(("/", ".", "~", "file:")):
+        if value[:5].lower() == "data:" or (len(value) % 4 == 0 and _BASE64_RE.match(value)):
+            # Checked first: raw base64 of every JPEG starts with "/9j/", which looks like a path.
+            return check_reference_base64(value)
+        if "://" in value or value.lower().startswith("file:"):
             return check_reference_url(value)
-        return check_reference_base64(value)
+        raise ValueError("must be an https:// URL or base64 image data (local paths are refused)")
 
     @model_validator(mode="after")
     def _documented_combinations(self) -> GenerateRequest:

@@ -22,7 +22,8 @@ async def serve(app: ASGIApp, host: str = "127.0.0.1") -> AsyncIterator[str]:
     # ~40 ms for a delayed ACK.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind((host, 0))
-    config = uvicorn.Config(app, lifespan="on", log_level="warning", ws="none", timeout_graceful_shutdown=2)
+    # log_config=None leaves logging to pytest, so tests can read every log line (access log included).
+    config = uvicorn.Config(app, lifespan="on", log_config=None, ws="none", timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:

@@ -15,7 +15,9 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.types import CallToolResult, ResourceLink, TextContent
 from PIL import Image
 
-from tests.conftest import RunningGateway, Simulator
+from app.main import build_gateway
+from tests.conftest import RunningGateway, Simulator, gateway_settings
+from tests.servers import serve
 
 pytestmark = pytest.mark.anyio
 ERAS = ["legacy", "auto"]  # 2025-11-25 (initialize handshake) and 2026-07-28 (sessionless)
@@ -192,3 +194,32 @@ async def test_a_foreign_host_header_is_refused_but_loopback_is_served(gateway: 
     assert rebinding.status_code == 421
     async with mcp_client(gateway, api_key) as client:
         assert (await client.list_tools()).tools
+
+
+async def test_the_public_hostname_is_served_without_421(simulator: Simulator) -> None:
+    settings = gateway_settings(simulator, public_url="https://mcp.example.com")
+    built = build_gateway(settings)
+    async with serve(built.app) as url, httpx2.AsyncClient(timeout=10) as http:
+        running = RunningGateway(url=url, gateway=built, http=http)
+        api_key = await running.new_api_key("acme")
+        headers = {
+            "Authorization": f"Bearer {api_key}",
+            "Accept": "application/json, text/event-stream",
+            "Content-Type": "application/json",
+            "MCP-Protocol-Version": "2025-11-25",
+        }
+        body = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": "2025-11-25",
+                "capabilities": {},
+                "clientInfo": {"name": "t", "version": "1"},
+            },
+        }
+        for host in ("mcp.example.com", "mcp.example.com:443"):
+            response = await http.post(f"{url}/mcp", json=body, headers={**headers, "Host": host})
+            assert response.status_code == 200, (host, response.text)
+        foreign = await http.post(f"{url}/mcp", json=body, headers={**headers, "Host": "other.example.com"})
+        assert foreign.status_code == 421

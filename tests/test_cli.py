@@ -1,0 +1,159 @@
+"""The `kling-gateway` command, run as a user runs it: as a separate process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import httpx2
+import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.types import ResourceLink
+from PIL import Image
+
+from tests.conftest import PRIMARY, RunningGateway, Simulator
+from tests.servers import free_port
+
+pytestmark = pytest.mark.anyio
+CLI = [sys.executable, "-m", "app.cli"]
+PEPPER = "pepper-" + "x" * 32  # the redis_gateway fixture's pepper
+
+
+def cli_env(**settings: str) -> dict[str, str]:
+    env = {name: value for name, value in os.environ.items() if not name.startswith("KGW_")}
+    return env | settings
+
+
+async def run_cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        *CLI, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    with anyio.fail_after(60):
+        stdout, stderr = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
+async def test_tenants_and_keys_administered_from_the_cli_work_on_the_gateway(
+    redis_gateway: RunningGateway, redis_url: str
+) -> None:
+    env = cli_env(KGW_REDIS_URL=redis_url, KGW_KEY_PEPPER=PEPPER)
+    code, out, _ = await run_cli(
+        "tenants", "create", "acme", "--kling-access-key", PRIMARY.access_key,
+        "--kling-secret-key", PRIMARY.secret_key, env=env,
+    )  # fmt: skip
+    assert code == 0, out
+    tenant_id = out.split()[2]
+    code, listing, _ = await run_cli("tenants", "list", env=env)
+    assert tenant_id in listing
+    assert PRIMARY.secret_key not in listing
+
+    code, api_key, _ = await run_cli("keys", "issue", tenant_id, "--label", "laptop", env=env)
+    api_key = api_key.strip()
+    assert code == 0
+    assert api_key.startswith("kgw_")
+    headers = {"Authorization": f"Bearer {api_key}"}
+    accepted = await redis_gateway.http.post(f"{redis_gateway.url}/generate", json={"prompt": "x"}, headers=headers)
+    assert accepted.status_code == 202
+
+    key_id = api_key.split("_")[1]
+    code, keys, _ = await run_cli("keys", "list", tenant_id, env=env)
+    assert f"{key_id}\tactive\tlaptop" in keys
+    assert api_key not in keys
+    assert (await run_cli("keys", "revoke", key_id, env=env))[0] == 0
+    refused = await redis_gateway.http.post(f"{redis_gateway.url}/generate", json={"prompt": "x"}, headers=headers)
+    assert refused.status_code == 401
+
+
+async def test_serve_with_redis_but_no_pepper_refuses_to_start(redis_url: str) -> None:
+    code, _, err = await run_cli("serve", "--port", str(free_port()), env=cli_env(KGW_REDIS_URL=redis_url))
+    assert code == 2
+    assert "KGW_KEY_PEPPER" in err
+
+
+async def test_admin_verbs_without_redis_explain_what_to_set() -> None:
+    code, _, err = await run_cli("tenants", "list", env=cli_env())
+    assert code == 2
+    assert "KGW_REDIS_URL" in err
+
+
+async def test_generate_saves_the_images_and_prints_their_paths(gateway: RunningGateway, tmp_path: Path) -> None:
+    api_key = await gateway.new_api_key("acme")
+    code, out, err = await run_cli(
+        "generate", "a red fox", "--url", gateway.url, "--api-key", api_key, "--out", str(tmp_path),
+        "--num-images", "2", env=cli_env(),
+    )  # fmt: skip
+    assert code == 0, err
+    paths = [Path(line) for line in out.splitlines()]
+    assert len(paths) == 2
+    for path in paths:
+        with Image.open(path) as image:
+            assert image.format == "PNG"
+    assert "succeeded" in err
+
+
+@asynccontextmanager
+async def running_demo(port: int) -> AsyncIterator[tuple[str, str]]:
+    """Start `kling-gateway demo`; yield (MCP URL, API key) read from what it prints."""
+    process = await asyncio.create_subprocess_exec(
+        *CLI, "demo", "--port", str(port), env=cli_env(), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    assert process.stdout is not None
+    try:
+        found: dict[str, str] = {}
+        with anyio.fail_after(30):
+            while len(found) < 2:
+                line = (await process.stdout.readline()).decode()
+                assert line, "demo exited before printing its URL and key"
+                for label in ("MCP URL:", "API key:"):
+                    if line.strip().startswith(label):
+                        found[label] = line.split(label, 1)[1].strip()
+        yield found["MCP URL:"], found["API key:"]
+    finally:
+        process.send_signal(signal.SIGINT)
+        with anyio.fail_after(15):
+            await process.wait()
+
+
+async def test_the_demo_serves_mcp_and_an_mcp_client_generates_an_image_through_it() -> None:
+    async with running_demo(free_port()) as (mcp_url, api_key):
+        headers = {"Authorization": f"Bearer {api_key}"}
+        async with httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=120)) as http:
+            async with Client(streamable_http_client(mcp_url, http_client=http)) as client:
+                with anyio.fail_after(60):
+                    result = await client.call_tool("generate_image", {"prompt": "a lighthouse"})
+            assert not result.is_error
+            [link] = [block for block in result.content if isinstance(block, ResourceLink)]
+            image = await http.get(str(link.uri))
+    assert image.headers["content-type"] == "image/png"
+
+
+async def test_serve_runs_the_gateway_on_redis_until_interrupted(redis_url: str, simulator: Simulator) -> None:
+    port = free_port()
+    env = cli_env(KGW_REDIS_URL=redis_url, KGW_KEY_PEPPER=PEPPER, KGW_KLING_BASE_URL=simulator.url)
+    process = await asyncio.create_subprocess_exec(
+        *CLI, "serve", "--host", "127.0.0.1", "--port", str(port), env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        async with httpx2.AsyncClient(timeout=2) as http:
+            with anyio.fail_after(30):
+                while True:
+                    try:
+                        ready = await http.get(f"http://127.0.0.1:{port}/readyz")
+                        break
+                    except httpx2.ConnectError:
+                        await anyio.sleep(0.1)  # nothing to await but the port opening
+        assert ready.json() == {"status": "ok"}
+    finally:
+        process.send_signal(signal.SIGINT)
+        with anyio.fail_after(15):
+            assert await process.wait() == 0

@@ -15,6 +15,7 @@ from app.auth import Authenticator, principal_dependency
 from app.errors import GatewayError, InvalidRequest, gateway_error_from, invalid_request_from
 from app.images import ImageService, Principal
 from app.models import GenerateRequest, TaskView
+from app.usage import DailyUsage, UsageStore
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def build_api_router(service: ImageService, authenticator: Authenticator) -> APIRouter:
+def build_api_router(service: ImageService, authenticator: Authenticator, usage: UsageStore) -> APIRouter:
     router = APIRouter(tags=["images"], responses=ERROR_RESPONSES)
     caller = Annotated[Principal, Depends(principal_dependency(authenticator))]
 
@@ -70,6 +71,13 @@ def build_api_router(service: ImageService, authenticator: Authenticator) -> API
         """Status and images of one of the caller's own tasks."""
         record = await service.status(principal, task_id, wait_s=wait_seconds)
         return record.view()
+
+    @router.get("/usage", response_model=list[DailyUsage])
+    async def get_usage(
+        principal: caller, days: Annotated[int, Query(ge=1, le=400, description="How many UTC days")] = 30
+    ) -> list[DailyUsage]:
+        """The caller's tenant: requests, tasks and images per UTC day (and per key), newest first."""
+        return await usage.tenant_usage(principal.tenant.id, days)
 
     return router
 

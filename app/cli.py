@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import uvicorn
@@ -15,10 +16,12 @@ from pydantic import ValidationError
 from app.client import generate_and_download
 from app.config import Settings
 from app.demo import run_demo
-from app.kling import KlingCredentials
-from app.main import ConfigurationError, create_redis, open_stores
+from app.errors import GatewayError
+from app.main import ConfigurationError, Stores, admin_directory, apply_file, create_redis, open_stores
+from app.sealing import SealingError, new_master_key
 from app.simulator import SimAccount, SimulatorConfig, serve_simulator
-from app.tenants import TenantDirectory
+from app.tenants import TenantDirectory, TenantPolicy
+from app.tenants_file import TenantsFileError
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -68,50 +71,67 @@ def cmd_simulator(args: argparse.Namespace) -> int:
     return 0
 
 
-def _with_directory(work: Callable[[TenantDirectory], Awaitable[int]]) -> int:
+def _with_directory(work: Callable[[TenantDirectory, Stores], Awaitable[int]]) -> int:
     settings = _settings()
     if settings.redis_url is None:
-        print("error: set KGW_REDIS_URL (and KGW_KEY_PEPPER): tenants live in the gateway's Redis", file=sys.stderr)
+        print("error: set KGW_REDIS_URL (and KGW_KEY_PEPPER, KGW_MASTER_KEY): tenants live in the gateway's Redis",
+              file=sys.stderr)  # fmt: skip
         return 2
 
     async def run() -> int:
         assert settings.redis_url is not None
         redis = create_redis(settings.redis_url)
         try:
-            tenant_store, _, pepper = open_stores(settings, redis)
-            return await work(TenantDirectory(tenant_store, pepper))
+            directory, stores = admin_directory(settings, redis)
+            return await work(directory, stores)
         finally:
             await redis.aclose()
 
     try:
         return asyncio.run(run())
-    except ConfigurationError as exc:
+    except (ConfigurationError, GatewayError, SealingError, TenantsFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
 
 def cmd_tenants_create(args: argparse.Namespace) -> int:
-    async def work(directory: TenantDirectory) -> int:
-        credentials = KlingCredentials(args.kling_access_key, args.kling_secret_key)
-        tenant = await directory.create_tenant(args.name, credentials, args.concurrency)
-        print(f"created tenant {tenant.id} ({tenant.name})")
+    async def work(directory: TenantDirectory, stores: Stores) -> int:
+        credential = await directory.add_credential(args.kling_access_key, args.kling_secret_key, args.concurrency)
+        policy = TenantPolicy(tuple(args.allowed_models) if args.allowed_models else None, args.default_model,
+                              args.max_images)  # fmt: skip
+        tenant = await directory.create_tenant(args.name, (credential.id,), policy)
+        await stores.audit.append("cli", "tenant.create", tenant.id, {"name": tenant.name})
+        print(f"created tenant {tenant.id} ({tenant.name}) on credential {credential.id}")
         return 0
 
     return _with_directory(work)
 
 
 def cmd_tenants_list(_: argparse.Namespace) -> int:
-    async def work(directory: TenantDirectory) -> int:
+    async def work(directory: TenantDirectory, _: Stores) -> int:
         for tenant in await directory.store.list_tenants():
-            print(f"{tenant.id}\t{tenant.name}\tkling={tenant.kling.access_key}\tconcurrency={tenant.concurrency}")
+            credentials = [await directory.store.get_credential(cid) for cid in tenant.credential_ids]
+            kling = ",".join(f"{c.access_key}(concurrency={c.concurrency})" for c in credentials if c)
+            print(f"{tenant.id}\t{tenant.name}\tkling={kling}")
+        return 0
+
+    return _with_directory(work)
+
+
+def cmd_tenants_apply(args: argparse.Namespace) -> int:
+    async def work(directory: TenantDirectory, stores: Stores) -> int:
+        await apply_file(directory, stores.audit, args.file)
+        print(f"applied {args.file}")
         return 0
 
     return _with_directory(work)
 
 
 def cmd_keys_issue(args: argparse.Namespace) -> int:
-    async def work(directory: TenantDirectory) -> int:
-        issued = await directory.issue_key(args.tenant, args.label)
+    async def work(directory: TenantDirectory, stores: Stores) -> int:
+        expires_at = time.time() + args.expires_in if args.expires_in else None
+        issued = await directory.issue_key(args.tenant, args.label, expires_at)
+        await stores.audit.append("cli", "key.issue", issued.record.key_id, {"tenant_id": args.tenant})
         print(f"key id: {issued.record.key_id}", file=sys.stderr)
         print("The key is shown only this once:", file=sys.stderr)
         print(issued.api_key)
@@ -120,9 +140,21 @@ def cmd_keys_issue(args: argparse.Namespace) -> int:
     return _with_directory(work)
 
 
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    async def work(directory: TenantDirectory, stores: Stores) -> int:
+        issued = await directory.rotate_key(args.key_id, args.overlap)
+        await stores.audit.append("cli", "key.rotate", args.key_id, {"key_id": issued.record.key_id})
+        print(f"new key id: {issued.record.key_id}; {args.key_id} keeps working for {args.overlap} s", file=sys.stderr)
+        print(issued.api_key)
+        return 0
+
+    return _with_directory(work)
+
+
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
-    async def work(directory: TenantDirectory) -> int:
+    async def work(directory: TenantDirectory, stores: Stores) -> int:
         record = await directory.revoke_key(args.key_id)
+        await stores.audit.append("cli", "key.revoke", record.key_id)
         print(f"revoked {record.key_id}")
         return 0
 
@@ -130,10 +162,30 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
-    async def work(directory: TenantDirectory) -> int:
-        for record in await directory.store.list_keys(args.tenant):
-            state = "active" if record.active else "revoked"
-            print(f"{record.key_id}\t{state}\t{record.label}")
+    async def work(directory: TenantDirectory, _: Stores) -> int:
+        records = await directory.store.list_keys(args.tenant)
+        used = await directory.store.last_used([record.key_id for record in records])
+        now = time.time()
+        for record in records:
+            state = "active" if record.usable_at(now) else ("revoked" if record.revoked_at else "expired")
+            last = used.get(record.key_id)
+            last_text = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(last)) if last else "never"
+            print(f"{record.key_id}\t{state}\t{record.label}\tlast used {last_text}")
+        return 0
+
+    return _with_directory(work)
+
+
+def cmd_master_key_new(_: argparse.Namespace) -> int:
+    print(new_master_key())
+    return 0
+
+
+def cmd_master_key_rotate(_: argparse.Namespace) -> int:
+    async def work(directory: TenantDirectory, stores: Stores) -> int:
+        count = await directory.reseal_all()
+        await stores.audit.append("cli", "master_key.rotate", "credentials", {"count": str(count)})
+        print(f"re-sealed {count} Kling secret(s) under the first key of KGW_MASTER_KEY")
         return 0
 
     return _with_directory(work)
@@ -180,19 +232,38 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--kling-secret-key", required=True)
     create.add_argument("--concurrency", type=int, default=5, help="images the Kling account may run at once")
     create.set_defaults(run=cmd_tenants_create)
+    create.add_argument("--allowed-models", nargs="+", help="image models this tenant may use (default: all)")
+    create.add_argument("--default-model", help="model used when a request names none")
+    create.add_argument("--max-images", type=int, default=9, help="largest num_images per request")
     tenants.add_parser("list", help="list tenants").set_defaults(run=cmd_tenants_list)
+    apply = tenants.add_parser("apply", help="apply a tenants file (TOML) now, as serve does at start")
+    apply.add_argument("file")
+    apply.set_defaults(run=cmd_tenants_apply)
 
     keys = verbs.add_parser("keys", help="API key administration").add_subparsers(dest="action", required=True)
     issue = keys.add_parser("issue", help="issue a key (printed once)")
     issue.add_argument("tenant", help="tenant id")
     issue.add_argument("--label", default="")
+    issue.add_argument("--expires-in", type=int, help="seconds until the key stops working")
     issue.set_defaults(run=cmd_keys_issue)
+    rotate = keys.add_parser("rotate", help="issue a successor key; the old one expires after --overlap")
+    rotate.add_argument("key_id")
+    rotate.add_argument("--overlap", type=int, default=86_400, help="seconds the old key keeps working")
+    rotate.set_defaults(run=cmd_keys_rotate)
     revoke = keys.add_parser("revoke", help="revoke a key")
     revoke.add_argument("key_id")
     revoke.set_defaults(run=cmd_keys_revoke)
     listing = keys.add_parser("list", help="list a tenant's keys (never the secrets)")
     listing.add_argument("tenant", help="tenant id")
     listing.set_defaults(run=cmd_keys_list)
+
+    master = verbs.add_parser("master-key", help="the key that seals Kling secrets at rest").add_subparsers(
+        dest="action", required=True
+    )
+    master.add_parser("new", help="print a new master key").set_defaults(run=cmd_master_key_new)
+    master.add_parser(
+        "rotate", help="re-seal every Kling secret under the first key of KGW_MASTER_KEY (list old keys after it)"
+    ).set_defaults(run=cmd_master_key_rotate)
 
     generate = verbs.add_parser("generate", help="generate images through a gateway and download them")
     generate.add_argument("prompt")

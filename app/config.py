@@ -38,6 +38,21 @@ class Settings(BaseSettings):
     key_pepper: SecretStr | None = Field(
         default=None, description="Server secret that API keys are hashed under (required with Redis)"
     )
+    master_key: SecretStr | None = Field(
+        default=None, description="Fernet key(s), comma-separated, sealing Kling secrets at rest (required with Redis)"
+    )
+    key_environment: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9]{1,12}$",
+        description="Names this deployment's keys (kgw_<env>_...) so keys of another environment are refused",
+    )
+    tenants_file: str | None = Field(default=None, description="TOML file of tenants applied at start (GitOps)")
+    oidc_issuer: str | None = Field(default=None, description="OAuth issuer whose JWT access tokens are accepted")
+    oidc_jwks_url: str | None = Field(default=None, description="The issuer's JWKS URL; unset = discovered")
+    oidc_tenant_claim: str = Field(default="tenant", description="Token claim naming the tenant (id or name)")
+    oidc_scopes: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["images:generate"], description="Scopes a token needs (comma-separated)"
+    )
     default_wait_seconds: int = Field(default=45, ge=0, description="MCP generate_image wait when not given")
     max_wait_seconds: int = Field(default=300, ge=0, description="Upper bound for any wait_seconds")
     kling_timeout_seconds: float = Field(default=30.0, gt=0, description="Overall deadline of one Kling call")
@@ -46,14 +61,14 @@ class Settings(BaseSettings):
     # Inline base64 reference images may be 10 MB, which is about 13.4 MB of base64.
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, description="Largest accepted request body")
 
-    @field_validator("allowed_hosts", "allowed_origins", mode="before")
+    @field_validator("allowed_hosts", "allowed_origins", "oidc_scopes", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("public_url", "kling_base_url")
+    @field_validator("public_url", "kling_base_url", "oidc_issuer", "oidc_jwks_url")
     @classmethod
     def _strip_trailing_slash(cls, value: str | None) -> str | None:
         if value is None:
@@ -78,6 +93,9 @@ class Settings(BaseSettings):
             parts = urlsplit(self.public_url)
             origins.append(f"{parts.scheme}://{parts.netloc}")
         return origins + self.allowed_origins
+
+    def mcp_url(self) -> str | None:
+        return f"{self.public_url}/mcp" if self.public_url else None
 
     def host_check_disabled(self) -> bool:
         return "*" in self.allowed_hosts

@@ -13,7 +13,6 @@ import socket
 import uvicorn
 
 from app.config import Settings
-from app.kling import KlingCredentials
 from app.main import build_gateway
 from app.simulator import SimAccount, SimulatorConfig, create_simulator_app
 
@@ -80,7 +79,8 @@ async def run_demo(host: str = "127.0.0.1", port: int = 8000) -> None:
     sim_url = f"http://127.0.0.1:{sim_sock.getsockname()[1]}"
     settings = Settings.model_validate({"kling_base_url": sim_url, "redis_url": None})
     gateway = build_gateway(settings)
-    tenant = await gateway.directory.create_tenant("demo", KlingCredentials(account.access_key, account.secret_key), 20)
+    credential = await gateway.directory.add_credential(account.access_key, account.secret_key, account.concurrency)
+    tenant = await gateway.directory.create_tenant("demo", (credential.id,))
     issued = await gateway.directory.issue_key(tenant.id, "demo")
     servers = [
         uvicorn.Server(

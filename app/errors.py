@@ -40,6 +40,7 @@ class GatewayError(Exception):
     status: int = 500
     retry_after: int | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)  # extra HTTP headers, e.g. WWW-Authenticate
 
     def __str__(self) -> str:
         return self.message
@@ -51,7 +52,8 @@ class GatewayError(Exception):
         return {"error": body}
 
     def http_headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+        retry = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+        return retry | self.headers
 
 
 class InvalidRequest(GatewayError):
@@ -60,16 +62,18 @@ class InvalidRequest(GatewayError):
 
 
 class Unauthorized(GatewayError):
-    def __init__(self, message: str = "a valid API key is required") -> None:
-        super().__init__(message, "unauthorized", 401)
-
-    def http_headers(self) -> dict[str, str]:
-        return {"WWW-Authenticate": f'Bearer error="invalid_token", error_description="{self.message}"'}
+    def __init__(self, message: str = "a valid API key is required", challenge: str | None = None) -> None:
+        challenge = challenge or f'Bearer error="invalid_token", error_description="{_quoted(message)}"'
+        super().__init__(message, "unauthorized", 401, headers={"WWW-Authenticate": challenge})
 
 
 class Forbidden(GatewayError):
-    def __init__(self, message: str) -> None:
-        super().__init__(message, "forbidden", 403)
+    def __init__(self, message: str, challenge: str | None = None) -> None:
+        super().__init__(message, "forbidden", 403, headers={"WWW-Authenticate": challenge} if challenge else {})
+
+
+def _quoted(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
 class NotFound(GatewayError):

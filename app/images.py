@@ -18,6 +18,7 @@ from typing import Any
 from app.errors import Conflict, InvalidRequest, NotFound, error_from_kling
 from app.kling import (
     KlingClient,
+    KlingCredentials,
     KlingError,
     KlingFailure,
     KlingTask,
@@ -26,7 +27,8 @@ from app.kling import (
 )
 from app.models import GenerateRequest, TaskStatus
 from app.tasks import IdempotencyClaim, ProgressCallback, TaskRecord, TaskStore, wait_for_task
-from app.tenants import Tenant
+from app.tenants import Tenant, TenantPolicy
+from app.usage import UsageStore
 
 # How long a duplicate request waits for the first one (same idempotency key) to be accepted by Kling.
 IDEMPOTENCY_WAIT_S = 10.0
@@ -35,10 +37,31 @@ _CODE_TASK_NOT_FOUND = 1203
 
 @dataclass(frozen=True)
 class Principal:
-    """The authenticated caller: a tenant, through one of its API keys."""
+    """The authenticated caller: a tenant, the Kling account its tasks run on, and the key used
+    (`oauth:<subject>` for OAuth callers)."""
 
     tenant: Tenant
+    kling: KlingCredentials
     key_id: str
+
+
+def apply_policy(policy: TenantPolicy, request: GenerateRequest) -> GenerateRequest:
+    """The request as the tenant's policy allows it; raises InvalidRequest naming the argument otherwise."""
+    if policy.default_model and "model_name" not in request.model_fields_set:
+        # Re-validated: the tenant's model may not accept what the caller asked of the default one.
+        request = GenerateRequest.model_validate(
+            request.model_dump(exclude_unset=True) | {"model_name": policy.default_model}
+        )
+    if policy.allowed_models is not None and request.model_name not in policy.allowed_models:
+        allowed = ", ".join(policy.allowed_models)
+        raise InvalidRequest(
+            "model_name", f"{request.model_name} is not enabled for this tenant; use one of: {allowed}"
+        )
+    if request.num_images > policy.max_images_per_request:
+        raise InvalidRequest(
+            "num_images", f"this tenant may ask for at most {policy.max_images_per_request} per request"
+        )
+    return request
 
 
 def request_fingerprint(request: GenerateRequest) -> str:
@@ -59,12 +82,14 @@ class ImageService:
         self,
         kling: KlingClient,
         tasks: TaskStore,
+        usage: UsageStore,
         *,
         max_wait_s: int,
         first_poll_interval_s: float,
     ) -> None:
         self._kling = kling
         self._tasks = tasks
+        self._usage = usage
         self._max_wait_s = max_wait_s
         self._first_poll_interval_s = first_poll_interval_s
 
@@ -77,13 +102,15 @@ class ImageService:
         on_progress: ProgressCallback | None = None,
     ) -> TaskRecord:
         """Start (or, for a repeated idempotency key, find) the task, then wait for it up to `wait_s`."""
+        await self._usage.record(principal.tenant.id, principal.key_id, requests=1)
+        request = apply_policy(principal.tenant.policy, request)
         if request.idempotency_key is None:
-            record = await self._submit(principal.tenant, request)
+            record = await self._submit(principal, request)
         else:
-            record = await self._submit_once(principal.tenant, request, request.idempotency_key)
+            record = await self._submit_once(principal, request, request.idempotency_key)
         if on_progress is not None:
             await on_progress(record, 0.0)
-        return await self._wait(principal.tenant, record, wait_s, on_progress)
+        return await self._wait(principal, record, wait_s, on_progress)
 
     async def status(
         self,
@@ -94,16 +121,17 @@ class ImageService:
         on_progress: ProgressCallback | None = None,
     ) -> TaskRecord:
         """A task of the caller's own tenant; another tenant's task is reported as not found."""
+        await self._usage.record(principal.tenant.id, principal.key_id, requests=1)
         record = await self._tasks.get(task_id)
         if record is None or record.tenant_id != principal.tenant.id:
             raise NotFound(f"no task {task_id!r} for this API key")
         if record.status.is_terminal:
             return record
-        return await self._wait(principal.tenant, record, max(wait_s, 0), on_progress, refresh_first=True)
+        return await self._wait(principal, record, max(wait_s, 0), on_progress, refresh_first=True)
 
     async def _wait(
         self,
-        tenant: Tenant,
+        principal: Principal,
         record: TaskRecord,
         wait_s: int,
         on_progress: ProgressCallback | None,
@@ -112,7 +140,7 @@ class ImageService:
     ) -> TaskRecord:
         async def fetch() -> KlingTask:
             try:
-                return await self._kling.get_image_task(tenant.kling, record.task_id)
+                return await self._kling.get_image_task(principal.kling, record.task_id)
             except KlingFailure as exc:
                 raise error_from_kling(exc) from exc
 
@@ -123,20 +151,20 @@ class ImageService:
             record,
             fetch,
             self._tasks.save,
-            wait_s=min(wait_s, self._max_wait_s),
+            wait_s=min(wait_s, principal.tenant.policy.max_wait_seconds or self._max_wait_s, self._max_wait_s),
             first_interval_s=self._first_poll_interval_s,
             on_progress=on_progress,
         )
 
     async def _submit(
-        self, tenant: Tenant, request: GenerateRequest, external_task_id: str | None = None
+        self, principal: Principal, request: GenerateRequest, external_task_id: str | None = None
     ) -> TaskRecord:
-        external_task_id = external_task_id or external_task_id_for(tenant.id, None)
+        external_task_id = external_task_id or external_task_id_for(principal.tenant.id, None)
         body = build_generation_body(request, external_task_id=external_task_id)
-        task = await self._create_or_adopt(tenant, body, external_task_id)
+        task = await self._create_or_adopt(principal.kling, body, external_task_id)
         record = TaskRecord(
             task_id=task.task_id,
-            tenant_id=tenant.id,
+            tenant_id=principal.tenant.id,
             external_task_id=external_task_id,
             model_name=request.model_name,
             num_images=request.num_images,
@@ -145,11 +173,12 @@ class ImageService:
             updated_at_ms=task.updated_at,
         ).updated_from(task)
         await self._tasks.save(record)
+        await self._usage.record(principal.tenant.id, principal.key_id, tasks=1, images=request.num_images)
         return record
 
-    async def _create_or_adopt(self, tenant: Tenant, body: dict[str, Any], external_task_id: str) -> KlingTask:
+    async def _create_or_adopt(self, kling: KlingCredentials, body: dict[str, Any], external_task_id: str) -> KlingTask:
         try:
-            return await self._kling.create_image_task(tenant.kling, body)
+            return await self._kling.create_image_task(kling, body)
         except KlingFailure as exc:
             # The create may have reached Kling although its answer was lost (a transport failure), or an
             # earlier attempt whose answer was lost created it (a duplicate external_task_id). Either way,
@@ -157,14 +186,14 @@ class ImageService:
             ambiguous = isinstance(exc, KlingTransportError) or (
                 isinstance(exc, KlingError) and exc.code in (1200, 1201) and "external_task_id" in exc.message
             )
-            found = await self._find_by_external_id(tenant, external_task_id) if ambiguous else None
+            found = await self._find_by_external_id(kling, external_task_id) if ambiguous else None
             if found is None:
                 raise error_from_kling(exc) from exc
             return found
 
-    async def _find_by_external_id(self, tenant: Tenant, external_task_id: str) -> KlingTask | None:
+    async def _find_by_external_id(self, kling: KlingCredentials, external_task_id: str) -> KlingTask | None:
         try:
-            return await self._kling.get_image_task(tenant.kling, external_task_id)
+            return await self._kling.get_image_task(kling, external_task_id)
         except KlingError as exc:
             if exc.code == _CODE_TASK_NOT_FOUND:
                 return None
@@ -172,15 +201,15 @@ class ImageService:
         except KlingFailure:
             return None
 
-    async def _submit_once(self, tenant: Tenant, request: GenerateRequest, key: str) -> TaskRecord:
+    async def _submit_once(self, principal: Principal, request: GenerateRequest, key: str) -> TaskRecord:
         """Exactly one Kling task per (tenant, key): the first caller submits, duplicates get its task."""
-        scope = f"{tenant.id}:{hashlib.sha256(key.encode()).hexdigest()}"
+        scope = f"{principal.tenant.id}:{hashlib.sha256(key.encode()).hexdigest()}"
         fingerprint = request_fingerprint(request)
         deadline = time.monotonic() + IDEMPOTENCY_WAIT_S
         while True:
             existing = await self._tasks.claim_idempotency(scope, IdempotencyClaim(fingerprint))
             if existing is None:
-                return await self._submit_claimed(tenant, request, key, scope, fingerprint)
+                return await self._submit_claimed(principal, request, key, scope, fingerprint)
             if existing.fingerprint != fingerprint:
                 raise InvalidRequest("idempotency_key", "was already used with different arguments")
             if existing.task_id is not None:
@@ -194,10 +223,10 @@ class ImageService:
             await asyncio.sleep(0.1)
 
     async def _submit_claimed(
-        self, tenant: Tenant, request: GenerateRequest, key: str, scope: str, fingerprint: str
+        self, principal: Principal, request: GenerateRequest, key: str, scope: str, fingerprint: str
     ) -> TaskRecord:
         try:
-            record = await self._submit(tenant, request, external_task_id_for(tenant.id, key))
+            record = await self._submit(principal, request, external_task_id_for(principal.tenant.id, key))
         except BaseException:
             # Nothing was created (a lost answer was already looked up): a retry may submit again.
             await asyncio.shield(self._tasks.release_idempotency(scope))

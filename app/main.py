@@ -1,9 +1,10 @@
-"""The composition root: `create_app(settings)` builds every part and wires it; the lifespan owns the
-MCP session manager, the pooled Kling HTTP client and the Redis pool, and closes them in reverse order."""
+"""The composition root: `build_gateway(settings)` builds every part and wires it; the lifespan owns the
+MCP session manager, the pooled HTTP client and the Redis pool, and closes them in reverse order."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from mcp.server.transport_security import RequestBodyLimitMiddleware, TransportSecuritySettings
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -19,19 +20,35 @@ from redis.exceptions import RedisError
 from app import __version__
 from app.admin import build_admin_router
 from app.api import build_api_router, install_error_handlers
-from app.auth import Authenticator, McpAuthMiddleware
+from app.auth import Authenticator, KeyChangeBroadcast, McpAuthMiddleware, OAuthChallenge, listening
 from app.config import Settings
 from app.images import ImageService
 from app.kling import KlingClient, create_http_client
 from app.mcp_server import build_mcp_server
+from app.oauth import OAuthConfig, OAuthVerifier, protected_resource_metadata
+from app.sealing import SecretSealer, parse_master_keys
 from app.tasks import MemoryTaskStore, RedisTaskStore, TaskStore
-from app.tenants import MemoryTenantStore, RedisTenantStore, TenantDirectory, TenantStore
+from app.tenants import KeyFormat, MemoryTenantStore, RedisTenantStore, TenantDirectory, TenantStore
+from app.tenants_file import apply_tenants_file, load_tenants_file
+from app.usage import AuditLog, MemoryAuditLog, MemoryUsageStore, RedisAuditLog, RedisUsageStore, UsageStore
 
+logger = logging.getLogger(__name__)
 REDIS_TIMEOUT_S = 1.0
+PRM_PATH = "/.well-known/oauth-protected-resource"
 
 
 class ConfigurationError(Exception):
     """The settings cannot run a safe gateway; the message says what to set."""
+
+
+@dataclass(frozen=True)
+class Stores:
+    tenants: TenantStore
+    tasks: TaskStore
+    usage: UsageStore
+    audit: AuditLog
+    pepper: bytes
+    sealer: SecretSealer
 
 
 @dataclass(frozen=True)
@@ -40,45 +57,111 @@ class Gateway:
 
     settings: Settings
     directory: TenantDirectory
+    stores: Stores
     service: ImageService
     app: FastAPI
 
 
-def create_redis(url: str) -> Redis:
-    # Short timeouts and a single retry: a hung Redis must fail a request quickly, not hang it.
-    return Redis.from_url(
+def create_redis(url: str, max_connections: int = 200) -> Redis:
+    """One pool per process. Short timeouts and a single retry: a hung Redis must fail a request quickly,
+    not hang it. A blocking pool, because the default one raises instead of waiting once it is full."""
+    pool = BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=REDIS_TIMEOUT_S,
         socket_timeout=REDIS_TIMEOUT_S,
         socket_connect_timeout=REDIS_TIMEOUT_S,
         retry=Retry(NoBackoff(), 1),
         health_check_interval=30,
     )
+    return Redis.from_pool(pool)
 
 
-def open_stores(settings: Settings, redis: Redis | None) -> tuple[TenantStore, TaskStore, bytes]:
-    """The store backends and the API-key pepper for these settings."""
+def open_stores(settings: Settings, redis: Redis | None) -> Stores:
+    """The store backends, the API-key pepper and the secret sealer for these settings."""
     if redis is None:
-        # The memory store lives and dies with this process, and so may its pepper.
+        # The memory store lives and dies with this process, and so may its pepper and master key.
         pepper = settings.key_pepper.get_secret_value().encode() if settings.key_pepper else secrets.token_bytes(32)
-        return MemoryTenantStore(), MemoryTaskStore(), pepper
+        sealer = _sealer(settings) if settings.master_key else SecretSealer.ephemeral()
+        return Stores(MemoryTenantStore(), MemoryTaskStore(), MemoryUsageStore(), MemoryAuditLog(), pepper, sealer)
     if settings.key_pepper is None:
         raise ConfigurationError(
             "KGW_KEY_PEPPER is required with KGW_REDIS_URL: API keys stored in Redis are hashed under it. "
             'Generate one with: python -c "import secrets; print(secrets.token_urlsafe(32))"'
         )
-    return RedisTenantStore(redis), RedisTaskStore(redis), settings.key_pepper.get_secret_value().encode()
+    if settings.master_key is None:
+        raise ConfigurationError(
+            "KGW_MASTER_KEY is required with KGW_REDIS_URL: Kling secret keys are sealed under it. "
+            "Generate one with: kling-gateway master-key new"
+        )
+    pepper = settings.key_pepper.get_secret_value().encode()
+    return Stores(
+        RedisTenantStore(redis), RedisTaskStore(redis), RedisUsageStore(redis), RedisAuditLog(redis), pepper,
+        _sealer(settings),
+    )  # fmt: skip
+
+
+def _sealer(settings: Settings) -> SecretSealer:
+    assert settings.master_key is not None
+    try:
+        return SecretSealer(parse_master_keys(settings.master_key.get_secret_value()))
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from exc
+
+
+def oauth_config(settings: Settings) -> OAuthConfig | None:
+    if settings.oidc_issuer is None:
+        return None
+    audience = settings.mcp_url()
+    if audience is None:
+        raise ConfigurationError("KGW_OIDC_ISSUER needs KGW_PUBLIC_URL: tokens must be addressed to this gateway")
+    return OAuthConfig(
+        issuer=settings.oidc_issuer,
+        audience=audience,
+        jwks_url=settings.oidc_jwks_url,
+        tenant_claim=settings.oidc_tenant_claim,
+        required_scopes=tuple(settings.oidc_scopes),
+    )
+
+
+def admin_directory(settings: Settings, redis: Redis) -> tuple[TenantDirectory, Stores]:
+    """The directory for administration outside a running gateway (the CLI): changes to keys are still
+    broadcast, so running replicas forget a revoked key at once."""
+    stores = open_stores(settings, redis)
+    broadcast = KeyChangeBroadcast(redis)
+    directory = TenantDirectory(
+        stores.tenants, stores.pepper, stores.sealer, KeyFormat(settings.key_environment), broadcast.publish
+    )
+    return directory, stores
 
 
 def build_gateway(settings: Settings) -> Gateway:
     redis = create_redis(settings.redis_url) if settings.redis_url else None
-    tenant_store, task_store, pepper = open_stores(settings, redis)
-    directory = TenantDirectory(tenant_store, pepper)
+    stores = open_stores(settings, redis)
     http = create_http_client(settings.kling_max_connections)
+    oauth = oauth_config(settings)
+    broadcast = KeyChangeBroadcast(redis) if redis is not None else None
+
+    async def key_changed(key_or_tenant: str) -> None:
+        authenticator.forget(key_or_tenant)  # this replica at once; the others through Redis
+        if broadcast is not None:
+            await broadcast.publish(key_or_tenant)
+
+    directory = TenantDirectory(
+        stores.tenants, stores.pepper, stores.sealer, KeyFormat(settings.key_environment), key_changed
+    )
+    challenge = None
+    if oauth is not None:
+        challenge = OAuthChallenge(oauth, OAuthVerifier(oauth, http), f"{settings.public_url}{PRM_PATH}/mcp")
+    authenticator = Authenticator(directory, challenge)
     kling = KlingClient(http, settings.kling_base_url, deadline_s=settings.kling_timeout_seconds)
     service = ImageService(
-        kling, task_store, max_wait_s=settings.max_wait_seconds, first_poll_interval_s=settings.poll_interval_seconds
+        kling,
+        stores.tasks,
+        stores.usage,
+        max_wait_s=settings.max_wait_seconds,
+        first_poll_interval_s=settings.poll_interval_seconds,
     )
-    authenticator = Authenticator(directory)
     mcp = build_mcp_server(service, default_wait_s=settings.default_wait_seconds)
     mcp_app = mcp.streamable_http_app(
         streamable_http_path="/mcp",
@@ -98,6 +181,9 @@ def build_gateway(settings: Settings) -> Gateway:
             if redis is not None:
                 stack.push_async_callback(redis.aclose)
             stack.push_async_callback(http.aclose)
+            if settings.tenants_file:
+                await apply_file(directory, stores.audit, settings.tenants_file)
+            await stack.enter_async_context(listening(broadcast, authenticator))
             await stack.enter_async_context(mcp.session_manager.run())
             yield
 
@@ -109,13 +195,24 @@ def build_gateway(settings: Settings) -> Gateway:
     )
     install_error_handlers(app)
     app.add_middleware(RequestBodyLimitMiddleware, max_body_size=settings.max_body_bytes)
-    add_health_routes(app, tenant_store)
-    app.include_router(build_api_router(service, authenticator))
+    add_health_routes(app, stores.tenants)
+    if oauth is not None:
+        add_resource_metadata_routes(app, oauth)
+    app.include_router(build_api_router(service, authenticator, stores.usage))
     if settings.admin_token is not None:
-        app.include_router(build_admin_router(directory, settings.admin_token))
+        app.include_router(build_admin_router(directory, stores, settings.admin_token))
     # Mounted last: our own routes match first, and /mcp is served without a 307 redirect.
     app.mount("/", McpAuthMiddleware(mcp_app, authenticator))
-    return Gateway(settings=settings, directory=directory, service=service, app=app)
+    return Gateway(settings=settings, directory=directory, stores=stores, service=service, app=app)
+
+
+async def apply_file(directory: TenantDirectory, audit: AuditLog, path: str) -> None:
+    applied = await apply_tenants_file(directory, load_tenants_file(path))
+    for change, names in (("create", applied.created), ("update", applied.updated)):
+        for name in names:
+            kind, _, target = name.partition(" ")
+            await audit.append("tenants-file", f"{kind}.{change}", target)
+    logger.info("tenants file applied: %d created, %d updated", len(applied.created), len(applied.updated))
 
 
 def add_health_routes(app: FastAPI, store: TenantStore) -> None:
@@ -132,6 +229,16 @@ def add_health_routes(app: FastAPI, store: TenantStore) -> None:
         except (RedisError, OSError):
             return JSONResponse({"status": "unavailable", "store": "unreachable"}, status_code=503)
         return JSONResponse({"status": "ok"})
+
+
+def add_resource_metadata_routes(app: FastAPI, oauth: OAuthConfig) -> None:
+    """RFC 9728 protected-resource metadata, so OAuth clients find the authorization server."""
+    document = protected_resource_metadata(oauth)
+
+    @app.get(f"{PRM_PATH}/mcp", tags=["oauth"], include_in_schema=False)
+    @app.get(PRM_PATH, tags=["oauth"], include_in_schema=False)
+    async def resource_metadata() -> JSONResponse:
+        return JSONResponse(document, headers={"Cache-Control": "public, max-age=3600"})
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -1,8 +1,11 @@
-"""Tenants, their Kling credentials, and their API keys; one store contract, Redis and memory backends.
+"""Tenants, Kling credentials, API keys: one store contract with Redis and memory backends.
 
-An API key looks like `kgw_<key id>_<secret>`. It is shown once, when issued; the store keeps only
-HMAC-SHA256(pepper, secret), so a copy of the store alone cannot be turned back into keys, and the key
-id (the only part ever logged) finds the record in one lookup.
+- A **credential** is one Kling account (access key, sealed secret key, `concurrency`: images the account
+  may have in flight). Several tenants may share one (a team's account); it is identified by its access key.
+- A **tenant** uses one or more credentials (the first is used for new tasks) under a policy.
+- An **API key** looks like `kgw_<key id>_<secret><checksum>` (`kgw_<env>_...` outside the default
+  environment). It is shown once; the store keeps only HMAC-SHA256(pepper, secret). The checksum lets a
+  mistyped key be refused without a lookup, and the key id (the only part ever logged) finds the record.
 """
 
 from __future__ import annotations
@@ -15,19 +18,51 @@ import secrets
 import string
 import time
 import uuid
-from dataclasses import asdict, dataclass, replace
-from typing import Protocol
+import zlib
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Protocol
 
 from redis.asyncio import Redis
 
-from app.errors import Conflict, NotFound
+from app.errors import Conflict, InvalidRequest, NotFound
 from app.kling import KlingCredentials
+from app.models import canonical_model_name
+from app.sealing import SecretSealer
 
-KEY_PREFIX = "kgw"
-_ALPHABET = string.ascii_letters + string.digits
+_ALPHABET = string.digits + string.ascii_uppercase + string.ascii_lowercase
 KEY_ID_LENGTH = 12
 KEY_SECRET_LENGTH = 32  # base62: about 190 bits
-API_KEY_RE = re.compile(rf"^{KEY_PREFIX}_([A-Za-z0-9]{{{KEY_ID_LENGTH}}})_([A-Za-z0-9]{{{KEY_SECRET_LENGTH}}})$")
+CHECKSUM_LENGTH = 6
+MAX_API_KEY_CHARS = 200
+_KEY_BODY_RE = re.compile(
+    rf"^([0-9A-Za-z]{{{KEY_ID_LENGTH}}})_([0-9A-Za-z]{{{KEY_SECRET_LENGTH}}})([0-9A-Za-z]{{{CHECKSUM_LENGTH}}})$"
+)
+
+
+@dataclass(frozen=True)
+class TenantPolicy:
+    allowed_models: tuple[str, ...] | None = None  # None: every image model
+    default_model: str | None = None
+    max_images_per_request: int = 9
+    max_wait_seconds: int | None = None  # None: the gateway's KGW_MAX_WAIT_SECONDS
+
+    def __post_init__(self) -> None:
+        if self.allowed_models is not None:
+            object.__setattr__(self, "allowed_models", tuple(canonical_model_name(m) for m in self.allowed_models))
+        if self.default_model is not None:
+            object.__setattr__(self, "default_model", canonical_model_name(self.default_model))
+
+
+@dataclass(frozen=True)
+class Credential:
+    """A Kling account as stored: the secret key stays sealed until a JWT must be signed."""
+
+    id: str
+    access_key: str
+    sealed_secret: str
+    concurrency: int
+    created_at: float
 
 
 @dataclass(frozen=True)
@@ -35,8 +70,8 @@ class Tenant:
     id: str
     name: str
     created_at: float
-    kling: KlingCredentials
-    concurrency: int = 5  # images the Kling account may have in flight (its resource pack's limit)
+    credential_ids: tuple[str, ...]
+    policy: TenantPolicy = field(default_factory=TenantPolicy)
 
 
 @dataclass(frozen=True)
@@ -47,10 +82,10 @@ class ApiKeyRecord:
     digest: str
     created_at: float
     revoked_at: float | None = None
+    expires_at: float | None = None
 
-    @property
-    def active(self) -> bool:
-        return self.revoked_at is None
+    def usable_at(self, now: float) -> bool:
+        return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
 
 
 @dataclass(frozen=True)
@@ -59,18 +94,40 @@ class IssuedKey:
     api_key: str  # the only time the full key exists outside the caller's hands
 
 
+@dataclass(frozen=True)
+class Caller:
+    """What a verified API key resolves to: everything a request needs, so it can be cached as one."""
+
+    key: ApiKeyRecord
+    tenant: Tenant
+    kling: KlingCredentials
+    concurrency: int
+
+
 class TenantStore(Protocol):
-    """Persistence of tenants and key records. Both backends pass tests/test_tenants.py."""
+    """Persistence of tenants, credentials and key records. Both backends pass tests/test_tenants.py."""
 
     async def add_tenant(self, tenant: Tenant) -> None:
         """Raises Conflict when the name is taken."""
 
+    async def save_tenant(self, tenant: Tenant) -> None: ...
     async def get_tenant(self, tenant_id: str) -> Tenant | None: ...
+    async def find_tenant(self, name: str) -> Tenant | None: ...
     async def list_tenants(self) -> list[Tenant]: ...
-    async def add_key(self, record: ApiKeyRecord) -> None: ...
+
+    async def add_credential(self, credential: Credential) -> None:
+        """Raises Conflict when a credential with that access key exists."""
+
+    async def save_credential(self, credential: Credential) -> None: ...
+    async def get_credential(self, credential_id: str) -> Credential | None: ...
+    async def find_credential(self, access_key: str) -> Credential | None: ...
+    async def list_credentials(self) -> list[Credential]: ...
+
+    async def save_key(self, record: ApiKeyRecord) -> None: ...
     async def get_key(self, key_id: str) -> ApiKeyRecord | None: ...
     async def list_keys(self, tenant_id: str) -> list[ApiKeyRecord]: ...
-    async def save_key(self, record: ApiKeyRecord) -> None: ...
+    async def touch_key(self, key_id: str, at: float) -> None: ...
+    async def last_used(self, key_ids: list[str]) -> dict[str, float]: ...
     async def ping(self) -> None: ...
 
 
@@ -78,67 +135,213 @@ def _random_text(length: int) -> str:
     return "".join(secrets.choice(_ALPHABET) for _ in range(length))
 
 
-def parse_api_key(api_key: str) -> tuple[str, str] | None:
-    """(key id, secret) of a well-formed key, or None; no store lookup is needed to refuse a malformed key."""
-    match = API_KEY_RE.match(api_key)
-    return (match.group(1), match.group(2)) if match else None
+def _base62(number: int, width: int) -> str:
+    digits = []
+    for _ in range(width):
+        number, digit = divmod(number, 62)
+        digits.append(_ALPHABET[digit])
+    return "".join(reversed(digits))
+
+
+class KeyFormat:
+    """`{prefix}_{key id}_{secret}{checksum}`; the prefix names the environment (`kgw`, `kgw_test`, ...)."""
+
+    def __init__(self, environment: str | None = None) -> None:
+        self.prefix = f"kgw_{environment}" if environment else "kgw"
+
+    def _checksum(self, key_id: str, secret: str) -> str:
+        return _base62(zlib.crc32(f"{self.prefix}_{key_id}_{secret}".encode()), CHECKSUM_LENGTH)
+
+    def compose(self, key_id: str, secret: str) -> str:
+        return f"{self.prefix}_{key_id}_{secret}{self._checksum(key_id, secret)}"
+
+    def new(self) -> tuple[str, str, str]:
+        """(key id, secret, full key)."""
+        key_id, secret = _random_text(KEY_ID_LENGTH), _random_text(KEY_SECRET_LENGTH)
+        return key_id, secret, self.compose(key_id, secret)
+
+    def parse(self, api_key: str) -> tuple[str, str] | None:
+        """(key id, secret) of a well-formed key of this environment with a valid checksum, else None."""
+        if len(api_key) > MAX_API_KEY_CHARS or not api_key.startswith(self.prefix + "_"):
+            return None
+        match = _KEY_BODY_RE.match(api_key[len(self.prefix) + 1 :])
+        if match is None:
+            return None
+        key_id, secret, checksum = match.groups()
+        return (key_id, secret) if hmac.compare_digest(checksum, self._checksum(key_id, secret)) else None
+
+    def is_gateway_key(self, token: str) -> bool:
+        """True for anything shaped like a key of any environment (used to answer 403 on admin routes)."""
+        return token.startswith("kgw_") and len(token) <= MAX_API_KEY_CHARS
+
+
+KeyChanged = Callable[[str], Awaitable[None]]
 
 
 class TenantDirectory:
-    """The use cases around tenants and keys, for the admin API, the CLI and authentication."""
+    """The use cases around tenants, credentials and keys, for the admin API, the CLI and authentication."""
 
-    def __init__(self, store: TenantStore, pepper: bytes) -> None:
+    def __init__(
+        self,
+        store: TenantStore,
+        pepper: bytes,
+        sealer: SecretSealer,
+        key_format: KeyFormat | None = None,
+        on_key_changed: KeyChanged | None = None,
+    ) -> None:
         self.store = store
+        self.key_format = key_format or KeyFormat()
         self._pepper = pepper
+        self._sealer = sealer
+        self._on_key_changed = on_key_changed
 
     def digest(self, secret: str) -> str:
         return hmac.new(self._pepper, secret.encode(), hashlib.sha256).hexdigest()
 
-    async def create_tenant(self, name: str, kling: KlingCredentials, concurrency: int = 5) -> Tenant:
-        tenant = Tenant(
-            id=f"t_{uuid.uuid4().hex[:16]}",
-            name=name,
-            created_at=time.time(),
-            kling=kling,
-            concurrency=concurrency,
-        )
+    # --- credentials ---
+
+    async def add_credential(self, access_key: str, secret_key: str, concurrency: int = 5) -> Credential:
+        """A new credential, or the existing one for this access key when the secret matches (a shared account)."""
+        existing = await self.store.find_credential(access_key)
+        if existing is not None:
+            if not hmac.compare_digest(self._sealer.open(existing.id, existing.sealed_secret), secret_key):
+                raise Conflict(f"a credential for access key {access_key!r} exists with another secret key")
+            return existing
+        credential_id = f"c_{uuid.uuid4().hex[:16]}"
+        credential = Credential(credential_id, access_key, self._sealer.seal(credential_id, secret_key), concurrency,
+                                time.time())  # fmt: skip
+        await self.store.add_credential(credential)
+        return credential
+
+    async def update_credential(self, credential: Credential, secret_key: str | None, concurrency: int) -> Credential:
+        sealed = self._sealer.seal(credential.id, secret_key) if secret_key is not None else credential.sealed_secret
+        updated = replace(credential, sealed_secret=sealed, concurrency=concurrency)
+        await self.store.save_credential(updated)
+        return updated
+
+    async def reseal_all(self) -> int:
+        """Re-seal every credential under the current master key; returns how many were re-sealed."""
+        credentials = await self.store.list_credentials()
+        for credential in credentials:
+            resealed = self._sealer.reseal(credential.id, credential.sealed_secret)
+            await self.store.save_credential(replace(credential, sealed_secret=resealed))
+        return len(credentials)
+
+    def kling_credentials(self, credential: Credential) -> KlingCredentials:
+        return KlingCredentials(credential.access_key, self._sealer.open(credential.id, credential.sealed_secret))
+
+    # --- tenants ---
+
+    async def create_tenant(
+        self, name: str, credential_ids: tuple[str, ...], policy: TenantPolicy | None = None
+    ) -> Tenant:
+        await self._require_credentials(credential_ids)
+        tenant = Tenant(f"t_{uuid.uuid4().hex[:16]}", name, time.time(), credential_ids, policy or TenantPolicy())
         await self.store.add_tenant(tenant)
         return tenant
 
-    async def issue_key(self, tenant_id: str, label: str = "") -> IssuedKey:
-        if await self.store.get_tenant(tenant_id) is None:
-            raise NotFound(f"no tenant {tenant_id!r}")
-        key_id, secret = _random_text(KEY_ID_LENGTH), _random_text(KEY_SECRET_LENGTH)
-        record = ApiKeyRecord(
-            key_id=key_id,
-            tenant_id=tenant_id,
-            label=label,
-            digest=self.digest(secret),
-            created_at=time.time(),
+    async def update_tenant(
+        self, tenant: Tenant, *, credential_ids: tuple[str, ...] | None = None, policy: TenantPolicy | None = None
+    ) -> Tenant:
+        if credential_ids is not None:
+            await self._require_credentials(credential_ids)
+        updated = replace(
+            tenant,
+            credential_ids=tenant.credential_ids if credential_ids is None else credential_ids,
+            policy=tenant.policy if policy is None else policy,
         )
-        await self.store.add_key(record)
-        return IssuedKey(record=record, api_key=f"{KEY_PREFIX}_{key_id}_{secret}")
+        await self.store.save_tenant(updated)
+        await self._key_changed(f"tenant:{tenant.id}")
+        return updated
 
-    async def revoke_key(self, key_id: str) -> ApiKeyRecord:
+    async def get_tenant(self, tenant_id: str) -> Tenant:
+        tenant = await self.store.get_tenant(tenant_id)
+        if tenant is None:
+            raise NotFound(f"no tenant {tenant_id!r}")
+        return tenant
+
+    async def _require_credentials(self, credential_ids: tuple[str, ...]) -> None:
+        if not credential_ids:
+            raise InvalidRequest("credential_ids", "a tenant needs at least one Kling credential")
+        for credential_id in credential_ids:
+            if await self.store.get_credential(credential_id) is None:
+                raise InvalidRequest("credential_ids", f"no credential {credential_id!r}")
+
+    # --- keys ---
+
+    async def issue_key(self, tenant_id: str, label: str = "", expires_at: float | None = None) -> IssuedKey:
+        await self.get_tenant(tenant_id)
+        key_id, secret, api_key = self.key_format.new()
+        record = ApiKeyRecord(key_id, tenant_id, label, self.digest(secret), time.time(), expires_at=expires_at)
+        await self.store.save_key(record)
+        return IssuedKey(record=record, api_key=api_key)
+
+    async def get_key(self, key_id: str) -> ApiKeyRecord:
         record = await self.store.get_key(key_id)
         if record is None:
             raise NotFound(f"no API key {key_id!r}")
-        if record.active:
-            record = replace(record, revoked_at=time.time())
-            await self.store.save_key(record)
         return record
 
-    async def verify_key(self, api_key: str) -> tuple[ApiKeyRecord, Tenant] | None:
-        """The key's record and tenant when the key is well-formed, known, matching and not revoked."""
-        parsed = parse_api_key(api_key)
+    async def revoke_key(self, key_id: str) -> ApiKeyRecord:
+        record = await self.get_key(key_id)
+        if record.revoked_at is None:
+            record = replace(record, revoked_at=time.time())
+            await self.store.save_key(record)
+            await self._key_changed(key_id)
+        return record
+
+    async def rotate_key(self, key_id: str, overlap_s: float) -> IssuedKey:
+        """A new key for the same tenant and label; the old one keeps working for `overlap_s`, then expires."""
+        old = await self.get_key(key_id)
+        now = time.time()
+        if not old.usable_at(now):
+            raise Conflict(f"API key {key_id!r} is revoked or expired; issue a new one instead")
+        issued = await self.issue_key(old.tenant_id, old.label, old.expires_at)
+        ends = now + overlap_s
+        await self.store.save_key(
+            replace(old, expires_at=ends if old.expires_at is None else min(ends, old.expires_at))
+        )
+        await self._key_changed(key_id)
+        return issued
+
+    async def resolve_key(self, api_key: str) -> Caller | None:
+        """The caller behind a well-formed, known, matching, unrevoked, unexpired key; None otherwise."""
+        parsed = self.key_format.parse(api_key)
         if parsed is None:
             return None
         key_id, secret = parsed
         record = await self.store.get_key(key_id)
-        if record is None or not hmac.compare_digest(record.digest, self.digest(secret)) or not record.active:
+        if record is None or not hmac.compare_digest(record.digest, self.digest(secret)):
             return None
+        return await self.caller_for(record)
+
+    async def caller_for(self, record: ApiKeyRecord) -> Caller | None:
         tenant = await self.store.get_tenant(record.tenant_id)
-        return (record, tenant) if tenant is not None else None
+        if tenant is None or not record.usable_at(time.time()):
+            return None
+        return await self.caller_for_tenant(tenant, record)
+
+    async def caller_for_tenant(self, tenant: Tenant, record: ApiKeyRecord) -> Caller | None:
+        credential = await self.store.get_credential(tenant.credential_ids[0])
+        if credential is None:
+            return None
+        return Caller(record, tenant, self.kling_credentials(credential), credential.concurrency)
+
+    async def _key_changed(self, key_id: str) -> None:
+        if self._on_key_changed is not None:
+            await self._on_key_changed(key_id)
+
+
+def _tenant_to_json(tenant: Tenant) -> str:
+    return json.dumps(asdict(tenant))
+
+
+def _tenant_from_json(raw: str | bytes) -> Tenant:
+    fields: dict[str, Any] = json.loads(raw)
+    policy = fields.pop("policy", {}) or {}
+    if policy.get("allowed_models") is not None:
+        policy["allowed_models"] = tuple(policy["allowed_models"])
+    return Tenant(**fields | {"credential_ids": tuple(fields["credential_ids"]), "policy": TenantPolicy(**policy)})
 
 
 class MemoryTenantStore:
@@ -146,21 +349,43 @@ class MemoryTenantStore:
 
     def __init__(self) -> None:
         self._tenants: dict[str, Tenant] = {}
+        self._credentials: dict[str, Credential] = {}
         self._keys: dict[str, ApiKeyRecord] = {}
+        self._used: dict[str, float] = {}
 
     async def add_tenant(self, tenant: Tenant) -> None:
-        if any(existing.name == tenant.name for existing in self._tenants.values()):
+        if await self.find_tenant(tenant.name) is not None:
             raise Conflict(f"a tenant named {tenant.name!r} already exists")
+        self._tenants[tenant.id] = tenant
+
+    async def save_tenant(self, tenant: Tenant) -> None:
         self._tenants[tenant.id] = tenant
 
     async def get_tenant(self, tenant_id: str) -> Tenant | None:
         return self._tenants.get(tenant_id)
 
+    async def find_tenant(self, name: str) -> Tenant | None:
+        return next((tenant for tenant in self._tenants.values() if tenant.name == name), None)
+
     async def list_tenants(self) -> list[Tenant]:
         return sorted(self._tenants.values(), key=lambda tenant: tenant.created_at)
 
-    async def add_key(self, record: ApiKeyRecord) -> None:
-        self._keys[record.key_id] = record
+    async def add_credential(self, credential: Credential) -> None:
+        if await self.find_credential(credential.access_key) is not None:
+            raise Conflict(f"a credential for access key {credential.access_key!r} already exists")
+        self._credentials[credential.id] = credential
+
+    async def save_credential(self, credential: Credential) -> None:
+        self._credentials[credential.id] = credential
+
+    async def get_credential(self, credential_id: str) -> Credential | None:
+        return self._credentials.get(credential_id)
+
+    async def find_credential(self, access_key: str) -> Credential | None:
+        return next((c for c in self._credentials.values() if c.access_key == access_key), None)
+
+    async def list_credentials(self) -> list[Credential]:
+        return sorted(self._credentials.values(), key=lambda credential: credential.created_at)
 
     async def save_key(self, record: ApiKeyRecord) -> None:
         self._keys[record.key_id] = record
@@ -172,20 +397,14 @@ class MemoryTenantStore:
         keys = [record for record in self._keys.values() if record.tenant_id == tenant_id]
         return sorted(keys, key=lambda record: record.created_at)
 
+    async def touch_key(self, key_id: str, at: float) -> None:
+        self._used[key_id] = at
+
+    async def last_used(self, key_ids: list[str]) -> dict[str, float]:
+        return {key_id: self._used[key_id] for key_id in key_ids if key_id in self._used}
+
     async def ping(self) -> None:
         return None
-
-
-def _tenant_to_json(tenant: Tenant) -> str:
-    fields = asdict(tenant)
-    fields["kling"] = {"access_key": tenant.kling.access_key, "secret_key": tenant.kling.secret_key}
-    return json.dumps(fields)
-
-
-def _tenant_from_json(raw: str | bytes) -> Tenant:
-    fields = json.loads(raw)
-    fields["kling"] = KlingCredentials(**fields["kling"])
-    return Tenant(**fields)
 
 
 def _text(value: bytes | str) -> str:
@@ -193,35 +412,63 @@ def _text(value: bytes | str) -> str:
 
 
 class RedisTenantStore:
-    """Redis backend. Each record is one JSON string; every operation touches one key at a time,
-    so the layout works unchanged on Redis Cluster."""
+    """Redis backend. Each record is one JSON string and every write touches one key, so the layout
+    works unchanged on Redis Cluster; uniqueness (tenant names, access keys) is claimed with SET NX."""
 
     def __init__(self, redis: Redis, namespace: str = "kgw") -> None:
         self._redis = redis
         self._ns = namespace
 
+    async def _claim(self, index: str, value: str, what: str) -> None:
+        if not await self._redis.set(f"{self._ns}:{index}", value, nx=True):
+            raise Conflict(f"{what} already exists")
+
     async def add_tenant(self, tenant: Tenant) -> None:
-        # The name index is claimed first and atomically, so two admins racing on one name get one tenant.
-        if not await self._redis.set(f"{self._ns}:tenant-name:{tenant.name}", tenant.id, nx=True):
-            raise Conflict(f"a tenant named {tenant.name!r} already exists")
-        await self._redis.set(f"{self._ns}:tenant:{tenant.id}", _tenant_to_json(tenant))
+        await self._claim(f"tenant-name:{tenant.name}", tenant.id, f"a tenant named {tenant.name!r}")
+        await self.save_tenant(tenant)
         await self._redis.sadd(f"{self._ns}:tenants", tenant.id)
+
+    async def save_tenant(self, tenant: Tenant) -> None:
+        await self._redis.set(f"{self._ns}:tenant:{tenant.id}", _tenant_to_json(tenant))
 
     async def get_tenant(self, tenant_id: str) -> Tenant | None:
         raw = await self._redis.get(f"{self._ns}:tenant:{tenant_id}")
         return _tenant_from_json(raw) if raw is not None else None
 
+    async def find_tenant(self, name: str) -> Tenant | None:
+        tenant_id = await self._redis.get(f"{self._ns}:tenant-name:{name}")
+        return await self.get_tenant(_text(tenant_id)) if tenant_id is not None else None
+
     async def list_tenants(self) -> list[Tenant]:
-        tenant_ids = sorted(_text(member) for member in await self._redis.smembers(f"{self._ns}:tenants"))
-        tenants = [await self.get_tenant(tenant_id) for tenant_id in tenant_ids]
+        ids = sorted(_text(member) for member in await self._redis.smembers(f"{self._ns}:tenants"))
+        tenants = [await self.get_tenant(tenant_id) for tenant_id in ids]
         return sorted((tenant for tenant in tenants if tenant), key=lambda tenant: tenant.created_at)
 
-    async def add_key(self, record: ApiKeyRecord) -> None:
-        await self.save_key(record)
-        await self._redis.sadd(f"{self._ns}:tenant-keys:{record.tenant_id}", record.key_id)
+    async def add_credential(self, credential: Credential) -> None:
+        what = f"a credential for access key {credential.access_key!r}"
+        await self._claim(f"credential-ak:{credential.access_key}", credential.id, what)
+        await self.save_credential(credential)
+        await self._redis.sadd(f"{self._ns}:credentials", credential.id)
+
+    async def save_credential(self, credential: Credential) -> None:
+        await self._redis.set(f"{self._ns}:credential:{credential.id}", json.dumps(asdict(credential)))
+
+    async def get_credential(self, credential_id: str) -> Credential | None:
+        raw = await self._redis.get(f"{self._ns}:credential:{credential_id}")
+        return Credential(**json.loads(raw)) if raw is not None else None
+
+    async def find_credential(self, access_key: str) -> Credential | None:
+        credential_id = await self._redis.get(f"{self._ns}:credential-ak:{access_key}")
+        return await self.get_credential(_text(credential_id)) if credential_id is not None else None
+
+    async def list_credentials(self) -> list[Credential]:
+        ids = [_text(member) for member in await self._redis.smembers(f"{self._ns}:credentials")]
+        credentials = [await self.get_credential(credential_id) for credential_id in ids]
+        return sorted((c for c in credentials if c), key=lambda credential: credential.created_at)
 
     async def save_key(self, record: ApiKeyRecord) -> None:
         await self._redis.set(f"{self._ns}:key:{record.key_id}", json.dumps(asdict(record)))
+        await self._redis.sadd(f"{self._ns}:tenant-keys:{record.tenant_id}", record.key_id)
 
     async def get_key(self, key_id: str) -> ApiKeyRecord | None:
         raw = await self._redis.get(f"{self._ns}:key:{key_id}")
@@ -231,6 +478,19 @@ class RedisTenantStore:
         key_ids = await self._redis.smembers(f"{self._ns}:tenant-keys:{tenant_id}")
         records = [await self.get_key(_text(key_id)) for key_id in key_ids]
         return sorted((record for record in records if record), key=lambda record: record.created_at)
+
+    async def touch_key(self, key_id: str, at: float) -> None:
+        await self._redis.set(f"{self._ns}:key-used:{key_id}", repr(at))
+
+    async def last_used(self, key_ids: list[str]) -> dict[str, float]:
+        if not key_ids:
+            return {}
+        # A non-transactional pipeline rather than MGET: the keys may live in different Cluster slots.
+        pipeline = self._redis.pipeline(transaction=False)
+        for key_id in key_ids:
+            pipeline.get(f"{self._ns}:key-used:{key_id}")
+        values = await pipeline.execute()
+        return {key_id: float(_text(value)) for key_id, value in zip(key_ids, values, strict=True) if value}
 
     async def ping(self) -> None:
         await self._redis.ping()

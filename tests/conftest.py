@@ -12,10 +12,13 @@ from redis.asyncio import Redis
 
 from app.config import Settings
 from app.main import Gateway, build_gateway
+from app.sealing import new_master_key
 from app.simulator import SimAccount, SimulatorConfig, create_simulator_app
 from tests.servers import redis_server, serve
 
 ADMIN_TOKEN = "admin-" + secrets.token_urlsafe(24)
+KEY_PEPPER = "pepper-" + secrets.token_urlsafe(24)
+MASTER_KEY = new_master_key()
 PRIMARY = SimAccount(access_key="ak-primary", secret_key="sk-primary-" + secrets.token_hex(24), concurrency=20)
 SECONDARY = SimAccount(access_key="ak-secondary", secret_key="sk-secondary-" + secrets.token_hex(24), concurrency=20)
 
@@ -102,6 +105,7 @@ async def gateway(simulator: Simulator) -> AsyncIterator[RunningGateway]:
 
 @pytest.fixture
 async def redis_gateway(simulator: Simulator, redis: Redis, redis_url: str) -> AsyncIterator[RunningGateway]:
-    built = build_gateway(gateway_settings(simulator, redis_url=redis_url, key_pepper="pepper-" + "x" * 32))
+    settings = gateway_settings(simulator, redis_url=redis_url, key_pepper=KEY_PEPPER, master_key=MASTER_KEY)
+    built = build_gateway(settings)
     async with serve(built.app) as url, httpx2.AsyncClient(timeout=30) as http:
         yield RunningGateway(url=url, gateway=built, http=http)

@@ -18,12 +18,11 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.types import ResourceLink
 from PIL import Image
 
-from tests.conftest import PRIMARY, RunningGateway, Simulator
+from tests.conftest import KEY_PEPPER, MASTER_KEY, PRIMARY, RunningGateway, Simulator
 from tests.servers import free_port
 
 pytestmark = pytest.mark.anyio
 CLI = [sys.executable, "-m", "app.cli"]
-PEPPER = "pepper-" + "x" * 32  # the redis_gateway fixture's pepper
 
 
 def cli_env(**settings: str) -> dict[str, str]:
@@ -44,7 +43,7 @@ async def run_cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
 async def test_tenants_and_keys_administered_from_the_cli_work_on_the_gateway(
     redis_gateway: RunningGateway, redis_url: str
 ) -> None:
-    env = cli_env(KGW_REDIS_URL=redis_url, KGW_KEY_PEPPER=PEPPER)
+    env = cli_env(KGW_REDIS_URL=redis_url, KGW_KEY_PEPPER=KEY_PEPPER, KGW_MASTER_KEY=MASTER_KEY)
     code, out, _ = await run_cli(
         "tenants", "create", "acme", "--kling-access-key", PRIMARY.access_key,
         "--kling-secret-key", PRIMARY.secret_key, env=env,
@@ -138,7 +137,9 @@ async def test_the_demo_serves_mcp_and_an_mcp_client_generates_an_image_through_
 
 async def test_serve_runs_the_gateway_on_redis_until_interrupted(redis_url: str, simulator: Simulator) -> None:
     port = free_port()
-    env = cli_env(KGW_REDIS_URL=redis_url, KGW_KEY_PEPPER=PEPPER, KGW_KLING_BASE_URL=simulator.url)
+    env = cli_env(
+        KGW_REDIS_URL=redis_url, KGW_KEY_PEPPER=KEY_PEPPER, KGW_MASTER_KEY=MASTER_KEY, KGW_KLING_BASE_URL=simulator.url
+    )
     process = await asyncio.create_subprocess_exec(
         *CLI, "serve", "--host", "127.0.0.1", "--port", str(port), env=env,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,

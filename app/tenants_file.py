@@ -1,0 +1,157 @@
+"""Declarative tenants (`KGW_TENANTS_FILE`, TOML) applied at start, idempotently, for GitOps.
+
+    [[credentials]]
+    access_key = "AK..."
+    secret_key_env = "ACME_KLING_SECRET_KEY"   # or secret_key_file = "/run/secrets/acme-kling"
+    concurrency = 5
+
+    [[tenants]]
+    name = "acme"
+    credentials = ["AK..."]                    # access keys; the first runs new tasks
+    [tenants.policy]
+    allowed_models = ["kling-v3"]
+    max_images_per_request = 4
+
+Secrets are never inline: only a reference to an environment variable or a file. Applying the same file
+twice changes nothing; a changed file updates what it names and leaves everything else alone.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from app.tenants import TenantDirectory, TenantPolicy
+
+
+class TenantsFileError(Exception):
+    """The file cannot be applied; the message names the entry and what to fix."""
+
+
+class CredentialEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    access_key: Annotated[str, Field(min_length=1)]
+    secret_key_env: str | None = None
+    secret_key_file: str | None = None
+    concurrency: Annotated[int, Field(ge=1, le=1000)] = 5
+
+    @model_validator(mode="after")
+    def _one_secret_reference(self) -> CredentialEntry:
+        if (self.secret_key_env is None) == (self.secret_key_file is None):
+            raise ValueError("give exactly one of secret_key_env or secret_key_file (secrets are never inline)")
+        return self
+
+
+class PolicyEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    allowed_models: list[str] | None = None
+    default_model: str | None = None
+    max_images_per_request: Annotated[int, Field(ge=1, le=9)] = 9
+    max_wait_seconds: Annotated[int | None, Field(ge=0)] = None
+
+
+class TenantEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Annotated[str, Field(min_length=1, max_length=100)]
+    credentials: Annotated[list[str], Field(min_length=1)]
+    policy: PolicyEntry = Field(default_factory=PolicyEntry)
+
+
+class TenantsFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    credentials: list[CredentialEntry] = Field(default_factory=list)
+    tenants: list[TenantEntry] = Field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Applied:
+    created: list[str]
+    updated: list[str]
+
+
+def load_tenants_file(path: str) -> TenantsFile:
+    try:
+        return TenantsFile.model_validate(tomllib.loads(Path(path).read_text()))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise TenantsFileError(f"{path}: {exc}") from exc
+    except ValidationError as exc:
+        raise TenantsFileError(f"{path}: {exc}") from exc
+
+
+def _secret_of(entry: CredentialEntry, environ: Mapping[str, str]) -> str:
+    if entry.secret_key_env is not None:
+        secret = environ.get(entry.secret_key_env)
+        if not secret:
+            raise TenantsFileError(f"credential {entry.access_key}: ${entry.secret_key_env} is not set")
+        return secret
+    assert entry.secret_key_file is not None
+    try:
+        return Path(entry.secret_key_file).read_text().strip()
+    except OSError as exc:
+        raise TenantsFileError(f"credential {entry.access_key}: cannot read {entry.secret_key_file}") from exc
+
+
+def _policy_of(entry: TenantEntry) -> TenantPolicy:
+    policy = entry.policy
+    try:
+        return TenantPolicy(
+            allowed_models=tuple(policy.allowed_models) if policy.allowed_models is not None else None,
+            default_model=policy.default_model,
+            max_images_per_request=policy.max_images_per_request,
+            max_wait_seconds=policy.max_wait_seconds,
+        )
+    except ValueError as exc:
+        raise TenantsFileError(f"tenant {entry.name}: {exc}") from exc
+
+
+async def apply_tenants_file(
+    directory: TenantDirectory, spec: TenantsFile, environ: Mapping[str, str] | None = None
+) -> Applied:
+    """Create or update what the file names; returns what changed, by name."""
+    environ = os.environ if environ is None else environ
+    applied = Applied(created=[], updated=[])
+    credential_ids: dict[str, str] = {}
+    for entry in spec.credentials:
+        credential_ids[entry.access_key] = await _apply_credential(
+            directory, entry, _secret_of(entry, environ), applied
+        )
+    for tenant_entry in spec.tenants:
+        unknown = [key for key in tenant_entry.credentials if key not in credential_ids]
+        if unknown:
+            raise TenantsFileError(f"tenant {tenant_entry.name}: no [[credentials]] entry for {', '.join(unknown)}")
+        ids = tuple(credential_ids[key] for key in tenant_entry.credentials)
+        await _apply_tenant(directory, tenant_entry, ids, applied)
+    return applied
+
+
+async def _apply_credential(directory: TenantDirectory, entry: CredentialEntry, secret: str, applied: Applied) -> str:
+    existing = await directory.store.find_credential(entry.access_key)
+    if existing is None:
+        created = await directory.add_credential(entry.access_key, secret, entry.concurrency)
+        applied.created.append(f"credential {entry.access_key}")
+        return created.id
+    current = directory.kling_credentials(existing).secret_key
+    if not hmac.compare_digest(current, secret) or existing.concurrency != entry.concurrency:
+        await directory.update_credential(existing, secret, entry.concurrency)
+        applied.updated.append(f"credential {entry.access_key}")
+    return existing.id
+
+
+async def _apply_tenant(
+    directory: TenantDirectory, entry: TenantEntry, credential_ids: tuple[str, ...], applied: Applied
+) -> None:
+    policy = _policy_of(entry)
+    existing = await directory.store.find_tenant(entry.name)
+    if existing is None:
+        await directory.create_tenant(entry.name, credential_ids, policy)
+        applied.created.append(f"tenant {entry.name}")
+    elif existing.credential_ids != credential_ids or existing.policy != policy:
+        await directory.update_tenant(existing, credential_ids=credential_ids, policy=policy)
+        applied.updated.append(f"tenant {entry.name}")

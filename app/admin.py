@@ -179,6 +179,7 @@ def build_admin_router(directory: TenantDirectory, stores: Stores, admin_token: 
             credential = await directory.add_credential(kling.access_key, kling.secret_key.get_secret_value(),
                                                         kling.concurrency)  # fmt: skip
             ids = (credential.id,)
+            await audit.append(ACTOR, "credential.create", credential.id, {"access_key": credential.access_key})
         tenant = await directory.create_tenant(body.name, ids, body.policy.policy())
         await audit.append(ACTOR, "tenant.create", tenant.id, {"name": tenant.name})
         return TenantOut.of(tenant)

@@ -1,0 +1,317 @@
+"""Tenancy through the running gateway: revocation across replicas, OAuth tokens, policy, usage, audit,
+the tenants file, and refusals that need no store lookup."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2
+import jwt
+import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.types import TextContent
+from redis.asyncio import Redis
+
+from app.main import build_gateway
+from app.tenants import KeyFormat
+from app.tenants_file import TenantsFileError, apply_tenants_file, load_tenants_file
+from tests.conftest import ADMIN_TOKEN, KEY_PEPPER, MASTER_KEY, PRIMARY, SECONDARY, RunningGateway, Simulator
+from tests.conftest import gateway_settings as settings_for
+from tests.servers import free_port, serve
+from tests.test_mcp_server import mcp_client
+from tests.test_oauth import RSA_KEY, Issuer, hand_made, issuer
+
+pytestmark = pytest.mark.anyio
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+__all__ = ["issuer"]  # the fixture, imported for the OAuth tests below
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+async def second_replica(simulator: Simulator, redis: Redis, redis_url: str) -> AsyncIterator[str]:
+    """Another gateway process (`kling-gateway serve`) on the same Redis; yields its base URL."""
+    port = free_port()
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "KGW_REDIS_URL": redis_url,
+        "KGW_KEY_PEPPER": KEY_PEPPER,
+        "KGW_MASTER_KEY": MASTER_KEY,
+        "KGW_KLING_BASE_URL": simulator.url,
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port), env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx2.AsyncClient(timeout=2) as http:
+            with anyio.fail_after(30):
+                while True:
+                    try:
+                        if (await http.get(f"{url}/readyz")).status_code == 200:
+                            break
+                    except httpx2.ConnectError:
+                        await anyio.sleep(0.1)  # nothing to await but the port opening
+        yield url
+    finally:
+        process.send_signal(signal.SIGINT)
+        with anyio.fail_after(15):
+            await process.wait()
+
+
+async def test_a_key_revoked_on_one_replica_is_refused_by_the_other_within_a_second(
+    redis_gateway: RunningGateway, second_replica: str
+) -> None:
+    api_key = await redis_gateway.new_api_key("acme")
+    headers = bearer(api_key)
+    warm = await redis_gateway.http.post(f"{second_replica}/generate", json={"prompt": "x"}, headers=headers)
+    assert warm.status_code == 202  # the other replica now holds the key in its cache
+
+    revoked_at = time.monotonic()
+    response = await redis_gateway.http.delete(f"{redis_gateway.url}/admin/keys/{api_key.split('_')[1]}", headers=ADMIN)
+    assert response.status_code == 204
+    with anyio.fail_after(1.0):
+        # The replica exposes no revocation event: asking it is the observation.
+        while (await redis_gateway.http.get(f"{second_replica}/usage", headers=headers)).status_code != 401:  # noqa: ASYNC110
+            await anyio.sleep(0.01)
+    delay = time.monotonic() - revoked_at
+    print(f"revocation reached the other replica in {delay * 1000:.1f} ms")
+    assert delay < 1.0
+
+
+async def test_redis_holds_no_plaintext_secret_after_a_full_run(redis_gateway: RunningGateway, redis: Redis) -> None:
+    api_key = await redis_gateway.new_api_key("acme")
+    with anyio.fail_after(20):
+        done = await redis_gateway.http.post(
+            f"{redis_gateway.url}/generate", json={"prompt": "a fox", "wait_seconds": 10}, headers=bearer(api_key)
+        )
+    assert done.json()["status"] == "succeeded"
+    secrets = [PRIMARY.secret_key, api_key, api_key.split("_")[2][:32], ADMIN_TOKEN, KEY_PEPPER, MASTER_KEY]
+    keys = await redis.keys("*")
+    assert keys
+    for key in keys:
+        dumped = repr(await read_any(redis, key))
+        for secret in secrets:
+            assert secret not in dumped, key
+
+
+async def read_any(redis: Redis, key: bytes | str) -> object:
+    kind = await redis.type(key)
+    kind = kind.decode() if isinstance(kind, bytes) else kind
+    if kind == "string":
+        return await redis.get(key)
+    if kind == "set":
+        return await redis.smembers(key)
+    if kind == "hash":
+        return await redis.hgetall(key)
+    if kind == "stream":
+        return await redis.xrange(key)
+    raise AssertionError(f"unexpected Redis type {kind} at {key!r}")
+
+
+async def test_refusals_that_the_format_decides_cost_no_store_lookup(
+    redis_gateway: RunningGateway, redis: Redis
+) -> None:
+    await redis_gateway.new_api_key("acme")
+    _, _, other_environment = KeyFormat("staging").new()
+    candidates = [
+        "kgw_AAAAAAAAAAAA_" + "B" * 38,  # a checksum that does not match
+        other_environment,
+        "x" * 9000,  # oversized
+        "garbage",
+    ]
+    before = await get_commands(redis)
+    for token in candidates:
+        response = await redis_gateway.http.post(
+            f"{redis_gateway.url}/generate", json={"prompt": "x"}, headers=bearer(token)
+        )
+        assert response.status_code == 401
+    assert await get_commands(redis) == before
+
+
+async def get_commands(redis: Redis) -> int:
+    stats = await redis.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("get", "mget", "hgetall"))
+
+
+async def test_another_tenants_task_is_an_error_result_over_mcp(gateway: RunningGateway) -> None:
+    acme = await gateway.new_api_key("acme")
+    globex = await gateway.new_api_key("globex", SECONDARY)
+    task = (await gateway.http.post(f"{gateway.url}/generate", json={"prompt": "x"}, headers=bearer(acme))).json()
+    async with mcp_client(gateway, globex) as client:
+        result = await client.call_tool("check_image_status", {"task_id": task["task_id"], "wait_seconds": 0})
+    assert result.is_error
+    assert isinstance(result.structured_content, dict)
+    assert result.structured_content["error"]["type"] == "not_found"
+
+
+async def test_tenant_policy_limits_models_images_and_sets_the_default(gateway: RunningGateway) -> None:
+    api_key = await gateway.new_api_key("acme")
+    tenant_id = (await gateway.http.get(f"{gateway.url}/admin/tenants", headers=ADMIN)).json()[0]["id"]
+    policy = {"allowed_models": ["kling-v2.1", "kling-v3"], "default_model": "kling-v2-1", "max_images_per_request": 2}
+    updated = await gateway.http.put(f"{gateway.url}/admin/tenants/{tenant_id}/policy", json=policy, headers=ADMIN)
+    assert updated.json()["policy"]["allowed_models"] == ["kling-v2-1", "kling-v3"]
+
+    async def generate(body: dict[str, Any]) -> httpx2.Response:
+        return await gateway.http.post(f"{gateway.url}/generate", json=body, headers=bearer(api_key))
+
+    defaulted = await generate({"prompt": "x"})
+    assert defaulted.json()["model_name"] == "kling-v2-1"
+    refused_model = await generate({"prompt": "x", "model_name": "kling-v1"})
+    assert (refused_model.status_code, refused_model.json()["error"]["field"]) == (422, "model_name")
+    refused_count = await generate({"prompt": "x", "num_images": 3})
+    assert (refused_count.status_code, refused_count.json()["error"]["field"]) == (422, "num_images")
+
+
+async def test_usage_counts_requests_tasks_and_images_per_key(gateway: RunningGateway) -> None:
+    api_key = await gateway.new_api_key("acme")
+    for images in (1, 3):
+        body = {"prompt": "x", "num_images": images}
+        assert (await gateway.http.post(f"{gateway.url}/generate", json=body, headers=bearer(api_key))).is_success
+    [today] = (await gateway.http.get(f"{gateway.url}/usage", headers=bearer(api_key))).json()
+    assert today["total"] == {"requests": 2, "tasks": 2, "images": 4}
+    assert today["by_key"] == {api_key.split("_")[1]: {"requests": 2, "tasks": 2, "images": 4}}
+    everyone = (await gateway.http.get(f"{gateway.url}/admin/usage", headers=ADMIN)).json()
+    assert [days[0]["total"]["images"] for days in everyone.values()] == [4]
+
+
+async def test_admin_changes_are_audited_without_secrets(gateway: RunningGateway) -> None:
+    api_key = await gateway.new_api_key("acme")
+    key_id = api_key.split("_")[1]
+    rotated = await gateway.http.post(f"{gateway.url}/admin/keys/{key_id}/rotate", json={}, headers=ADMIN)
+    assert rotated.status_code == 201
+    entries = (await gateway.http.get(f"{gateway.url}/admin/audit", headers=ADMIN)).json()
+    assert [entry["action"] for entry in entries] == ["key.rotate", "key.issue", "tenant.create", "credential.create"]
+    assert PRIMARY.secret_key not in str(entries)
+    assert api_key not in str(entries)
+
+
+async def test_a_rotated_key_and_its_successor_both_work_during_the_overlap(gateway: RunningGateway) -> None:
+    old_key = await gateway.new_api_key("acme")
+    rotated = await gateway.http.post(
+        f"{gateway.url}/admin/keys/{old_key.split('_')[1]}/rotate", json={"overlap_seconds": 600}, headers=ADMIN
+    )
+    new_key = rotated.json()["api_key"]
+    for key in (old_key, new_key):
+        assert (await gateway.http.get(f"{gateway.url}/usage", headers=bearer(key))).status_code == 200
+    listed = (await gateway.http.get(f"{gateway.url}/admin/tenants", headers=ADMIN)).json()[0]["id"]
+    keys = (await gateway.http.get(f"{gateway.url}/admin/tenants/{listed}/keys", headers=ADMIN)).json()
+    assert [key["expires_at"] is not None for key in keys] == [True, False]
+    assert keys[0]["last_used_at"] is not None
+
+
+async def test_the_tenants_file_is_applied_at_start_and_again_without_changes(
+    simulator: Simulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ACME_KLING_SECRET", PRIMARY.secret_key)
+    tenants_file = tmp_path / "tenants.toml"
+    tenants_file.write_text(
+        f"""
+[[credentials]]
+access_key = "{PRIMARY.access_key}"
+secret_key_env = "ACME_KLING_SECRET"
+concurrency = 4
+
+[[tenants]]
+name = "acme"
+credentials = ["{PRIMARY.access_key}"]
+[tenants.policy]
+max_images_per_request = 2
+"""
+    )
+    built = build_gateway(settings_for(simulator, tenants_file=str(tenants_file)))
+    async with serve(built.app) as url, httpx2.AsyncClient() as http:
+        [tenant] = (await http.get(f"{url}/admin/tenants", headers=ADMIN)).json()
+        assert tenant["policy"]["max_images_per_request"] == 2
+        issued = (await http.post(f"{url}/admin/tenants/{tenant['id']}/keys", json={}, headers=ADMIN)).json()
+        response = await http.post(f"{url}/generate", json={"prompt": "x"}, headers=bearer(issued["api_key"]))
+        assert response.status_code == 202
+    # Applying the same file to the same store again changes nothing.
+    applied = await apply_tenants_file(built.directory, load_tenants_file(str(tenants_file)))
+    assert (applied.created, applied.updated) == ([], [])
+
+
+async def test_a_tenants_file_with_an_inline_secret_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "tenants.toml"
+    bad.write_text('[[credentials]]\naccess_key = "ak"\nsecret_key = "inline"\n')
+    with pytest.raises(TenantsFileError, match="secret_key"):
+        load_tenants_file(str(bad))
+
+
+# --- OAuth bearer tokens from a configured issuer ---
+
+
+@pytest.fixture
+async def oauth_gateway(simulator: Simulator, issuer: Issuer) -> AsyncIterator[RunningGateway]:
+    settings = settings_for(simulator, public_url="https://mcp.example.com", oidc_issuer=issuer.url)
+    built = build_gateway(settings)
+    async with serve(built.app) as url, httpx2.AsyncClient(timeout=30) as http:
+        yield RunningGateway(url=url, gateway=built, http=http)
+
+
+def token_for(issuer: Issuer, **claims: object) -> str:
+    payload = issuer.claims(**({"aud": "https://mcp.example.com/mcp", "tenant": "acme"} | claims))
+    return jwt.encode(payload, RSA_KEY, algorithm="RS256", headers={"kid": "k1"})
+
+
+async def test_an_oauth_token_for_a_tenant_generates_over_mcp(oauth_gateway: RunningGateway, issuer: Issuer) -> None:
+    await oauth_gateway.new_api_key("acme")
+    headers = bearer(token_for(issuer))
+    async with httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=60)) as http:
+        transport = streamable_http_client(f"{oauth_gateway.url}/mcp", http_client=http)
+        async with Client(transport) as client:
+            with anyio.fail_after(30):
+                result = await client.call_tool("generate_image", {"prompt": "a fox"})
+    assert not result.is_error, [b.text for b in result.content if isinstance(b, TextContent)]
+
+
+@pytest.mark.parametrize(
+    ("claims", "status", "error"),
+    [
+        ({"exp": int(time.time()) - 3600}, 401, "invalid_token"),
+        ({"aud": "https://elsewhere.example.com/mcp"}, 401, "invalid_token"),
+        ({"iss": "https://evil.example.com"}, 401, "invalid_token"),
+        ({"tenant": "nobody"}, 401, "invalid_token"),
+        ({"scope": "images:read"}, 403, "insufficient_scope"),
+    ],
+)
+async def test_bad_oauth_tokens_are_refused_with_a_pointer_to_the_metadata(
+    oauth_gateway: RunningGateway, issuer: Issuer, claims: dict[str, object], status: int, error: str
+) -> None:
+    await oauth_gateway.new_api_key("acme")
+    response = await oauth_gateway.http.post(
+        f"{oauth_gateway.url}/generate", json={"prompt": "x"}, headers=bearer(token_for(issuer, **claims))
+    )
+    assert response.status_code == status
+    challenge = response.headers["www-authenticate"]
+    assert f'error="{error}"' in challenge
+    assert 'resource_metadata="https://mcp.example.com/.well-known/oauth-protected-resource/mcp"' in challenge
+
+
+async def test_an_alg_none_token_is_refused(oauth_gateway: RunningGateway, issuer: Issuer) -> None:
+    token = hand_made({"alg": "none", "typ": "JWT"}, issuer.claims(aud="https://mcp.example.com/mcp"))
+    response = await oauth_gateway.http.post(f"{oauth_gateway.url}/mcp", json={}, headers=bearer(token))
+    assert response.status_code == 401
+
+
+async def test_protected_resource_metadata_is_published_only_with_an_issuer(
+    oauth_gateway: RunningGateway, gateway: RunningGateway, issuer: Issuer
+) -> None:
+    document = (await oauth_gateway.http.get(f"{oauth_gateway.url}/.well-known/oauth-protected-resource/mcp")).json()
+    assert document["resource"] == "https://mcp.example.com/mcp"
+    assert document["authorization_servers"] == [issuer.url]
+    plain = await gateway.http.get(f"{gateway.url}/.well-known/oauth-protected-resource/mcp")
+    assert plain.status_code in (401, 404)
+    unauthorized = await gateway.http.post(f"{gateway.url}/generate", json={"prompt": "x"})
+    assert "resource_metadata" not in unauthorized.headers["www-authenticate"]

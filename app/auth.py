@@ -86,7 +86,7 @@ class Authenticator:
         if not hmac.compare_digest(caller.key.digest, self._directory.digest(secret)):
             raise self._unauthorized("the API key is unknown, revoked or expired")
         await self._touch(key_id)
-        return Principal(tenant=caller.tenant, kling=caller.kling, key_id=key_id)
+        return Principal(caller.tenant, caller.credential_id, caller.kling, key_id)
 
     async def _cached_caller(self, key_id: str) -> Caller | None:
         now = time.monotonic()
@@ -127,7 +127,7 @@ class Authenticator:
         if credential is None:
             raise self._unauthorized("the tenant has no Kling credential")
         kling = self._directory.kling_credentials(credential)
-        return Principal(tenant=tenant, kling=kling, key_id=f"oauth:{identity.subject}")
+        return Principal(tenant, credential.id, kling, f"oauth:{identity.subject}")
 
     def _unauthorized(self, message: str) -> Unauthorized:
         challenge = self._oauth.header("invalid_token", message) if self._oauth is not None else None

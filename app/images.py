@@ -12,6 +12,7 @@ import hashlib
 import json
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,7 @@ class Principal:
     (`oauth:<subject>` for OAuth callers)."""
 
     tenant: Tenant
+    credential_id: str
     kling: KlingCredentials
     key_id: str
 
@@ -83,6 +85,7 @@ class ImageService:
         kling: KlingClient,
         tasks: TaskStore,
         usage: UsageStore,
+        credentials: Callable[[str], Awaitable[KlingCredentials | None]],
         *,
         max_wait_s: int,
         first_poll_interval_s: float,
@@ -90,6 +93,7 @@ class ImageService:
         self._kling = kling
         self._tasks = tasks
         self._usage = usage
+        self._credentials = credentials
         self._max_wait_s = max_wait_s
         self._first_poll_interval_s = first_poll_interval_s
 
@@ -138,9 +142,11 @@ class ImageService:
         *,
         refresh_first: bool = False,
     ) -> TaskRecord:
+        kling = await self._kling_of(principal, record)
+
         async def fetch() -> KlingTask:
             try:
-                return await self._kling.get_image_task(principal.kling, record.task_id)
+                return await self._kling.get_image_task(kling, record.task_id)
             except KlingFailure as exc:
                 raise error_from_kling(exc) from exc
 
@@ -156,6 +162,12 @@ class ImageService:
             on_progress=on_progress,
         )
 
+    async def _kling_of(self, principal: Principal, record: TaskRecord) -> KlingCredentials:
+        """The account the task runs on, which is not the tenant's current one if its credentials changed since."""
+        if record.credential_id in ("", principal.credential_id):
+            return principal.kling
+        return await self._credentials(record.credential_id) or principal.kling
+
     async def _submit(
         self, principal: Principal, request: GenerateRequest, external_task_id: str | None = None
     ) -> TaskRecord:
@@ -165,6 +177,7 @@ class ImageService:
         record = TaskRecord(
             task_id=task.task_id,
             tenant_id=principal.tenant.id,
+            credential_id=principal.credential_id,
             external_task_id=external_task_id,
             model_name=request.model_name,
             num_images=request.num_images,

@@ -159,6 +159,7 @@ def build_gateway(settings: Settings) -> Gateway:
         kling,
         stores.tasks,
         stores.usage,
+        directory.kling_credentials_by_id,
         max_wait_s=settings.max_wait_seconds,
         first_poll_interval_s=settings.poll_interval_seconds,
     )

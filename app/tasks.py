@@ -44,6 +44,7 @@ class TaskRecord:
     updated_at_ms: int
     status_message: str | None = None
     images: list[tuple[int, str]] = field(default_factory=list)
+    credential_id: str = ""  # the Kling account the task runs on
 
     def updated_from(self, task: KlingTask) -> TaskRecord:
         return replace(

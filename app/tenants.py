@@ -100,6 +100,7 @@ class Caller:
 
     key: ApiKeyRecord
     tenant: Tenant
+    credential_id: str
     kling: KlingCredentials
     concurrency: int
 
@@ -230,6 +231,10 @@ class TenantDirectory:
     def kling_credentials(self, credential: Credential) -> KlingCredentials:
         return KlingCredentials(credential.access_key, self._sealer.open(credential.id, credential.sealed_secret))
 
+    async def kling_credentials_by_id(self, credential_id: str) -> KlingCredentials | None:
+        credential = await self.store.get_credential(credential_id)
+        return self.kling_credentials(credential) if credential is not None else None
+
     # --- tenants ---
 
     async def create_tenant(
@@ -325,7 +330,7 @@ class TenantDirectory:
         credential = await self.store.get_credential(tenant.credential_ids[0])
         if credential is None:
             return None
-        return Caller(record, tenant, self.kling_credentials(credential), credential.concurrency)
+        return Caller(record, tenant, credential.id, self.kling_credentials(credential), credential.concurrency)
 
     async def _key_changed(self, key_id: str) -> None:
         if self._on_key_changed is not None:

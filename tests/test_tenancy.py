@@ -315,3 +315,24 @@ async def test_protected_resource_metadata_is_published_only_with_an_issuer(
     assert plain.status_code in (401, 404)
     unauthorized = await gateway.http.post(f"{gateway.url}/generate", json={"prompt": "x"})
     assert "resource_metadata" not in unauthorized.headers["www-authenticate"]
+
+
+async def test_a_task_is_followed_on_its_own_kling_account_after_the_tenant_moves_to_another(
+    gateway: RunningGateway,
+) -> None:
+    api_key = await gateway.new_api_key("acme")
+    task = (await gateway.http.post(f"{gateway.url}/generate", json={"prompt": "x"}, headers=bearer(api_key))).json()
+    body = {"access_key": SECONDARY.access_key, "secret_key": SECONDARY.secret_key}
+    credential = (await gateway.http.post(f"{gateway.url}/admin/credentials", json=body, headers=ADMIN)).json()
+    tenant_id = (await gateway.http.get(f"{gateway.url}/admin/tenants", headers=ADMIN)).json()[0]["id"]
+    moved = await gateway.http.put(
+        f"{gateway.url}/admin/tenants/{tenant_id}/credentials",
+        json={"credential_ids": [credential["id"]]},
+        headers=ADMIN,
+    )
+    assert moved.status_code == 200
+    with anyio.fail_after(20):
+        followed = await gateway.http.get(
+            f"{gateway.url}/tasks/{task['task_id']}", params={"wait_seconds": 10}, headers=bearer(api_key)
+        )
+    assert followed.json()["status"] == "succeeded"

@@ -140,7 +140,7 @@ def admin_dependency(admin_token: SecretStr, key_format: KeyFormat) -> Callable[
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_admin_bearer)],
     ) -> None:
         presented = credentials.credentials if credentials else ""
-        if hmac.compare_digest(presented.encode(), expected):
+        if presented and hmac.compare_digest(presented.encode(), expected):
             return
         if key_format.is_gateway_key(presented):
             raise Forbidden("tenant API keys cannot use the admin API")

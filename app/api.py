@@ -7,12 +7,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
-from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.auth import Authenticator, principal_dependency
-from app.errors import GatewayError, InvalidRequest, gateway_error_from, invalid_request_from
+from app.errors import KNOWN_ERRORS, GatewayError, InvalidRequest, gateway_error_from, invalid_request_from
 from app.images import ImageService, Principal
 from app.models import GenerateRequest, TaskView
 from app.usage import DailyUsage, UsageStore
@@ -56,11 +54,11 @@ def build_api_router(service: ImageService, authenticator: Authenticator, usage:
             if body.idempotency_key is not None:
                 raise InvalidRequest("Idempotency-Key", "differs from the idempotency_key in the body")
             body = GenerateRequest.model_validate(
-                body.model_dump(exclude_none=True) | {"idempotency_key": idempotency_key}
+                body.model_dump(exclude_unset=True) | {"idempotency_key": idempotency_key}
             )
-        record = await service.generate(principal, body, wait_s=body.wait_seconds or 0)
-        response.status_code = 200 if record.status.is_terminal else 202
-        return record.view()
+        outcome = await service.generate(principal, body, wait_s=body.wait_seconds or 0)
+        response.status_code = 200 if outcome.record.status.is_terminal else 202
+        return outcome.view()
 
     @router.get("/tasks/{task_id}", response_model=TaskView)
     async def get_task(
@@ -69,8 +67,8 @@ def build_api_router(service: ImageService, authenticator: Authenticator, usage:
         wait_seconds: Annotated[int, Query(ge=0, le=3600, description="Wait up to this long for the end")] = 0,
     ) -> TaskView:
         """Status and images of one of the caller's own tasks."""
-        record = await service.status(principal, task_id, wait_s=wait_seconds)
-        return record.view()
+        outcome = await service.status(principal, task_id, wait_s=wait_seconds)
+        return outcome.view()
 
     @router.get("/usage", response_model=list[DailyUsage])
     async def get_usage(
@@ -104,7 +102,7 @@ def install_error_handlers(app: FastAPI) -> None:
         error = GatewayError(str(exc.detail), "not_found" if exc.status_code == 404 else "http_error", exc.status_code)
         return JSONResponse(error.to_json(), status_code=exc.status_code, headers=exc.headers)
 
-    for exc_class in (GatewayError, ValidationError, RedisError):
+    for exc_class in KNOWN_ERRORS:
         app.add_exception_handler(exc_class, on_known_error)
     app.add_exception_handler(RequestValidationError, on_request_validation)
     app.add_exception_handler(StarletteHTTPException, on_http_error)

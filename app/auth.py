@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.errors import Forbidden, GatewayError, Unauthorized, gateway_error_from
+from app.errors import KNOWN_ERRORS, Forbidden, GatewayError, Unauthorized, gateway_error_from
 from app.images import Principal
 from app.oauth import InsufficientScope, InvalidToken, OAuthConfig, OAuthVerifier, looks_like_jwt, www_authenticate
 from app.tenants import Caller, TenantDirectory
@@ -86,7 +86,7 @@ class Authenticator:
         if not hmac.compare_digest(caller.key.digest, self._directory.digest(secret)):
             raise self._unauthorized("the API key is unknown, revoked or expired")
         await self._touch(key_id)
-        return Principal(caller.tenant, caller.credential_id, caller.kling, key_id)
+        return Principal(caller.tenant, caller.credential_id, caller.kling, caller.concurrency, key_id)
 
     async def _cached_caller(self, key_id: str) -> Caller | None:
         now = time.monotonic()
@@ -127,7 +127,7 @@ class Authenticator:
         if credential is None:
             raise self._unauthorized("the tenant has no Kling credential")
         kling = self._directory.kling_credentials(credential)
-        return Principal(tenant, credential.id, kling, f"oauth:{identity.subject}")
+        return Principal(tenant, credential.id, kling, credential.concurrency, f"oauth:{identity.subject}")
 
     def _unauthorized(self, message: str) -> Unauthorized:
         challenge = self._oauth.header("invalid_token", message) if self._oauth is not None else None
@@ -212,7 +212,7 @@ class McpAuthMiddleware:
         bearer = bearer_from_headers(headers.get("authorization"), headers.get("x-api-key"))
         try:
             principal = await self._authenticator.authenticate(bearer)
-        except (GatewayError, RedisError) as exc:
+        except KNOWN_ERRORS as exc:
             error = gateway_error_from(exc)
             assert error is not None
             await send_error(send, error)

@@ -6,7 +6,7 @@ environment at import time.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_KLING_BASE_URL = "https://api-singapore.klingai.com"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+MIN_SECRET_CHARS = 16
 
 
 class Settings(BaseSettings):
@@ -58,6 +59,19 @@ class Settings(BaseSettings):
     kling_timeout_seconds: float = Field(default=30.0, gt=0, description="Overall deadline of one Kling call")
     kling_max_connections: int = Field(default=100, ge=1, description="Pooled connections to Kling per process")
     poll_interval_seconds: float = Field(default=1.0, gt=0, description="First poll delay while waiting on a task")
+    queue_timeout_seconds: float = Field(
+        default=30.0, ge=0, description="Longest wait for free image slots on a Kling account before answering 429"
+    )
+    lease_ttl_seconds: float = Field(
+        default=120.0, gt=0, description="Concurrency leases of a crashed replica come back after this"
+    )
+    limits_on_redis_failure: Literal["refuse", "local"] = Field(
+        default="refuse",
+        description="When Redis fails: refuse generation with 503, or fall back to per-replica limits",
+    )
+    replicas_hint: int = Field(
+        default=2, ge=1, description="Replicas to divide limits by in the 'local' fallback (so N replicas stay within)"
+    )
     # Inline base64 reference images may be 10 MB, which is about 13.4 MB of base64.
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, description="Largest accepted request body")
 
@@ -66,6 +80,14 @@ class Settings(BaseSettings):
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("admin_token", "key_pepper")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty or short secret would let anyone in (an empty admin token matches an absent header).
+        if value is not None and len(value.get_secret_value()) < MIN_SECRET_CHARS:
+            raise ValueError(f"must be at least {MIN_SECRET_CHARS} characters; unset it to turn the feature off")
         return value
 
     @field_validator("public_url", "kling_base_url", "oidc_issuer", "oidc_jwks_url")

@@ -19,6 +19,7 @@ A message never contains a key, a Kling secret or a JWT.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,9 @@ from redis.exceptions import RedisError
 
 from app.kling import KlingError, KlingProtocolError, KlingTransportError
 from app.models import FieldProblem
+from app.sealing import SealingError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -103,6 +107,25 @@ class UpstreamUnavailable(GatewayError):
 class UpstreamTimeout(GatewayError):
     def __init__(self, message: str) -> None:
         super().__init__(message, "upstream_timeout", 504)
+
+
+class LimitsUnavailable(GatewayError):
+    """Limits cannot be checked (Redis is down) and the policy is to refuse rather than let everything through."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "limits cannot be checked right now, so nothing is submitted; retry shortly", "limits_unavailable", 503, 5
+        )
+
+
+class CredentialsUnavailable(GatewayError):
+    def __init__(self) -> None:
+        super().__init__(
+            "the tenant's Kling credentials cannot be opened (master key mismatch); an administrator must fix it",
+            "credentials_unavailable",
+            503,
+            30,
+        )
 
 
 class StoreUnavailable(GatewayError):
@@ -193,6 +216,10 @@ def invalid_request_from(errors: Sequence[Mapping[str, Any]]) -> InvalidRequest:
     return InvalidRequest(field_name, message)
 
 
+# Every exception an edge turns into a caller-facing error (anything else is a bug, and a 500).
+KNOWN_ERRORS: tuple[type[Exception], ...] = (GatewayError, ValidationError, RedisError, SealingError)
+
+
 def gateway_error_from(exc: Exception) -> GatewayError | None:
     """The caller-facing error for an exception an edge may see, or None for a bug."""
     if isinstance(exc, GatewayError):
@@ -201,4 +228,7 @@ def gateway_error_from(exc: Exception) -> GatewayError | None:
         return invalid_request_from(exc.errors())
     if isinstance(exc, RedisError):
         return StoreUnavailable()
+    if isinstance(exc, SealingError):
+        logger.error("a Kling secret cannot be opened: %s", exc)
+        return CredentialsUnavailable()
     return None

@@ -1,8 +1,9 @@
 """ImageService: the one use case behind both edges (REST and MCP).
 
-validate (already done by `GenerateRequest`) -> submit to the tenant's Kling account -> record the
-task -> wait up to `wait_seconds`, reporting progress -> return the task's view. Neither edge talks to
-Kling or the store directly.
+validate (done by `GenerateRequest`) -> apply the tenant's policy -> admit under the tenant's limits ->
+wait for free slots on the Kling account -> submit -> record -> follow the task to its end (releasing
+its slots then) -> wait up to `wait_seconds`, reporting progress -> return the task and what quota is left.
+Neither edge talks to Kling or the store directly.
 """
 
 from __future__ import annotations
@@ -10,50 +11,72 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
+import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from app.errors import Conflict, InvalidRequest, NotFound, error_from_kling
+from app.follower import Leases, TaskFollower
 from app.kling import (
     KlingClient,
     KlingCredentials,
     KlingError,
     KlingFailure,
+    KlingProtocolError,
     KlingTask,
     KlingTransportError,
     build_generation_body,
 )
-from app.models import GenerateRequest, TaskStatus
+from app.models import GenerateRequest, TaskStatus, TaskView
+from app.ratelimit import AccountGovernor, Limiter, Remaining, limit_refused
 from app.tasks import IdempotencyClaim, ProgressCallback, TaskRecord, TaskStore, wait_for_task
 from app.tenants import Tenant, TenantPolicy
 from app.usage import UsageStore
 
+logger = logging.getLogger(__name__)
 # How long a duplicate request waits for the first one (same idempotency key) to be accepted by Kling.
 IDEMPOTENCY_WAIT_S = 10.0
 _CODE_TASK_NOT_FOUND = 1203
+_CODE_NO_SLOT = 1303
 
 
 @dataclass(frozen=True)
 class Principal:
-    """The authenticated caller: a tenant, the Kling account its tasks run on, and the key used
-    (`oauth:<subject>` for OAuth callers)."""
+    """The authenticated caller: a tenant, the Kling account its tasks run on (and that account's image
+    slots), and the key used (`oauth:<subject>` for OAuth callers)."""
 
     tenant: Tenant
     credential_id: str
     kling: KlingCredentials
+    concurrency: int
     key_id: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    record: TaskRecord
+    remaining: Remaining | None = None
+
+    def view(self) -> TaskView:
+        view = self.record.view()
+        if self.remaining is None:
+            return view
+        quota = {name: value for name, value in vars(self.remaining).items() if value is not None}
+        return view.model_copy(update={"quota": quota})
 
 
 def apply_policy(policy: TenantPolicy, request: GenerateRequest) -> GenerateRequest:
     """The request as the tenant's policy allows it; raises InvalidRequest naming the argument otherwise."""
     if policy.default_model and "model_name" not in request.model_fields_set:
         # Re-validated: the tenant's model may not accept what the caller asked of the default one.
-        request = GenerateRequest.model_validate(
-            request.model_dump(exclude_unset=True) | {"model_name": policy.default_model}
-        )
+        fields = request.model_dump(exclude_unset=True) | {"model_name": policy.default_model}
+        request = GenerateRequest.model_validate(fields)
     if policy.allowed_models is not None and request.model_name not in policy.allowed_models:
         allowed = ", ".join(policy.allowed_models)
         raise InvalidRequest(
@@ -79,6 +102,23 @@ def external_task_id_for(tenant_id: str, idempotency_key: str | None) -> str:
     return "kgw-" + hashlib.sha256(f"{tenant_id}\0{idempotency_key}".encode()).hexdigest()[:32]
 
 
+def _maybe_created(failure: KlingFailure) -> bool:
+    """Whether a failed create may nonetheless have created the task (reference/kling-api.md §6, §8)."""
+    if isinstance(failure, KlingTransportError | KlingProtocolError):
+        return True
+    assert isinstance(failure, KlingError)
+    duplicate = failure.code in (1200, 1201) and "external_task_id" in failure.message
+    return duplicate or failure.code in (5000, 5001, 5002) or failure.http_status >= 500
+
+
+@dataclass(frozen=True)
+class ServiceTimings:
+    max_wait_s: int
+    first_poll_interval_s: float
+    queue_timeout_s: float  # longest wait for free slots on a Kling account
+    claim_ttl_s: float  # how long an unfinished idempotency claim blocks its key
+
+
 class ImageService:
     def __init__(
         self,
@@ -86,16 +126,19 @@ class ImageService:
         tasks: TaskStore,
         usage: UsageStore,
         credentials: Callable[[str], Awaitable[KlingCredentials | None]],
-        *,
-        max_wait_s: int,
-        first_poll_interval_s: float,
+        limiter: Limiter,
+        governor: AccountGovernor,
+        follower: TaskFollower,
+        timings: ServiceTimings,
     ) -> None:
         self._kling = kling
         self._tasks = tasks
         self._usage = usage
         self._credentials = credentials
-        self._max_wait_s = max_wait_s
-        self._first_poll_interval_s = first_poll_interval_s
+        self._limiter = limiter
+        self._governor = governor
+        self._follower = follower
+        self._timings = timings
 
     async def generate(
         self,
@@ -104,63 +147,73 @@ class ImageService:
         *,
         wait_s: int,
         on_progress: ProgressCallback | None = None,
-    ) -> TaskRecord:
+    ) -> Outcome:
         """Start (or, for a repeated idempotency key, find) the task, then wait for it up to `wait_s`."""
-        await self._usage.record(principal.tenant.id, principal.key_id, requests=1)
         request = apply_policy(principal.tenant.policy, request)
         if request.idempotency_key is None:
-            record = await self._submit(principal, request)
+            outcome = await self._submit(principal, request)
         else:
-            record = await self._submit_once(principal, request, request.idempotency_key)
+            outcome = await self._submit_once(principal, request, request.idempotency_key)
         if on_progress is not None:
-            await on_progress(record, 0.0)
-        return await self._wait(principal, record, wait_s, on_progress)
+            await on_progress(outcome.record, 0.0)
+        return replace(outcome, record=await self._wait(principal, outcome.record, wait_s, on_progress))
 
     async def status(
-        self,
-        principal: Principal,
-        task_id: str,
-        *,
-        wait_s: int = 0,
-        on_progress: ProgressCallback | None = None,
-    ) -> TaskRecord:
+        self, principal: Principal, task_id: str, *, wait_s: int = 0, on_progress: ProgressCallback | None = None
+    ) -> Outcome:
         """A task of the caller's own tenant; another tenant's task is reported as not found."""
+        remaining = await self._limiter.admit_request(principal.tenant.id, principal.key_id, principal.tenant.limits)
         await self._usage.record(principal.tenant.id, principal.key_id, requests=1)
         record = await self._tasks.get(task_id)
         if record is None or record.tenant_id != principal.tenant.id:
             raise NotFound(f"no task {task_id!r} for this API key")
-        if record.status.is_terminal:
-            return record
-        return await self._wait(principal, record, max(wait_s, 0), on_progress, refresh_first=True)
+        if not record.status.is_terminal and not self._follower.following(task_id):
+            record = await self._refresh(principal, record)
+        return Outcome(await self._wait(principal, record, max(wait_s, 0), on_progress), remaining)
+
+    # --- waiting ---
 
     async def _wait(
-        self,
-        principal: Principal,
-        record: TaskRecord,
-        wait_s: int,
-        on_progress: ProgressCallback | None,
-        *,
-        refresh_first: bool = False,
+        self, principal: Principal, record: TaskRecord, wait_s: int, on_progress: ProgressCallback | None
     ) -> TaskRecord:
+        """Wait for the task's end, up to `wait_s` (capped by policy); never fails once the task exists."""
+        policy_max = principal.tenant.policy.max_wait_seconds
+        wait_s = min(wait_s, self._timings.max_wait_s, self._timings.max_wait_s if policy_max is None else policy_max)
+        if wait_s <= 0 or record.status.is_terminal:
+            return record
+        if self._follower.following(record.task_id):
+            return await self._follower.wait(record, wait_s, on_progress)
         kling = await self._kling_of(principal, record)
 
-        async def fetch() -> KlingTask:
+        async def fetch() -> KlingTask | None:
             try:
                 return await self._kling.get_image_task(kling, record.task_id)
             except KlingFailure as exc:
-                raise error_from_kling(exc) from exc
+                # The task exists and the caller must get its id: a failed query is "no news", not a failure.
+                logger.warning("could not query task %s: %s", record.task_id, type(exc).__name__)
+                return None
 
-        if refresh_first:
-            record = record.updated_from(await fetch())
-            await self._tasks.save(record)
         return await wait_for_task(
-            record,
-            fetch,
-            self._tasks.save,
-            wait_s=min(wait_s, principal.tenant.policy.max_wait_seconds or self._max_wait_s, self._max_wait_s),
-            first_interval_s=self._first_poll_interval_s,
-            on_progress=on_progress,
-        )
+            record, fetch, self._save_quietly, wait_s=wait_s,
+            first_interval_s=self._timings.first_poll_interval_s, on_progress=on_progress,
+        )  # fmt: skip
+
+    async def _refresh(self, principal: Principal, record: TaskRecord) -> TaskRecord:
+        try:
+            latest = record.updated_from(await self._kling.get_image_task(await self._kling_of(principal, record),
+                                                                          record.task_id))  # fmt: skip
+        except KlingFailure as exc:
+            logger.warning("could not query task %s: %s", record.task_id, type(exc).__name__)
+            return record
+        if latest != record:
+            await self._save_quietly(latest)
+        return latest
+
+    async def _save_quietly(self, record: TaskRecord) -> None:
+        try:
+            await self._tasks.save(record)
+        except RedisError:
+            logger.warning("could not record the state of task %s", record.task_id)
 
     async def _kling_of(self, principal: Principal, record: TaskRecord) -> KlingCredentials:
         """The account the task runs on, which is not the tenant's current one if its credentials changed since."""
@@ -168,40 +221,76 @@ class ImageService:
             return principal.kling
         return await self._credentials(record.credential_id) or principal.kling
 
+    # --- submitting ---
+
     async def _submit(
         self, principal: Principal, request: GenerateRequest, external_task_id: str | None = None
-    ) -> TaskRecord:
-        external_task_id = external_task_id or external_task_id_for(principal.tenant.id, None)
-        body = build_generation_body(request, external_task_id=external_task_id)
-        task = await self._create_or_adopt(principal.kling, body, external_task_id)
-        record = TaskRecord(
-            task_id=task.task_id,
-            tenant_id=principal.tenant.id,
-            credential_id=principal.credential_id,
-            external_task_id=external_task_id,
-            model_name=request.model_name,
-            num_images=request.num_images,
-            status=TaskStatus.SUBMITTED,
-            created_at_ms=task.created_at,
-            updated_at_ms=task.updated_at,
-        ).updated_from(task)
-        await self._tasks.save(record)
-        await self._usage.record(principal.tenant.id, principal.key_id, tasks=1, images=request.num_images)
-        return record
-
-    async def _create_or_adopt(self, kling: KlingCredentials, body: dict[str, Any], external_task_id: str) -> KlingTask:
+    ) -> Outcome:
+        """Admit, take slots, create at Kling, record, follow. Slots are returned at once if nothing was created."""
+        tenant = principal.tenant
+        admission = await self._limiter.admit_task(tenant.id, principal.key_id, tenant.limits, request.num_images)
+        await self._usage.record(tenant.id, principal.key_id, requests=1)
+        account_lease: str | None = None
+        external_task_id = external_task_id or external_task_id_for(tenant.id, None)
         try:
-            return await self._kling.create_image_task(kling, body)
-        except KlingFailure as exc:
-            # The create may have reached Kling although its answer was lost (a transport failure), or an
-            # earlier attempt whose answer was lost created it (a duplicate external_task_id). Either way,
-            # look it up and adopt it: never pay twice, never report a task that exists as failed.
-            ambiguous = isinstance(exc, KlingTransportError) or (
-                isinstance(exc, KlingError) and exc.code in (1200, 1201) and "external_task_id" in exc.message
+            account_lease = await self._governor.acquire(
+                principal.credential_id, request.num_images, principal.concurrency, self._timings.queue_timeout_s
             )
-            found = await self._find_by_external_id(kling, external_task_id) if ambiguous else None
+            body = build_generation_body(request, external_task_id=external_task_id)
+            task = await self._create(principal.kling, body, external_task_id)
+        except BaseException:
+            await asyncio.shield(self._release(principal, admission.lease_id, account_lease, request.num_images))
+            raise
+        record = TaskRecord(
+            task_id=task.task_id, tenant_id=tenant.id, credential_id=principal.credential_id,
+            external_task_id=external_task_id, model_name=request.model_name, num_images=request.num_images,
+            status=TaskStatus.SUBMITTED, created_at_ms=task.created_at, updated_at_ms=task.updated_at,
+        ).updated_from(task)  # fmt: skip
+        self._follower.follow(record, principal.kling, self._leases(principal, admission.lease_id, account_lease))
+        await self._save_quietly(record)
+        await self._usage.record(tenant.id, principal.key_id, tasks=1, images=request.num_images)
+        return Outcome(record, admission.remaining)
+
+    def _leases(self, principal: Principal, tenant_lease: str, account_lease: str) -> Leases:
+        async def refresh() -> None:
+            await self._limiter.refresh(principal.tenant.id, tenant_lease)
+            await self._governor.refresh(principal.credential_id, account_lease)
+
+        async def release() -> None:
+            await self._release(principal, tenant_lease, account_lease, 0)
+
+        return Leases(refresh=refresh, release=release)
+
+    async def _release(self, principal: Principal, tenant_lease: str, account_lease: str | None, refund: int) -> None:
+        try:
+            if account_lease is not None:
+                await self._governor.release(principal.credential_id, account_lease)
+            await self._limiter.release(principal.tenant.id, tenant_lease, refund_images=refund)
+        except (RedisError, OSError):
+            logger.warning("could not release leases of tenant %s; they expire by themselves", principal.tenant.id)
+
+    async def _create(self, kling: KlingCredentials, body: dict[str, Any], external_task_id: str) -> KlingTask:
+        """Create the task; a 1303 means another client holds the account's slots: wait and try again."""
+        deadline = time.monotonic() + self._timings.queue_timeout_s
+        delay = 1.0
+        while True:
+            try:
+                return await self._kling.create_image_task(kling, body)
+            except KlingError as exc:
+                if exc.code == _CODE_NO_SLOT and time.monotonic() + delay < deadline:
+                    await asyncio.sleep(random.uniform(delay / 2, delay))
+                    delay = min(delay * 2, 8.0)
+                    continue
+                if exc.code == _CODE_NO_SLOT:
+                    raise limit_refused("kling_account", 2000, "Kling answered 1303 (no free slot)") from exc
+                failure: KlingFailure = exc
+            except KlingFailure as exc:
+                failure = exc
+            # The create may have reached Kling although the answer says otherwise or was lost: look it up
+            # by the id we chose and adopt it. Never pay twice, never report a task that exists as failed.
+            found = await self._find_by_external_id(kling, external_task_id) if _maybe_created(failure) else None
             if found is None:
-                raise error_from_kling(exc) from exc
+                raise error_from_kling(failure) from failure
             return found
 
     async def _find_by_external_id(self, kling: KlingCredentials, external_task_id: str) -> KlingTask | None:
@@ -214,35 +303,47 @@ class ImageService:
         except KlingFailure:
             return None
 
-    async def _submit_once(self, principal: Principal, request: GenerateRequest, key: str) -> TaskRecord:
+    # --- idempotency ---
+
+    async def _submit_once(self, principal: Principal, request: GenerateRequest, key: str) -> Outcome:
         """Exactly one Kling task per (tenant, key): the first caller submits, duplicates get its task."""
         scope = f"{principal.tenant.id}:{hashlib.sha256(key.encode()).hexdigest()}"
-        fingerprint = request_fingerprint(request)
+        mine = IdempotencyClaim(request_fingerprint(request), owner=uuid.uuid4().hex)
         deadline = time.monotonic() + IDEMPOTENCY_WAIT_S
         while True:
-            existing = await self._tasks.claim_idempotency(scope, IdempotencyClaim(fingerprint))
-            if existing is None:
-                return await self._submit_claimed(principal, request, key, scope, fingerprint)
-            if existing.fingerprint != fingerprint:
+            existing = await self._tasks.claim_idempotency(scope, mine, self._timings.claim_ttl_s)
+            # Our own claim comes back when a timed-out SET was applied and then retried by the client.
+            if existing is None or existing.owner == mine.owner:
+                return await self._submit_claimed(principal, request, key, scope, mine)
+            if existing.fingerprint != mine.fingerprint:
                 raise InvalidRequest("idempotency_key", "was already used with different arguments")
             if existing.task_id is not None:
-                record = await self._tasks.get(existing.task_id)
-                if record is None:
-                    raise NotFound("the task of this idempotency key no longer exists")
-                return record
+                return await self._replay(principal, existing.task_id)
             if time.monotonic() >= deadline:
                 raise Conflict("a request with this idempotency_key is still being submitted; retry shortly")
             # The first request is talking to Kling right now; its answer is usually a moment away.
             await asyncio.sleep(0.1)
 
+    async def _replay(self, principal: Principal, task_id: str) -> Outcome:
+        remaining = await self._limiter.admit_request(principal.tenant.id, principal.key_id, principal.tenant.limits)
+        await self._usage.record(principal.tenant.id, principal.key_id, requests=1)
+        record = await self._tasks.get(task_id)
+        if record is None:
+            raise NotFound("the task of this idempotency key no longer exists")
+        return Outcome(record, remaining)
+
     async def _submit_claimed(
-        self, principal: Principal, request: GenerateRequest, key: str, scope: str, fingerprint: str
-    ) -> TaskRecord:
+        self, principal: Principal, request: GenerateRequest, key: str, scope: str, claim: IdempotencyClaim
+    ) -> Outcome:
         try:
-            record = await self._submit(principal, request, external_task_id_for(principal.tenant.id, key))
+            outcome = await self._submit(principal, request, external_task_id_for(principal.tenant.id, key))
         except BaseException:
-            # Nothing was created (a lost answer was already looked up): a retry may submit again.
+            # Nothing was created (a possibly created task was looked up already): a retry may submit again.
             await asyncio.shield(self._tasks.release_idempotency(scope))
             raise
-        await self._tasks.complete_idempotency(scope, IdempotencyClaim(fingerprint, record.task_id))
-        return record
+        try:
+            await self._tasks.complete_idempotency(scope, replace(claim, task_id=outcome.record.task_id))
+        except RedisError:
+            # The claim then lapses after its short TTL; a retry adopts the task through its external id.
+            logger.warning("could not record the task of an idempotency key of tenant %s", principal.tenant.id)
+        return outcome

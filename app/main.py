@@ -22,10 +22,21 @@ from app.admin import build_admin_router
 from app.api import build_api_router, install_error_handlers
 from app.auth import Authenticator, KeyChangeBroadcast, McpAuthMiddleware, OAuthChallenge, listening
 from app.config import Settings
-from app.images import ImageService
+from app.follower import TaskFollower
+from app.images import ImageService, ServiceTimings
 from app.kling import KlingClient, create_http_client
 from app.mcp_server import build_mcp_server
 from app.oauth import OAuthConfig, OAuthVerifier, protected_resource_metadata
+from app.ratelimit import (
+    AccountGovernor,
+    FallbackGovernor,
+    FallbackLimiter,
+    Limiter,
+    MemoryAccountGovernor,
+    MemoryLimiter,
+    RedisAccountGovernor,
+    RedisLimiter,
+)
 from app.sealing import SecretSealer, parse_master_keys
 from app.tasks import MemoryTaskStore, RedisTaskStore, TaskStore
 from app.tenants import KeyFormat, MemoryTenantStore, RedisTenantStore, TenantDirectory, TenantStore
@@ -62,7 +73,7 @@ class Gateway:
     app: FastAPI
 
 
-def create_redis(url: str, max_connections: int = 200) -> Redis:
+def create_redis(url: str, max_connections: int = 200, retries: int = 1) -> Redis:
     """One pool per process. Short timeouts and a single retry: a hung Redis must fail a request quickly,
     not hang it. A blocking pool, because the default one raises instead of waiting once it is full."""
     pool = BlockingConnectionPool.from_url(
@@ -71,7 +82,7 @@ def create_redis(url: str, max_connections: int = 200) -> Redis:
         timeout=REDIS_TIMEOUT_S,
         socket_timeout=REDIS_TIMEOUT_S,
         socket_connect_timeout=REDIS_TIMEOUT_S,
-        retry=Retry(NoBackoff(), 1),
+        retry=Retry(NoBackoff(), retries),
         health_check_interval=30,
     )
     return Redis.from_pool(pool)
@@ -109,6 +120,22 @@ def _sealer(settings: Settings) -> SecretSealer:
         raise ConfigurationError(str(exc)) from exc
 
 
+def open_limits(settings: Settings, redis: Redis | None) -> tuple[Limiter, AccountGovernor]:
+    ttl = settings.lease_ttl_seconds
+    if redis is None:
+        return MemoryLimiter(lease_ttl_s=ttl), MemoryAccountGovernor(lease_ttl_s=ttl)
+    local = settings.limits_on_redis_failure == "local"
+    limiter = FallbackLimiter(
+        RedisLimiter(redis, lease_ttl_s=ttl), MemoryLimiter(lease_ttl_s=ttl) if local else None, settings.replicas_hint
+    )
+    governor = FallbackGovernor(
+        RedisAccountGovernor(redis, lease_ttl_s=ttl),
+        MemoryAccountGovernor(lease_ttl_s=ttl) if local else None,
+        settings.replicas_hint,
+    )
+    return limiter, governor
+
+
 def oauth_config(settings: Settings) -> OAuthConfig | None:
     if settings.oidc_issuer is None:
         return None
@@ -137,6 +164,8 @@ def admin_directory(settings: Settings, redis: Redis) -> tuple[TenantDirectory, 
 
 def build_gateway(settings: Settings) -> Gateway:
     redis = create_redis(settings.redis_url) if settings.redis_url else None
+    # The limiter's own client never retries: a timed-out script may have run, and a retry would charge twice.
+    limits_redis = create_redis(settings.redis_url, retries=0) if settings.redis_url else None
     stores = open_stores(settings, redis)
     http = create_http_client(settings.kling_max_connections)
     oauth = oauth_config(settings)
@@ -155,13 +184,16 @@ def build_gateway(settings: Settings) -> Gateway:
         challenge = OAuthChallenge(oauth, OAuthVerifier(oauth, http), f"{settings.public_url}{PRM_PATH}/mcp")
     authenticator = Authenticator(directory, challenge)
     kling = KlingClient(http, settings.kling_base_url, deadline_s=settings.kling_timeout_seconds)
-    service = ImageService(
-        kling,
-        stores.tasks,
-        stores.usage,
-        directory.kling_credentials_by_id,
+    limiter, governor = open_limits(settings, limits_redis)
+    follower = TaskFollower(kling, stores.tasks, first_interval_s=settings.poll_interval_seconds)
+    timings = ServiceTimings(
         max_wait_s=settings.max_wait_seconds,
         first_poll_interval_s=settings.poll_interval_seconds,
+        queue_timeout_s=settings.queue_timeout_seconds,
+        claim_ttl_s=2 * settings.kling_timeout_seconds + settings.queue_timeout_seconds + 30,
+    )
+    service = ImageService(
+        kling, stores.tasks, stores.usage, directory.kling_credentials_by_id, limiter, governor, follower, timings
     )
     mcp = build_mcp_server(service, default_wait_s=settings.default_wait_seconds)
     mcp_app = mcp.streamable_http_app(
@@ -179,9 +211,11 @@ def build_gateway(settings: Settings) -> Gateway:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
-            if redis is not None:
-                stack.push_async_callback(redis.aclose)
+            for client in (redis, limits_redis):
+                if client is not None:
+                    stack.push_async_callback(client.aclose)
             stack.push_async_callback(http.aclose)
+            stack.push_async_callback(follower.aclose)
             if settings.tenants_file:
                 await apply_file(directory, stores.audit, settings.tenants_file)
             await stack.enter_async_context(listening(broadcast, authenticator))

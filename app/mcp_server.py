@@ -13,15 +13,12 @@ from collections.abc import Awaitable, Callable
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
 from mcp.types import CallToolResult, ContentBlock, ResourceLink, TextContent, ToolAnnotations
-from pydantic import ValidationError
-from redis.exceptions import RedisError
 
 from app import __version__
 from app.auth import current_principal
-from app.errors import GatewayError, Unauthorized, gateway_error_from, tool_error_result
-from app.images import ImageService, Principal
+from app.errors import KNOWN_ERRORS, Unauthorized, gateway_error_from, tool_error_result
+from app.images import ImageService, Outcome, Principal
 from app.models import (
-    DEFAULT_MODEL,
     AspectRatioArg,
     GenerateRequest,
     HumanFidelity,
@@ -51,10 +48,11 @@ _STATUS_TEXT = {
 }
 
 
-def task_result(record: TaskRecord) -> CallToolResult:
+def task_result(outcome: Outcome) -> CallToolResult:
     """Images as resource links, the task as structured content, and a short text for the model."""
-    view = record.view()
-    structured = view.model_dump(mode="json")
+    record = outcome.record
+    view = outcome.view()
+    structured = view.model_dump(mode="json", exclude_none=True)
     if record.status is TaskStatus.FAILED:
         reason = record.status_message or "no reason given"
         text = f"Kling could not generate the images for task {record.task_id}: {reason}."
@@ -103,11 +101,11 @@ def _caller() -> Principal:
     return principal
 
 
-async def _run_tool(work: Callable[[], Awaitable[TaskRecord]]) -> CallToolResult:
+async def _run_tool(work: Callable[[], Awaitable[Outcome]]) -> CallToolResult:
     """Run a tool body, turning every failure a model can act on into an `isError` result."""
     try:
         return task_result(await work())
-    except (GatewayError, ValidationError, RedisError) as exc:
+    except KNOWN_ERRORS as exc:
         error = gateway_error_from(exc)
         assert error is not None
         return tool_error_result(error)
@@ -122,7 +120,7 @@ def build_mcp_server(service: ImageService, *, default_wait_s: int) -> MCPServer
         prompt: Prompt,
         ctx: Context,
         negative_prompt: NegativePrompt = None,
-        model_name: ModelName = DEFAULT_MODEL,
+        model_name: ModelName | None = None,
         aspect_ratio: AspectRatioArg = "16:9",
         num_images: NumImages = 1,
         ref_image_url: RefImageUrl = None,
@@ -154,7 +152,7 @@ def build_mcp_server(service: ImageService, *, default_wait_s: int) -> MCPServer
             "idempotency_key": idempotency_key,
         }
 
-        async def work() -> TaskRecord:
+        async def work() -> Outcome:
             request = GenerateRequest.model_validate({k: v for k, v in arguments.items() if v is not None})
             wait_s = default_wait_s if request.wait_seconds is None else request.wait_seconds
             return await service.generate(_caller(), request, wait_s=wait_s, on_progress=progress_reporter(ctx))
@@ -172,7 +170,7 @@ def build_mcp_server(service: ImageService, *, default_wait_s: int) -> MCPServer
         Waits up to wait_seconds (default 45) for the task to finish before answering.
         """
 
-        async def work() -> TaskRecord:
+        async def work() -> Outcome:
             wait_s = default_wait_s if wait_seconds is None else wait_seconds
             return await service.status(_caller(), task_id, wait_s=wait_s, on_progress=progress_reporter(ctx))
 

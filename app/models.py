@@ -13,6 +13,7 @@ import io
 import ipaddress
 import re
 import socket
+import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -91,7 +92,11 @@ def check_reference_url(url: str) -> str:
         raise ValueError("must be an https:// URL or base64 image data (local paths and other schemes are refused)")
     if parts.username or parts.password:
         raise ValueError("must not contain credentials")
-    host = (parts.hostname or "").rstrip(".").lower()
+    try:
+        # Normalised as a resolver would: full-width digits and ideographic dots become ASCII here.
+        host = (parts.hostname or "").encode("idna").decode("ascii").rstrip(".").lower()
+    except UnicodeError as exc:
+        raise ValueError("has a host name that is not valid") from exc
     if not host:
         raise ValueError("has no host")
     if _is_ip_literal(host):
@@ -129,8 +134,13 @@ def check_reference_base64(data: str) -> str:
     if not raw.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")):
         raise ValueError("image must be PNG or JPEG")
     try:
-        with Image.open(io.BytesIO(raw)) as image:
-            width, height = image.size
+        with warnings.catch_warnings():
+            # Only the header is read; a header claiming a gigantic image is refused, not decoded.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(raw)) as image:
+                width, height = image.size
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise ValueError("image dimensions are implausibly large") from exc
     except (UnidentifiedImageError, OSError) as exc:
         raise ValueError("image data cannot be decoded") from exc
     if min(width, height) < MIN_IMAGE_SIDE:
@@ -311,6 +321,10 @@ class TaskView(BaseModel):
     updated_at: datetime
     images_expire_at: datetime | None = Field(
         default=None, description="Kling deletes the images after 30 days: download them before this time."
+    )
+    quota: dict[str, int] | None = Field(
+        default=None,
+        description="What the caller's tenant has left: requests_this_minute, concurrent_tasks, images_today.",
     )
 
 

@@ -87,14 +87,16 @@ class IdempotencyClaim:
 
     fingerprint: str
     task_id: str | None = None
+    owner: str = ""  # which request made the claim, so a replayed SET cannot look like someone else's
 
 
 class TaskStore(Protocol):
     async def save(self, record: TaskRecord) -> None: ...
     async def get(self, task_id: str) -> TaskRecord | None: ...
 
-    async def claim_idempotency(self, scope: str, claim: IdempotencyClaim) -> IdempotencyClaim | None:
-        """Claim `scope` atomically; None when this caller won, else the existing claim."""
+    async def claim_idempotency(self, scope: str, claim: IdempotencyClaim, ttl_s: float) -> IdempotencyClaim | None:
+        """Claim `scope` atomically for `ttl_s` (until completed); None when this caller won, else the existing
+        claim. An unfinished claim lapses after `ttl_s`, so a crashed request cannot block its key for a day."""
 
     async def complete_idempotency(self, scope: str, claim: IdempotencyClaim) -> None: ...
     async def release_idempotency(self, scope: str) -> None: ...
@@ -117,11 +119,11 @@ class MemoryTaskStore:
     async def get(self, task_id: str) -> TaskRecord | None:
         return self._records.get(task_id)
 
-    async def claim_idempotency(self, scope: str, claim: IdempotencyClaim) -> IdempotencyClaim | None:
+    async def claim_idempotency(self, scope: str, claim: IdempotencyClaim, ttl_s: float) -> IdempotencyClaim | None:
         existing = self._claims.get(scope)
         if existing is not None and existing[1] > time.monotonic():
             return existing[0]
-        self._claims[scope] = (claim, time.monotonic() + IDEMPOTENCY_TTL_S)
+        self._claims[scope] = (claim, time.monotonic() + ttl_s)
         return None
 
     async def complete_idempotency(self, scope: str, claim: IdempotencyClaim) -> None:
@@ -143,10 +145,10 @@ class RedisTaskStore:
         raw = await self._redis.get(f"{self._ns}:task:{task_id}")
         return _record_from_json(raw) if raw is not None else None
 
-    async def claim_idempotency(self, scope: str, claim: IdempotencyClaim) -> IdempotencyClaim | None:
+    async def claim_idempotency(self, scope: str, claim: IdempotencyClaim, ttl_s: float) -> IdempotencyClaim | None:
         key = f"{self._ns}:idem:{scope}"
         # SET NX GET: claim and read the previous claim in one round trip, atomically across replicas.
-        previous = await self._redis.set(key, json.dumps(asdict(claim)), nx=True, get=True, ex=IDEMPOTENCY_TTL_S)
+        previous = await self._redis.set(key, json.dumps(asdict(claim)), nx=True, get=True, px=int(ttl_s * 1000))
         return IdempotencyClaim(**json.loads(previous)) if isinstance(previous, (str, bytes)) else None
 
     async def complete_idempotency(self, scope: str, claim: IdempotencyClaim) -> None:
@@ -161,7 +163,7 @@ ProgressCallback = Callable[[TaskRecord, float], Awaitable[None]]
 
 async def wait_for_task(
     record: TaskRecord,
-    fetch: Callable[[], Awaitable[KlingTask]],
+    fetch: Callable[[], Awaitable[KlingTask | None]],
     save: Callable[[TaskRecord], Awaitable[None]],
     *,
     wait_s: float,
@@ -169,6 +171,7 @@ async def wait_for_task(
     on_progress: ProgressCallback | None = None,
 ) -> TaskRecord:
     """Poll Kling until the task ends or `wait_s` passes; report every poll (a heartbeat) to `on_progress`.
+    `fetch` answers None when it learnt nothing (a failed query): waiting goes on.
 
     Returns the last known record, terminal or not. The interval backs off to MAX_POLL_INTERVAL_S so a
     long task costs few queries, while progress still arrives at least that often.
@@ -182,7 +185,8 @@ async def wait_for_task(
             break
         await asyncio.sleep(min(interval, remaining))
         interval = min(interval * 1.5, MAX_POLL_INTERVAL_S)
-        latest = record.updated_from(await fetch())
+        task = await fetch()
+        latest = record if task is None else record.updated_from(task)
         if latest != record:
             await save(latest)
             record = latest

@@ -28,6 +28,7 @@ from redis.asyncio import Redis
 from app.errors import Conflict, InvalidRequest, NotFound
 from app.kling import KlingCredentials
 from app.models import canonical_model_name
+from app.ratelimit import TenantLimits
 from app.sealing import SecretSealer
 
 _ALPHABET = string.digits + string.ascii_uppercase + string.ascii_lowercase
@@ -72,6 +73,7 @@ class Tenant:
     created_at: float
     credential_ids: tuple[str, ...]
     policy: TenantPolicy = field(default_factory=TenantPolicy)
+    limits: TenantLimits = field(default_factory=TenantLimits)
 
 
 @dataclass(frozen=True)
@@ -205,7 +207,8 @@ class TenantDirectory:
         """A new credential, or the existing one for this access key when the secret matches (a shared account)."""
         existing = await self.store.find_credential(access_key)
         if existing is not None:
-            if not hmac.compare_digest(self._sealer.open(existing.id, existing.sealed_secret), secret_key):
+            current = self._sealer.open(existing.id, existing.sealed_secret)
+            if not hmac.compare_digest(current.encode(), secret_key.encode()):
                 raise Conflict(f"a credential for access key {access_key!r} exists with another secret key")
             return existing
         credential_id = f"c_{uuid.uuid4().hex[:16]}"
@@ -238,15 +241,25 @@ class TenantDirectory:
     # --- tenants ---
 
     async def create_tenant(
-        self, name: str, credential_ids: tuple[str, ...], policy: TenantPolicy | None = None
+        self,
+        name: str,
+        credential_ids: tuple[str, ...],
+        policy: TenantPolicy | None = None,
+        limits: TenantLimits | None = None,
     ) -> Tenant:
         await self._require_credentials(credential_ids)
-        tenant = Tenant(f"t_{uuid.uuid4().hex[:16]}", name, time.time(), credential_ids, policy or TenantPolicy())
+        tenant = Tenant(f"t_{uuid.uuid4().hex[:16]}", name, time.time(), credential_ids, policy or TenantPolicy(),
+                        limits or TenantLimits())  # fmt: skip
         await self.store.add_tenant(tenant)
         return tenant
 
     async def update_tenant(
-        self, tenant: Tenant, *, credential_ids: tuple[str, ...] | None = None, policy: TenantPolicy | None = None
+        self,
+        tenant: Tenant,
+        *,
+        credential_ids: tuple[str, ...] | None = None,
+        policy: TenantPolicy | None = None,
+        limits: TenantLimits | None = None,
     ) -> Tenant:
         if credential_ids is not None:
             await self._require_credentials(credential_ids)
@@ -254,6 +267,7 @@ class TenantDirectory:
             tenant,
             credential_ids=tenant.credential_ids if credential_ids is None else credential_ids,
             policy=tenant.policy if policy is None else policy,
+            limits=tenant.limits if limits is None else limits,
         )
         await self.store.save_tenant(updated)
         await self._key_changed(f"tenant:{tenant.id}")
@@ -346,7 +360,9 @@ def _tenant_from_json(raw: str | bytes) -> Tenant:
     policy = fields.pop("policy", {}) or {}
     if policy.get("allowed_models") is not None:
         policy["allowed_models"] = tuple(policy["allowed_models"])
-    return Tenant(**fields | {"credential_ids": tuple(fields["credential_ids"]), "policy": TenantPolicy(**policy)})
+    limits = TenantLimits(**(fields.pop("limits", {}) or {}))
+    return Tenant(**fields | {"credential_ids": tuple(fields["credential_ids"]), "policy": TenantPolicy(**policy),
+                              "limits": limits})  # fmt: skip
 
 
 class MemoryTenantStore:

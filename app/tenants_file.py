@@ -138,7 +138,7 @@ async def _apply_credential(directory: TenantDirectory, entry: CredentialEntry, 
         applied.created.append(f"credential {entry.access_key}")
         return created.id
     current = directory.kling_credentials(existing).secret_key
-    if not hmac.compare_digest(current, secret) or existing.concurrency != entry.concurrency:
+    if not hmac.compare_digest(current.encode(), secret.encode()) or existing.concurrency != entry.concurrency:
         await directory.update_credential(existing, secret, entry.concurrency)
         applied.updated.append(f"credential {entry.access_key}")
     return existing.id

@@ -167,13 +167,29 @@ async def test_concurrent_duplicates_with_one_idempotency_key_create_one_task(
     assert (await simulator.stats())["creates"] == 1
 
 
-async def test_kling_busy_becomes_429_with_retry_after(gateway: RunningGateway, simulator: Simulator) -> None:
+async def test_a_1303_from_kling_means_no_slot_yet_and_is_waited_out(
+    gateway: RunningGateway, simulator: Simulator
+) -> None:
     await simulator.control("faults", {"code": 1303, "http_status": 429, "times": 1, "path": "create"})
     headers = bearer(await gateway.new_api_key("acme"))
-    response = await gateway.http.post(f"{gateway.url}/generate", json={"prompt": "x"}, headers=headers)
+    with anyio.fail_after(20):
+        response = await gateway.http.post(f"{gateway.url}/generate", json={"prompt": "x"}, headers=headers)
+    assert response.status_code == 202
+    stats = await simulator.stats()
+    assert (stats["rejected_1303"], stats["creates"]) == (1, 1)
+
+
+async def test_kling_busy_past_the_queue_timeout_becomes_429_with_retry_after(simulator: Simulator) -> None:
+    await simulator.control("faults", {"code": 1303, "http_status": 429, "times": 10, "path": "create"})
+    built = build_gateway(gateway_settings(simulator, queue_timeout_seconds=0.5))
+    async with serve(built.app) as url, httpx2.AsyncClient(timeout=10) as http:
+        running = RunningGateway(url=url, gateway=built, http=http)
+        response = await http.post(
+            f"{url}/generate", json={"prompt": "x"}, headers=bearer(await running.new_api_key("a"))
+        )
     assert response.status_code == 429
     assert int(response.headers["retry-after"]) > 0
-    assert response.json()["error"]["kling_code"] == 1303
+    assert response.json()["error"]["limit"] == "kling_account"
 
 
 async def test_a_malformed_kling_answer_becomes_502(gateway: RunningGateway, simulator: Simulator) -> None:

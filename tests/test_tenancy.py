@@ -117,6 +117,10 @@ async def read_any(redis: Redis, key: bytes | str) -> object:
         return await redis.hgetall(key)
     if kind == "stream":
         return await redis.xrange(key)
+    if kind == "zset":
+        return await redis.zrange(key, 0, -1)
+    if kind == "none":  # removed between listing and reading (a lease released meanwhile)
+        return None
     raise AssertionError(f"unexpected Redis type {kind} at {key!r}")
 
 

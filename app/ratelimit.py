@@ -1,0 +1,564 @@
+"""Limits that hold across replicas: per-tenant rate, concurrency and daily images, and a governor per
+Kling account. Facts behind the design: reference/reliability.md §1-§4.
+
+- Every decision is one Lua script, atomic on Redis, clocked by Redis `TIME` (so replicas' clocks do not
+  matter), and a request refused by one limit consumes nothing from the others.
+- Every key of one script shares one hash tag (`{t:<tenant>}` or `{c:<credential>}`): Cluster-safe.
+- Concurrency is held as leases that expire: a crashed replica's slots come back by themselves, and a
+  live one refreshes them while it follows its tasks. Nothing is an INCR/DECR counter that could leak.
+- The memory backends implement the same contract for a single process (tests/test_ratelimit.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from app.errors import LimitsUnavailable, RateLimited
+
+logger = logging.getLogger(__name__)
+REDIS_FAILURES = (RedisError, OSError, TimeoutError)
+
+ACCOUNT_QUEUE_STALE_MS = 5_000  # a queued waiter that has not asked again for this long has gone away
+CONCURRENCY_RETRY_HINT_S = 5  # leases free when tasks end, which no one can predict
+
+
+@dataclass(frozen=True)
+class TenantLimits:
+    requests_per_minute: int = 60
+    requests_per_minute_per_key: int | None = None
+    concurrent_tasks: int = 10
+    images_per_day: int = 1000
+
+
+@dataclass(frozen=True)
+class Remaining:
+    """What is left after this request; sent back to callers so they can pace themselves."""
+
+    requests_this_minute: int
+    concurrent_tasks: int | None = None
+    images_today: int | None = None
+
+
+@dataclass(frozen=True)
+class Admission:
+    lease_id: str
+    remaining: Remaining
+
+
+def limit_refused(limit: str, retry_after_ms: int, policy: str) -> RateLimited:
+    retry_after = max(1, math.ceil(retry_after_ms / 1000))
+    return RateLimited(
+        f"Rate limited: {limit.replace('_', ' ')} reached ({policy}); retry after {retry_after} s",
+        retry_after,
+        limit=limit,
+        policy=policy,
+    )
+
+
+def seconds_until_utc_midnight(now: float | None = None) -> int:
+    now = time.time() if now is None else now
+    return 86_400 - int(now) % 86_400
+
+
+def utc_day(now: float | None = None) -> str:
+    return datetime.fromtimestamp(time.time() if now is None else now, tz=UTC).strftime("%Y-%m-%d")
+
+
+class Limiter(Protocol):
+    async def admit_request(self, tenant_id: str, key_id: str, limits: TenantLimits) -> Remaining:
+        """Charge one request against the rate limits; raises RateLimited."""
+
+    async def admit_task(self, tenant_id: str, key_id: str, limits: TenantLimits, images: int) -> Admission:
+        """Charge one request, take a concurrency lease and reserve `images` of today's quota, all or nothing."""
+
+    async def refresh(self, tenant_id: str, lease_id: str) -> bool:
+        """Extend a lease; False when it was lost (expired)."""
+
+    async def release(self, tenant_id: str, lease_id: str, *, refund_images: int = 0) -> None:
+        """Free a lease (idempotent); refund images Kling never accepted."""
+
+
+class AccountGovernor(Protocol):
+    async def acquire(self, credential_id: str, slots: int, capacity: int, wait_s: float) -> str:
+        """Wait in the account's FIFO queue, up to `wait_s`, for `slots` free image slots; returns the lease id.
+        Raises RateLimited (limit `kling_account`) when the wait runs out."""
+
+    async def refresh(self, credential_id: str, lease_id: str) -> bool: ...
+    async def release(self, credential_id: str, lease_id: str) -> None: ...
+
+
+def _gcra_args(per_minute: int | None) -> tuple[int, int]:
+    """(interval µs, burst) for a rate of `per_minute` with a burst of a whole minute; (0, 0) means off."""
+    if not per_minute:
+        return 0, 0
+    return 60_000_000 // per_minute, per_minute
+
+
+# --- Redis backends -------------------------------------------------------------------------------------
+
+_LUA_GCRA = """
+local function gcra(key, interval, burst, now)
+  local tat = math.max(tonumber(redis.call('GET', key) or 0), now)
+  local new_tat = tat + interval
+  local excess = new_tat - now - burst * interval
+  local remaining = math.floor((burst * interval - (new_tat - now)) / interval)
+  return new_tat, excess, remaining
+end
+"""
+_LUA_LEASES = """
+local function purge(leases, weights, now)
+  local expired = redis.call('ZRANGEBYSCORE', leases, '-inf', now)
+  for _, id in ipairs(expired) do redis.call('ZREM', leases, id); redis.call('HDEL', weights, id) end
+  local used = 0
+  for _, w in ipairs(redis.call('HVALS', weights)) do used = used + tonumber(w) end
+  return used
+end
+local function take(leases, weights, id, weight, ttl_ms, now)
+  redis.call('ZADD', leases, now + ttl_ms * 1000, id)
+  redis.call('HSET', weights, id, weight)
+  redis.call('PEXPIRE', leases, ttl_ms); redis.call('PEXPIRE', weights, ttl_ms)
+end
+"""
+# KEYS: tenant tat, key tat | ARGV: interval, burst, key interval (0 = off), key burst
+ADMIT_REQUEST = (
+    _LUA_GCRA
+    + """
+local t = redis.call('TIME'); local now = t[1] * 1000000 + t[2]
+local tat, excess, remaining = gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), now)
+if excess > 0 then return {0, 'requests_per_minute', math.ceil(excess / 1000)} end
+local key_tat = 0
+if tonumber(ARGV[3]) > 0 then
+  local key_excess, key_remaining
+  key_tat, key_excess, key_remaining = gcra(KEYS[2], tonumber(ARGV[3]), tonumber(ARGV[4]), now)
+  if key_excess > 0 then return {0, 'requests_per_minute_per_key', math.ceil(key_excess / 1000)} end
+  remaining = math.min(remaining, key_remaining)
+  redis.call('SET', KEYS[2], key_tat, 'PX', math.ceil((key_tat - now) / 1000) + 1)
+end
+redis.call('SET', KEYS[1], tat, 'PX', math.ceil((tat - now) / 1000) + 1)
+return {1, remaining}
+"""
+)
+# KEYS: tenant tat, key tat, leases, weights, day | ARGV: interval, burst, key interval, key burst,
+#       lease id, max concurrent, lease ttl ms, images, max images per day, seconds to midnight
+ADMIT_TASK = (
+    _LUA_GCRA
+    + _LUA_LEASES
+    + """
+local t = redis.call('TIME'); local now = t[1] * 1000000 + t[2]
+local tat, excess, remaining = gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), now)
+if excess > 0 then return {0, 'requests_per_minute', math.ceil(excess / 1000)} end
+local key_tat, key_excess, key_remaining = 0, 0, remaining
+if tonumber(ARGV[3]) > 0 then
+  key_tat, key_excess, key_remaining = gcra(KEYS[2], tonumber(ARGV[3]), tonumber(ARGV[4]), now)
+  if key_excess > 0 then return {0, 'requests_per_minute_per_key', math.ceil(key_excess / 1000)} end
+end
+local used = purge(KEYS[3], KEYS[4], now)
+local max_concurrent = tonumber(ARGV[6])
+if used + 1 > max_concurrent then return {0, 'concurrent_tasks', tonumber(ARGV[11])} end
+local images, max_images = tonumber(ARGV[8]), tonumber(ARGV[9])
+local today = tonumber(redis.call('GET', KEYS[5]) or 0)
+if today + images > max_images then return {0, 'images_per_day', tonumber(ARGV[10]) * 1000} end
+redis.call('SET', KEYS[1], tat, 'PX', math.ceil((tat - now) / 1000) + 1)
+if tonumber(ARGV[3]) > 0 then redis.call('SET', KEYS[2], key_tat, 'PX', math.ceil((key_tat - now) / 1000) + 1) end
+take(KEYS[3], KEYS[4], ARGV[5], 1, tonumber(ARGV[7]), now)
+redis.call('INCRBY', KEYS[5], images); redis.call('EXPIRE', KEYS[5], tonumber(ARGV[10]) + 3600)
+return {1, math.min(remaining, key_remaining), max_concurrent - used - 1, max_images - today - images}
+"""
+)
+# KEYS: leases, weights | ARGV: lease id, ttl ms
+REFRESH = """
+local t = redis.call('TIME'); local now = t[1] * 1000000 + t[2]
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]) * 1000, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2]); redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+# KEYS: leases, weights, day | ARGV: lease id, images to refund
+RELEASE = """
+local held = redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+if held == 1 and tonumber(ARGV[2]) > 0 and redis.call('EXISTS', KEYS[3]) == 1 then
+  redis.call('DECRBY', KEYS[3], ARGV[2])
+end
+return held
+"""
+# KEYS: leases, weights, queue, heartbeats | ARGV: ticket, slots, capacity, lease ttl ms, stale ms
+ACQUIRE_SLOTS = (
+    _LUA_LEASES
+    + """
+local t = redis.call('TIME'); local now = t[1] * 1000000 + t[2]
+local used = purge(KEYS[1], KEYS[2], now)
+local stale = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now - tonumber(ARGV[5]) * 1000)
+for _, id in ipairs(stale) do redis.call('ZREM', KEYS[3], id); redis.call('ZREM', KEYS[4], id) end
+redis.call('ZADD', KEYS[3], 'NX', now, ARGV[1]); redis.call('ZADD', KEYS[4], now, ARGV[1])
+redis.call('PEXPIRE', KEYS[3], 60000); redis.call('PEXPIRE', KEYS[4], 60000)
+local head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
+local slots = tonumber(ARGV[2])
+if head == ARGV[1] and used + slots <= tonumber(ARGV[3]) then
+  redis.call('ZREM', KEYS[3], ARGV[1]); redis.call('ZREM', KEYS[4], ARGV[1])
+  take(KEYS[1], KEYS[2], ARGV[1], slots, tonumber(ARGV[4]), now)
+  return {1, used + slots}
+end
+return {0, redis.call('ZRANK', KEYS[3], ARGV[1])}
+"""
+)
+# KEYS: leases, weights, queue, heartbeats | ARGV: ticket
+LEAVE = """
+redis.call('ZREM', KEYS[3], ARGV[1]); redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+return redis.call('ZREM', KEYS[1], ARGV[1])
+"""
+
+
+def _decision(reply: Any, policy: str) -> list[int]:
+    """The numbers of an admitting reply; raises RateLimited for a refusing one."""
+    if int(reply[0]) == 0:
+        limit = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
+        raise limit_refused(limit, int(reply[2]), policy)
+    return [int(value) for value in reply[1:]]
+
+
+def _policy(limits: TenantLimits) -> str:
+    return (
+        f"{limits.requests_per_minute}/min, {limits.concurrent_tasks} concurrent tasks, "
+        f"{limits.images_per_day} images/day"
+    )
+
+
+class RedisLimiter:
+    """`redis` must not retry on its own: a timed-out script may have run, and a retry would charge twice."""
+
+    def __init__(self, redis: Redis, *, lease_ttl_s: float, namespace: str = "kgw") -> None:
+        self._redis = redis
+        self._ns = namespace
+        self._lease_ttl_ms = int(lease_ttl_s * 1000)
+        self._admit_request = redis.register_script(ADMIT_REQUEST)
+        self._admit_task = redis.register_script(ADMIT_TASK)
+        self._refresh = redis.register_script(REFRESH)
+        self._release = redis.register_script(RELEASE)
+
+    def _keys(self, tenant_id: str, key_id: str) -> list[str]:
+        tag = f"{self._ns}:rl:{{t:{tenant_id}}}"
+        return [f"{tag}:rpm", f"{tag}:key:{key_id}", f"{tag}:leases", f"{tag}:weights", f"{tag}:images:{utc_day()}"]
+
+    async def admit_request(self, tenant_id: str, key_id: str, limits: TenantLimits) -> Remaining:
+        interval, burst = _gcra_args(limits.requests_per_minute)
+        key_interval, key_burst = _gcra_args(limits.requests_per_minute_per_key)
+        keys = self._keys(tenant_id, key_id)[:2]
+        reply = await self._admit_request(keys=keys, args=[interval, burst, key_interval, key_burst])
+        [remaining] = _decision(reply, _policy(limits))
+        return Remaining(requests_this_minute=remaining)
+
+    async def admit_task(self, tenant_id: str, key_id: str, limits: TenantLimits, images: int) -> Admission:
+        interval, burst = _gcra_args(limits.requests_per_minute)
+        key_interval, key_burst = _gcra_args(limits.requests_per_minute_per_key)
+        lease_id = uuid.uuid4().hex
+        args: list[int | str] = [
+            interval,
+            burst,
+            key_interval,
+            key_burst,
+            lease_id,
+            limits.concurrent_tasks,
+            self._lease_ttl_ms,
+            images,
+            limits.images_per_day,
+            seconds_until_utc_midnight(),
+            CONCURRENCY_RETRY_HINT_S * 1000,
+        ]
+        reply = await self._admit_task(keys=self._keys(tenant_id, key_id), args=args)
+        requests, concurrent, images_left = _decision(reply, _policy(limits))
+        return Admission(lease_id, Remaining(requests, concurrent, images_left))
+
+    async def refresh(self, tenant_id: str, lease_id: str) -> bool:
+        keys = self._keys(tenant_id, "")[2:4]
+        return bool(await self._refresh(keys=keys, args=[lease_id, self._lease_ttl_ms]))
+
+    async def release(self, tenant_id: str, lease_id: str, *, refund_images: int = 0) -> None:
+        await self._release(keys=self._keys(tenant_id, "")[2:5], args=[lease_id, refund_images])
+
+
+class RedisAccountGovernor:
+    def __init__(self, redis: Redis, *, lease_ttl_s: float, namespace: str = "kgw") -> None:
+        self._ns = namespace
+        self._lease_ttl_ms = int(lease_ttl_s * 1000)
+        self._acquire = redis.register_script(ACQUIRE_SLOTS)
+        self._refresh = redis.register_script(REFRESH)
+        self._leave = redis.register_script(LEAVE)
+
+    def _keys(self, credential_id: str) -> list[str]:
+        tag = f"{self._ns}:gov:{{c:{credential_id}}}"
+        return [f"{tag}:leases", f"{tag}:weights", f"{tag}:queue", f"{tag}:beats"]
+
+    async def acquire(self, credential_id: str, slots: int, capacity: int, wait_s: float) -> str:
+        ticket = uuid.uuid4().hex
+        args: list[int | str] = [ticket, slots, capacity, self._lease_ttl_ms, ACCOUNT_QUEUE_STALE_MS]
+
+        async def attempt() -> bool:
+            reply = await self._acquire(keys=self._keys(credential_id), args=args)
+            return int(reply[0]) == 1
+
+        try:
+            await _wait_for_turn(attempt, wait_s, capacity, slots)
+        except BaseException:
+            await asyncio.shield(self.release(credential_id, ticket))
+            raise
+        return ticket
+
+    async def refresh(self, credential_id: str, lease_id: str) -> bool:
+        return bool(await self._refresh(keys=self._keys(credential_id)[:2], args=[lease_id, self._lease_ttl_ms]))
+
+    async def release(self, credential_id: str, lease_id: str) -> None:
+        await self._leave(keys=self._keys(credential_id), args=[lease_id])
+
+
+async def _wait_for_turn(attempt: Any, wait_s: float, capacity: int, slots: int) -> None:
+    """Ask again, backing off from 20 ms to 250 ms, until admitted or `wait_s` runs out."""
+    if slots > capacity:
+        raise limit_refused("kling_account", CONCURRENCY_RETRY_HINT_S * 1000, f"{capacity} images in flight")
+    deadline = time.monotonic() + wait_s
+    delay = 0.02
+    while not await attempt():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            message = f"the Kling account is busy ({capacity} images in flight)"
+            raise limit_refused("kling_account", CONCURRENCY_RETRY_HINT_S * 1000, message)
+        # Polling, not an event: waiters on other replicas free slots, and a missed wake-up must not strand us.
+        await asyncio.sleep(min(delay, remaining))
+        delay = min(delay * 2, 0.25)
+
+
+# --- Memory backends (one process) ----------------------------------------------------------------------
+
+
+class _Gcra:
+    def __init__(self) -> None:
+        self._tat: dict[str, float] = {}
+
+    def check(self, key: str, per_minute: int | None, now: float) -> tuple[float, float, int]:
+        """(new theoretical arrival time, excess seconds, remaining) without charging."""
+        if not per_minute:
+            return 0.0, 0.0, 1 << 30
+        interval = 60.0 / per_minute
+        new_tat = max(self._tat.get(key, 0.0), now) + interval
+        excess = new_tat - now - per_minute * interval
+        return new_tat, excess, math.floor((per_minute * interval - (new_tat - now)) / interval + 1e-9)
+
+    def charge(self, key: str, tat: float) -> None:
+        self._tat[key] = tat
+
+
+class _Leases:
+    def __init__(self) -> None:
+        self._held: dict[str, dict[str, tuple[float, int]]] = {}
+
+    def used(self, scope: str, now: float) -> int:
+        leases = self._held.setdefault(scope, {})
+        for lease_id in [lid for lid, (expires, _) in leases.items() if expires <= now]:
+            del leases[lease_id]
+        return sum(weight for _, weight in leases.values())
+
+    def take(self, scope: str, lease_id: str, weight: int, expires: float) -> None:
+        self._held.setdefault(scope, {})[lease_id] = (expires, weight)
+
+    def refresh(self, scope: str, lease_id: str, expires: float, now: float) -> bool:
+        leases = self._held.get(scope, {})
+        if lease_id not in leases or leases[lease_id][0] <= now:
+            return False
+        leases[lease_id] = (expires, leases[lease_id][1])
+        return True
+
+    def drop(self, scope: str, lease_id: str) -> bool:
+        return self._held.get(scope, {}).pop(lease_id, None) is not None
+
+
+class MemoryLimiter:
+    """The same decisions in one process; no awaits inside a decision, so each is atomic on the loop."""
+
+    def __init__(self, *, lease_ttl_s: float) -> None:
+        self._lease_ttl_s = lease_ttl_s
+        self._gcra = _Gcra()
+        self._leases = _Leases()
+        self._images: dict[tuple[str, str], int] = {}
+
+    def _rate(
+        self, tenant_id: str, key_id: str, limits: TenantLimits, now: float
+    ) -> tuple[list[tuple[str, float]], int]:
+        tenant_tat, excess, remaining = self._gcra.check(tenant_id, limits.requests_per_minute, now)
+        if excess > 0:
+            raise limit_refused("requests_per_minute", int(excess * 1000), _policy(limits))
+        charges = [(tenant_id, tenant_tat)]
+        if limits.requests_per_minute_per_key:
+            key_tat, key_excess, key_remaining = self._gcra.check(f"{tenant_id}:{key_id}",
+                                                                  limits.requests_per_minute_per_key, now)  # fmt: skip
+            if key_excess > 0:
+                raise limit_refused("requests_per_minute_per_key", int(key_excess * 1000), _policy(limits))
+            charges.append((f"{tenant_id}:{key_id}", key_tat))
+            remaining = min(remaining, key_remaining)
+        return charges, remaining
+
+    async def admit_request(self, tenant_id: str, key_id: str, limits: TenantLimits) -> Remaining:
+        charges, remaining = self._rate(tenant_id, key_id, limits, time.monotonic())
+        for key, tat in charges:
+            self._gcra.charge(key, tat)
+        return Remaining(requests_this_minute=remaining)
+
+    async def admit_task(self, tenant_id: str, key_id: str, limits: TenantLimits, images: int) -> Admission:
+        now = time.monotonic()
+        charges, remaining = self._rate(tenant_id, key_id, limits, now)
+        used = self._leases.used(tenant_id, now)
+        if used + 1 > limits.concurrent_tasks:
+            raise limit_refused("concurrent_tasks", CONCURRENCY_RETRY_HINT_S * 1000, _policy(limits))
+        day = (tenant_id, utc_day())
+        today = self._images.get(day, 0)
+        if today + images > limits.images_per_day:
+            raise limit_refused("images_per_day", seconds_until_utc_midnight() * 1000, _policy(limits))
+        for key, tat in charges:
+            self._gcra.charge(key, tat)
+        lease_id = uuid.uuid4().hex
+        self._leases.take(tenant_id, lease_id, 1, now + self._lease_ttl_s)
+        self._images[day] = today + images
+        left = Remaining(remaining, limits.concurrent_tasks - used - 1, limits.images_per_day - today - images)
+        return Admission(lease_id, left)
+
+    async def refresh(self, tenant_id: str, lease_id: str) -> bool:
+        now = time.monotonic()
+        return self._leases.refresh(tenant_id, lease_id, now + self._lease_ttl_s, now)
+
+    async def release(self, tenant_id: str, lease_id: str, *, refund_images: int = 0) -> None:
+        if self._leases.drop(tenant_id, lease_id) and refund_images:
+            day = (tenant_id, utc_day())
+            self._images[day] = max(0, self._images.get(day, 0) - refund_images)
+
+
+class MemoryAccountGovernor:
+    def __init__(self, *, lease_ttl_s: float) -> None:
+        self._lease_ttl_s = lease_ttl_s
+        self._leases = _Leases()
+        self._queues: dict[str, OrderedDict[str, None]] = {}
+
+    async def acquire(self, credential_id: str, slots: int, capacity: int, wait_s: float) -> str:
+        ticket = uuid.uuid4().hex
+        queue = self._queues.setdefault(credential_id, OrderedDict())
+        queue[ticket] = None
+
+        async def attempt() -> bool:
+            now = time.monotonic()
+            if next(iter(queue)) != ticket or self._leases.used(credential_id, now) + slots > capacity:
+                return False
+            del queue[ticket]
+            self._leases.take(credential_id, ticket, slots, now + self._lease_ttl_s)
+            return True
+
+        try:
+            await _wait_for_turn(attempt, wait_s, capacity, slots)
+        except BaseException:
+            await self.release(credential_id, ticket)
+            raise
+        return ticket
+
+    async def refresh(self, credential_id: str, lease_id: str) -> bool:
+        now = time.monotonic()
+        return self._leases.refresh(credential_id, lease_id, now + self._lease_ttl_s, now)
+
+    async def release(self, credential_id: str, lease_id: str) -> None:
+        self._queues.get(credential_id, OrderedDict()).pop(lease_id, None)
+        self._leases.drop(credential_id, lease_id)
+
+
+# --- When Redis fails -----------------------------------------------------------------------------------
+
+LOCAL_PREFIX = "local:"  # lease ids handed out by the per-replica fallback
+
+
+def _scaled(limits: TenantLimits, replicas: int) -> TenantLimits:
+    """Each replica's share, so that `replicas` replicas falling back together stay within the limits."""
+
+    def share(value: int) -> int:
+        return max(1, value // replicas)
+
+    per_key = limits.requests_per_minute_per_key
+    return TenantLimits(share(limits.requests_per_minute), share(per_key) if per_key else None,
+                        share(limits.concurrent_tasks), share(limits.images_per_day))  # fmt: skip
+
+
+class FallbackLimiter:
+    """Redis first. When it fails: refuse (`fallback=None`), never a free-for-all; or decide on a bounded
+    per-replica share of each limit. Decisions resume on Redis as soon as it answers again."""
+
+    def __init__(self, primary: Limiter, fallback: MemoryLimiter | None, replicas: int) -> None:
+        self._primary = primary
+        self._fallback = fallback
+        self._replicas = replicas
+
+    def _local(self, exc: Exception) -> MemoryLimiter:
+        if self._fallback is None:
+            raise LimitsUnavailable() from exc
+        logger.warning("limiter falling back to per-replica limits: %s", type(exc).__name__)
+        return self._fallback
+
+    async def admit_request(self, tenant_id: str, key_id: str, limits: TenantLimits) -> Remaining:
+        try:
+            return await self._primary.admit_request(tenant_id, key_id, limits)
+        except REDIS_FAILURES as exc:
+            return await self._local(exc).admit_request(tenant_id, key_id, _scaled(limits, self._replicas))
+
+    async def admit_task(self, tenant_id: str, key_id: str, limits: TenantLimits, images: int) -> Admission:
+        try:
+            return await self._primary.admit_task(tenant_id, key_id, limits, images)
+        except REDIS_FAILURES as exc:
+            local = self._local(exc)
+            admission = await local.admit_task(tenant_id, key_id, _scaled(limits, self._replicas), images)
+            return Admission(LOCAL_PREFIX + admission.lease_id, admission.remaining)
+
+    async def refresh(self, tenant_id: str, lease_id: str) -> bool:
+        if lease_id.startswith(LOCAL_PREFIX) and self._fallback is not None:
+            return await self._fallback.refresh(tenant_id, lease_id.removeprefix(LOCAL_PREFIX))
+        return await self._primary.refresh(tenant_id, lease_id)
+
+    async def release(self, tenant_id: str, lease_id: str, *, refund_images: int = 0) -> None:
+        if lease_id.startswith(LOCAL_PREFIX) and self._fallback is not None:
+            await self._fallback.release(tenant_id, lease_id.removeprefix(LOCAL_PREFIX), refund_images=refund_images)
+            return
+        await self._primary.release(tenant_id, lease_id, refund_images=refund_images)
+
+
+class FallbackGovernor:
+    """The account governor with the same policy as FallbackLimiter: refuse, or a per-replica share of slots."""
+
+    def __init__(self, primary: AccountGovernor, fallback: MemoryAccountGovernor | None, replicas: int) -> None:
+        self._primary = primary
+        self._fallback = fallback
+        self._replicas = replicas
+
+    async def acquire(self, credential_id: str, slots: int, capacity: int, wait_s: float) -> str:
+        try:
+            return await self._primary.acquire(credential_id, slots, capacity, wait_s)
+        except REDIS_FAILURES as exc:
+            if self._fallback is None:
+                raise LimitsUnavailable() from exc
+            logger.warning("account governor falling back to per-replica slots: %s", type(exc).__name__)
+            share = max(slots, capacity // self._replicas)
+            return LOCAL_PREFIX + await self._fallback.acquire(credential_id, slots, share, wait_s)
+
+    async def refresh(self, credential_id: str, lease_id: str) -> bool:
+        if lease_id.startswith(LOCAL_PREFIX) and self._fallback is not None:
+            return await self._fallback.refresh(credential_id, lease_id.removeprefix(LOCAL_PREFIX))
+        return await self._primary.refresh(credential_id, lease_id)
+
+    async def release(self, credential_id: str, lease_id: str) -> None:
+        if lease_id.startswith(LOCAL_PREFIX) and self._fallback is not None:
+            await self._fallback.release(credential_id, lease_id.removeprefix(LOCAL_PREFIX))
+            return
+        await self._primary.release(credential_id, lease_id)

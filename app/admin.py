@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from app.errors import Forbidden, InvalidRequest, Unauthorized
 from app.models import canonical_model_name
+from app.ratelimit import TenantLimits
 from app.tenants import ApiKeyRecord, Credential, KeyFormat, Tenant, TenantDirectory, TenantPolicy
 from app.usage import AuditEntry, DailyUsage
 
@@ -68,12 +69,24 @@ class PolicyIn(BaseModel):
         return TenantPolicy(models, self.default_model, self.max_images_per_request, self.max_wait_seconds)
 
 
+class LimitsIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    requests_per_minute: Annotated[int, Field(ge=1, le=1_000_000)] = 60
+    requests_per_minute_per_key: Annotated[int | None, Field(ge=1, le=1_000_000)] = None
+    concurrent_tasks: Annotated[int, Field(ge=1, le=100_000)] = 10
+    images_per_day: Annotated[int, Field(ge=1, le=100_000_000)] = 1000
+
+    def limits(self) -> TenantLimits:
+        return TenantLimits(**self.model_dump())
+
+
 class TenantIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$")]
     kling: CredentialIn | None = Field(default=None, description="A Kling account (reused if its access key exists)")
     credential_ids: list[str] | None = Field(default=None, description="Existing credentials; the first runs tasks")
     policy: PolicyIn = Field(default_factory=PolicyIn)
+    limits: LimitsIn = Field(default_factory=LimitsIn)
 
 
 class TenantOut(BaseModel):
@@ -82,6 +95,7 @@ class TenantOut(BaseModel):
     created_at: float
     credential_ids: list[str]
     policy: PolicyIn
+    limits: LimitsIn
 
     @classmethod
     def of(cls, tenant: Tenant) -> TenantOut:
@@ -93,6 +107,7 @@ class TenantOut(BaseModel):
                 default_model=policy.default_model, max_images_per_request=policy.max_images_per_request,
                 max_wait_seconds=policy.max_wait_seconds,
             ),
+            limits=LimitsIn(**vars(tenant.limits)),
         )  # fmt: skip
 
 
@@ -180,7 +195,7 @@ def build_admin_router(directory: TenantDirectory, stores: Stores, admin_token: 
                                                         kling.concurrency)  # fmt: skip
             ids = (credential.id,)
             await audit.append(ACTOR, "credential.create", credential.id, {"access_key": credential.access_key})
-        tenant = await directory.create_tenant(body.name, ids, body.policy.policy())
+        tenant = await directory.create_tenant(body.name, ids, body.policy.policy(), body.limits.limits())
         await audit.append(ACTOR, "tenant.create", tenant.id, {"name": tenant.name})
         return TenantOut.of(tenant)
 
@@ -196,6 +211,13 @@ def build_admin_router(directory: TenantDirectory, stores: Stores, admin_token: 
     async def set_policy(tenant_id: str, body: PolicyIn) -> TenantOut:
         tenant = await directory.update_tenant(await directory.get_tenant(tenant_id), policy=body.policy())
         await audit.append(ACTOR, "tenant.policy", tenant.id)
+        return TenantOut.of(tenant)
+
+    @router.put("/tenants/{tenant_id}/limits")
+    async def set_limits(tenant_id: str, body: LimitsIn) -> TenantOut:
+        """Requests per minute (per tenant, and per key when set), concurrent tasks, images per UTC day."""
+        tenant = await directory.update_tenant(await directory.get_tenant(tenant_id), limits=body.limits())
+        await audit.append(ACTOR, "tenant.limits", tenant.id)
         return TenantOut.of(tenant)
 
     @router.put("/tenants/{tenant_id}/credentials")

@@ -253,8 +253,12 @@ class ImageService:
 
     def _leases(self, principal: Principal, tenant_lease: str, account_lease: str) -> Leases:
         async def refresh() -> None:
-            await self._limiter.refresh(principal.tenant.id, tenant_lease)
-            await self._governor.refresh(principal.credential_id, account_lease)
+            try:
+                await self._limiter.refresh(principal.tenant.id, tenant_lease)
+                await self._governor.refresh(principal.credential_id, account_lease)
+            except (RedisError, OSError):
+                # Redis is away: the leases may lapse and free their slots early; Kling's 1303 is the backstop.
+                logger.warning("could not refresh the leases of tenant %s", principal.tenant.id)
 
         async def release() -> None:
             await self._release(principal, tenant_lease, account_lease, 0)

@@ -12,6 +12,7 @@ Kling account. Facts behind the design: reference/reliability.md §1-§4.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -73,6 +74,16 @@ def seconds_until_utc_midnight(now: float | None = None) -> int:
 
 def utc_day(now: float | None = None) -> str:
     return datetime.fromtimestamp(time.time() if now is None else now, tz=UTC).strftime("%Y-%m-%d")
+
+
+def new_lease_id() -> str:
+    """Carries the UTC day its images were counted on, so a refund after midnight goes to that day."""
+    return f"{utc_day()}.{uuid.uuid4().hex}"
+
+
+def day_of_lease(lease_id: str) -> str:
+    day, dot, _ = lease_id.removeprefix(LOCAL_PREFIX).partition(".")
+    return day if dot else utc_day()
 
 
 class Limiter(Protocol):
@@ -179,7 +190,8 @@ return {1, math.min(remaining, key_remaining), max_concurrent - used - 1, max_im
 # KEYS: leases, weights | ARGV: lease id, ttl ms
 REFRESH = """
 local t = redis.call('TIME'); local now = t[1] * 1000000 + t[2]
-if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+local expires = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not expires or tonumber(expires) <= now then return 0 end  -- lost: expired, even if not purged yet
 redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]) * 1000, ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[2]); redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return 1
@@ -248,9 +260,10 @@ class RedisLimiter:
         self._refresh = redis.register_script(REFRESH)
         self._release = redis.register_script(RELEASE)
 
-    def _keys(self, tenant_id: str, key_id: str) -> list[str]:
+    def _keys(self, tenant_id: str, key_id: str, day: str | None = None) -> list[str]:
         tag = f"{self._ns}:rl:{{t:{tenant_id}}}"
-        return [f"{tag}:rpm", f"{tag}:key:{key_id}", f"{tag}:leases", f"{tag}:weights", f"{tag}:images:{utc_day()}"]
+        images = f"{tag}:images:{day or utc_day()}"
+        return [f"{tag}:rpm", f"{tag}:key:{key_id}", f"{tag}:leases", f"{tag}:weights", images]
 
     async def admit_request(self, tenant_id: str, key_id: str, limits: TenantLimits) -> Remaining:
         interval, burst = _gcra_args(limits.requests_per_minute)
@@ -263,7 +276,7 @@ class RedisLimiter:
     async def admit_task(self, tenant_id: str, key_id: str, limits: TenantLimits, images: int) -> Admission:
         interval, burst = _gcra_args(limits.requests_per_minute)
         key_interval, key_burst = _gcra_args(limits.requests_per_minute_per_key)
-        lease_id = uuid.uuid4().hex
+        lease_id = new_lease_id()
         args: list[int | str] = [
             interval,
             burst,
@@ -286,7 +299,8 @@ class RedisLimiter:
         return bool(await self._refresh(keys=keys, args=[lease_id, self._lease_ttl_ms]))
 
     async def release(self, tenant_id: str, lease_id: str, *, refund_images: int = 0) -> None:
-        await self._release(keys=self._keys(tenant_id, "")[2:5], args=[lease_id, refund_images])
+        keys = self._keys(tenant_id, "", day_of_lease(lease_id))[2:5]
+        await self._release(keys=keys, args=[lease_id, refund_images])
 
 
 class RedisAccountGovernor:
@@ -302,6 +316,7 @@ class RedisAccountGovernor:
         return [f"{tag}:leases", f"{tag}:weights", f"{tag}:queue", f"{tag}:beats"]
 
     async def acquire(self, credential_id: str, slots: int, capacity: int, wait_s: float) -> str:
+        refuse_impossible(slots, capacity)
         ticket = uuid.uuid4().hex
         args: list[int | str] = [ticket, slots, capacity, self._lease_ttl_ms, ACCOUNT_QUEUE_STALE_MS]
 
@@ -310,9 +325,11 @@ class RedisAccountGovernor:
             return int(reply[0]) == 1
 
         try:
-            await _wait_for_turn(attempt, wait_s, capacity, slots)
+            await _wait_for_turn(attempt, wait_s, capacity)
         except BaseException:
-            await asyncio.shield(self.release(credential_id, ticket))
+            # Leave the queue; if Redis is what failed, the place lapses by itself (ACCOUNT_QUEUE_STALE_MS).
+            with contextlib.suppress(*REDIS_FAILURES):
+                await asyncio.shield(self.release(credential_id, ticket))
             raise
         return ticket
 
@@ -323,10 +340,15 @@ class RedisAccountGovernor:
         await self._leave(keys=self._keys(credential_id), args=[lease_id])
 
 
-async def _wait_for_turn(attempt: Any, wait_s: float, capacity: int, slots: int) -> None:
-    """Ask again, backing off from 20 ms to 250 ms, until admitted or `wait_s` runs out."""
+def refuse_impossible(slots: int, capacity: int) -> None:
+    """A request for more image slots than the account has can never be served: say so at once."""
     if slots > capacity:
-        raise limit_refused("kling_account", CONCURRENCY_RETRY_HINT_S * 1000, f"{capacity} images in flight")
+        message = f"the Kling account runs at most {capacity} images at once; ask for fewer"
+        raise limit_refused("kling_account", CONCURRENCY_RETRY_HINT_S * 1000, message)
+
+
+async def _wait_for_turn(attempt: Any, wait_s: float, capacity: int) -> None:
+    """Ask again, backing off from 20 ms to 250 ms, until admitted or `wait_s` runs out."""
     deadline = time.monotonic() + wait_s
     delay = 0.02
     while not await attempt():
@@ -426,7 +448,7 @@ class MemoryLimiter:
             raise limit_refused("images_per_day", seconds_until_utc_midnight() * 1000, _policy(limits))
         for key, tat in charges:
             self._gcra.charge(key, tat)
-        lease_id = uuid.uuid4().hex
+        lease_id = new_lease_id()
         self._leases.take(tenant_id, lease_id, 1, now + self._lease_ttl_s)
         self._images[day] = today + images
         left = Remaining(remaining, limits.concurrent_tasks - used - 1, limits.images_per_day - today - images)
@@ -438,7 +460,7 @@ class MemoryLimiter:
 
     async def release(self, tenant_id: str, lease_id: str, *, refund_images: int = 0) -> None:
         if self._leases.drop(tenant_id, lease_id) and refund_images:
-            day = (tenant_id, utc_day())
+            day = (tenant_id, day_of_lease(lease_id))
             self._images[day] = max(0, self._images.get(day, 0) - refund_images)
 
 
@@ -449,6 +471,7 @@ class MemoryAccountGovernor:
         self._queues: dict[str, OrderedDict[str, None]] = {}
 
     async def acquire(self, credential_id: str, slots: int, capacity: int, wait_s: float) -> str:
+        refuse_impossible(slots, capacity)
         ticket = uuid.uuid4().hex
         queue = self._queues.setdefault(credential_id, OrderedDict())
         queue[ticket] = None
@@ -462,7 +485,7 @@ class MemoryAccountGovernor:
             return True
 
         try:
-            await _wait_for_turn(attempt, wait_s, capacity, slots)
+            await _wait_for_turn(attempt, wait_s, capacity)
         except BaseException:
             await self.release(credential_id, ticket)
             raise
@@ -549,7 +572,8 @@ class FallbackGovernor:
             if self._fallback is None:
                 raise LimitsUnavailable() from exc
             logger.warning("account governor falling back to per-replica slots: %s", type(exc).__name__)
-            share = max(slots, capacity // self._replicas)
+            # A share of the slots, but never less than this request needs nor more than the account has.
+            share = min(capacity, max(slots, capacity // self._replicas))
             return LOCAL_PREFIX + await self._fallback.acquire(credential_id, slots, share, wait_s)
 
     async def refresh(self, credential_id: str, lease_id: str) -> bool:

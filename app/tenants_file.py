@@ -18,6 +18,7 @@ twice changes nothing; a changed file updates what it names and leaves everythin
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import os
 import tomllib
@@ -28,6 +29,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from app.errors import Conflict
+from app.ratelimit import TenantLimits
 from app.tenants import TenantDirectory, TenantPolicy
 
 
@@ -57,11 +60,20 @@ class PolicyEntry(BaseModel):
     max_wait_seconds: Annotated[int | None, Field(ge=0)] = None
 
 
+class LimitsEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    requests_per_minute: Annotated[int, Field(ge=1)] = 60
+    requests_per_minute_per_key: Annotated[int | None, Field(ge=1)] = None
+    concurrent_tasks: Annotated[int, Field(ge=1)] = 10
+    images_per_day: Annotated[int, Field(ge=1)] = 1000
+
+
 class TenantEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Annotated[str, Field(min_length=1, max_length=100)]
     credentials: Annotated[list[str], Field(min_length=1)]
     policy: PolicyEntry = Field(default_factory=PolicyEntry)
+    limits: LimitsEntry = Field(default_factory=LimitsEntry)
 
 
 class TenantsFile(BaseModel):
@@ -131,10 +143,19 @@ async def apply_tenants_file(
     return applied
 
 
-async def _apply_credential(directory: TenantDirectory, entry: CredentialEntry, secret: str, applied: Applied) -> str:
+async def _apply_credential(
+    directory: TenantDirectory, entry: CredentialEntry, secret: str, applied: Applied, *, retry: bool = True
+) -> str:
     existing = await directory.store.find_credential(entry.access_key)
     if existing is None:
-        created = await directory.add_credential(entry.access_key, secret, entry.concurrency)
+        try:
+            created = await directory.add_credential(entry.access_key, secret, entry.concurrency)
+        except Conflict:
+            if not retry:
+                raise
+            # Another replica applying the same file at the same moment created it first.
+            await asyncio.sleep(0.2)
+            return await _apply_credential(directory, entry, secret, applied, retry=False)
         applied.created.append(f"credential {entry.access_key}")
         return created.id
     current = directory.kling_credentials(existing).secret_key
@@ -145,13 +166,26 @@ async def _apply_credential(directory: TenantDirectory, entry: CredentialEntry, 
 
 
 async def _apply_tenant(
-    directory: TenantDirectory, entry: TenantEntry, credential_ids: tuple[str, ...], applied: Applied
+    directory: TenantDirectory,
+    entry: TenantEntry,
+    credential_ids: tuple[str, ...],
+    applied: Applied,
+    *,
+    retry: bool = True,
 ) -> None:
-    policy = _policy_of(entry)
+    policy, limits = _policy_of(entry), TenantLimits(**entry.limits.model_dump())
     existing = await directory.store.find_tenant(entry.name)
     if existing is None:
-        await directory.create_tenant(entry.name, credential_ids, policy)
+        try:
+            await directory.create_tenant(entry.name, credential_ids, policy, limits)
+        except Conflict:
+            if not retry:
+                raise
+            # Another replica applying the same file at the same moment created it first.
+            await asyncio.sleep(0.2)
+            await _apply_tenant(directory, entry, credential_ids, applied, retry=False)
+            return
         applied.created.append(f"tenant {entry.name}")
-    elif existing.credential_ids != credential_ids or existing.policy != policy:
-        await directory.update_tenant(existing, credential_ids=credential_ids, policy=policy)
+    elif (existing.credential_ids, existing.policy, existing.limits) != (credential_ids, policy, limits):
+        await directory.update_tenant(existing, credential_ids=credential_ids, policy=policy, limits=limits)
         applied.updated.append(f"tenant {entry.name}")

@@ -58,9 +58,18 @@ class Simulator:
         return stats
 
 
+def replica_env(redis_url: str, kling_url: str, **settings: str) -> dict[str, str]:
+    """The settings of a gateway process sharing the test Redis and simulator with the in-process gateway."""
+    env = {"KGW_REDIS_URL": redis_url, "KGW_KEY_PEPPER": KEY_PEPPER, "KGW_MASTER_KEY": MASTER_KEY,
+           "KGW_KLING_BASE_URL": kling_url, "KGW_POLL_INTERVAL_SECONDS": "0.05"}  # fmt: skip
+    return env | {f"KGW_{name.upper()}": value for name, value in settings.items()}
+
+
 @pytest.fixture
-async def simulator() -> AsyncIterator[Simulator]:
-    config = SimulatorConfig(accounts=(PRIMARY, SECONDARY), delay=0.3)
+async def simulator(request: pytest.FixtureRequest) -> AsyncIterator[Simulator]:
+    """The Kling simulator; `@pytest.mark.sim_delay(seconds)` sets how long its tasks take (default 0.3 s)."""
+    marker = request.node.get_closest_marker("sim_delay")
+    config = SimulatorConfig(accounts=(PRIMARY, SECONDARY), delay=marker.args[0] if marker else 0.3)
     async with serve(create_simulator_app(config)) as url, httpx2.AsyncClient(timeout=10) as http:
         yield Simulator(url=url, http=http)
 

@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 
+import httpx2
 import uvicorn
 from starlette.types import ASGIApp
 
@@ -91,3 +95,68 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout_s: float
             return
         time.sleep(0.02)
     raise TimeoutError(f"redis-server did not listen on {port} within {timeout_s} s")
+
+
+@dataclass
+class Replica:
+    """A gateway process started with `kling-gateway serve`, as an operator would run one."""
+
+    url: str
+    process: asyncio.subprocess.Process
+
+
+@contextlib.asynccontextmanager
+async def gateway_process(env: dict[str, str]) -> AsyncIterator[Replica]:
+    """Start `kling-gateway serve` with only `env` (plus PATH) as its settings; stop it on exit."""
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+        env={"PATH": "/usr/bin:/bin", **env}, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await _wait_until_ready(url, process)
+        yield Replica(url, process)
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGINT)
+            async with asyncio.timeout(15):
+                await process.wait()
+
+
+async def _wait_until_ready(url: str, process: asyncio.subprocess.Process) -> None:
+    async with httpx2.AsyncClient(timeout=2) as http, asyncio.timeout(30):
+        while process.returncode is None:
+            with contextlib.suppress(httpx2.ConnectError):
+                if (await http.get(f"{url}/readyz")).status_code == 200:
+                    return
+            await asyncio.sleep(0.1)  # nothing to await but the port opening
+    raise RuntimeError(f"the gateway process exited with {process.returncode}")
+
+
+class RedisProcess:
+    """A redis-server that can be stopped and started again on the same port with its data (append-only
+    file in a private directory), for tests of what happens while Redis is away."""
+
+    def __init__(self, workdir: str) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._workdir = workdir
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (Debian: apt-get install redis-server)")
+        self._process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+             "--appendfsync", "always", "--dir", self._workdir],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        _wait_for_port(self.port, self._process)
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait(timeout=10)
+            self._process = None

@@ -3,9 +3,6 @@ the tenants file, and refusals that need no store lookup."""
 
 from __future__ import annotations
 
-import asyncio
-import signal
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,9 +20,18 @@ from redis.asyncio import Redis
 from app.main import build_gateway
 from app.tenants import KeyFormat
 from app.tenants_file import TenantsFileError, apply_tenants_file, load_tenants_file
-from tests.conftest import ADMIN_TOKEN, KEY_PEPPER, MASTER_KEY, PRIMARY, SECONDARY, RunningGateway, Simulator
+from tests.conftest import (
+    ADMIN_TOKEN,
+    KEY_PEPPER,
+    MASTER_KEY,
+    PRIMARY,
+    SECONDARY,
+    RunningGateway,
+    Simulator,
+    replica_env,
+)
 from tests.conftest import gateway_settings as settings_for
-from tests.servers import free_port, serve
+from tests.servers import gateway_process, serve
 from tests.test_mcp_server import mcp_client
 from tests.test_oauth import RSA_KEY, Issuer, hand_made, issuer
 
@@ -41,33 +47,9 @@ def bearer(token: str) -> dict[str, str]:
 @pytest.fixture
 async def second_replica(simulator: Simulator, redis: Redis, redis_url: str) -> AsyncIterator[str]:
     """Another gateway process (`kling-gateway serve`) on the same Redis; yields its base URL."""
-    port = free_port()
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "KGW_REDIS_URL": redis_url,
-        "KGW_KEY_PEPPER": KEY_PEPPER,
-        "KGW_MASTER_KEY": MASTER_KEY,
-        "KGW_KLING_BASE_URL": simulator.url,
-    }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port), env=env,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        async with httpx2.AsyncClient(timeout=2) as http:
-            with anyio.fail_after(30):
-                while True:
-                    try:
-                        if (await http.get(f"{url}/readyz")).status_code == 200:
-                            break
-                    except httpx2.ConnectError:
-                        await anyio.sleep(0.1)  # nothing to await but the port opening
-        yield url
-    finally:
-        process.send_signal(signal.SIGINT)
-        with anyio.fail_after(15):
-            await process.wait()
+    env = replica_env(redis_url, simulator.url)
+    async with gateway_process(env) as replica:
+        yield replica.url
 
 
 async def test_a_key_revoked_on_one_replica_is_refused_by_the_other_within_a_second(

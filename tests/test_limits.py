@@ -1,0 +1,230 @@
+"""Limits through running gateways on real Redis: exact across replicas, leak-proof, and safe when Redis fails."""
+
+from __future__ import annotations
+
+import signal
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anyio
+import httpx2
+import pytest
+from redis.asyncio import Redis
+
+from app.main import build_gateway
+from tests.conftest import (
+    ADMIN_TOKEN,
+    KEY_PEPPER,
+    MASTER_KEY,
+    RunningGateway,
+    Simulator,
+    gateway_settings,
+    replica_env,
+)
+from tests.servers import RedisProcess, gateway_process, serve
+from tests.test_mcp_server import mcp_client
+
+pytestmark = pytest.mark.anyio
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+SHARED_ACCOUNT = {"access_key": "ak-shared", "secret_key": "sk-shared-" + "z" * 32}
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def set_limits(gateway: RunningGateway, **limits: int) -> None:
+    tenant_id = (await gateway.http.get(f"{gateway.url}/admin/tenants", headers=ADMIN)).json()[-1]["id"]
+    body = {"requests_per_minute": 1000, "concurrent_tasks": 100, "images_per_day": 10_000} | limits
+    response = await gateway.http.put(f"{gateway.url}/admin/tenants/{tenant_id}/limits", json=body, headers=ADMIN)
+    assert response.status_code == 200, response.text
+
+
+async def burst(http: httpx2.AsyncClient, urls: list[str], count: int, headers: dict[str, str],
+                body: dict[str, Any]) -> list[httpx2.Response]:  # fmt: skip
+    """`count` simultaneous submissions, spread over the replicas at `urls`."""
+    responses: list[httpx2.Response] = []
+
+    async def submit(index: int) -> None:
+        responses.append(await http.post(f"{urls[index % len(urls)]}/generate", json=body, headers=headers))
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as group:
+            for index in range(count):
+                group.start_soon(submit, index)
+    return responses
+
+
+def statuses(responses: list[httpx2.Response]) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for response in responses:
+        counts[response.status_code] = counts.get(response.status_code, 0) + 1
+    return counts
+
+
+@pytest.fixture
+async def replica_b(simulator: Simulator, redis: Redis, redis_url: str) -> AsyncIterator[str]:
+    async with gateway_process(replica_env(redis_url, simulator.url)) as replica:
+        yield replica.url
+
+
+async def test_forty_simultaneous_submissions_over_two_replicas_admit_exactly_ten_per_minute(
+    redis_gateway: RunningGateway, replica_b: str
+) -> None:
+    api_key = await redis_gateway.new_api_key("acme")
+    await set_limits(redis_gateway, requests_per_minute=10)
+    responses = await burst(redis_gateway.http, [redis_gateway.url, replica_b], 40, bearer(api_key), {"prompt": "x"})
+    assert statuses(responses) == {202: 10, 429: 30}
+    refused = next(response for response in responses if response.status_code == 429)
+    assert refused.json()["error"]["limit"] == "requests_per_minute"
+    assert int(refused.headers["retry-after"]) >= 1
+
+
+@pytest.mark.sim_delay(5.0)
+async def test_eight_simultaneous_against_three_concurrent_tasks_admit_three(
+    redis_gateway: RunningGateway, replica_b: str
+) -> None:
+    api_key = await redis_gateway.new_api_key("acme")
+    await set_limits(redis_gateway, concurrent_tasks=3)
+    responses = await burst(redis_gateway.http, [redis_gateway.url, replica_b], 8, bearer(api_key), {"prompt": "x"})
+    assert statuses(responses) == {202: 3, 429: 5}
+    assert {r.json()["error"]["limit"] for r in responses if r.status_code == 429} == {"concurrent_tasks"}
+
+
+async def test_a_daily_quota_of_five_images_refuses_the_third_two_image_request(
+    redis_gateway: RunningGateway,
+) -> None:
+    api_key = await redis_gateway.new_api_key("acme")
+    await set_limits(redis_gateway, images_per_day=5)
+    answers = []
+    for _ in range(3):
+        response = await redis_gateway.http.post(
+            f"{redis_gateway.url}/generate", json={"prompt": "x", "num_images": 2}, headers=bearer(api_key)
+        )
+        answers.append(response)
+    assert [response.status_code for response in answers] == [202, 202, 429]
+    assert answers[1].json()["quota"]["images_today"] == 1
+    assert answers[2].json()["error"]["limit"] == "images_per_day"
+
+
+async def test_two_tenants_sharing_a_four_slot_account_complete_ten_tasks_without_a_1303(
+    redis_gateway: RunningGateway, replica_b: str, simulator: Simulator
+) -> None:
+    await simulator.control("accounts", SHARED_ACCOUNT | {"concurrency": 4})
+    http, admin = redis_gateway.http, f"{redis_gateway.url}/admin"
+    credential = (await http.post(f"{admin}/credentials", json=SHARED_ACCOUNT | {"concurrency": 4},
+                                  headers=ADMIN)).json()  # fmt: skip
+    keys = []
+    for name in ("acme", "globex"):
+        tenant = (await http.post(f"{admin}/tenants", json={"name": name, "credential_ids": [credential["id"]]},
+                                  headers=ADMIN)).json()  # fmt: skip
+        keys.append((await http.post(f"{admin}/tenants/{tenant['id']}/keys", json={}, headers=ADMIN)).json()["api_key"])
+    task_ids: list[tuple[str, str]] = []
+
+    async def submit(index: int) -> None:
+        api_key = keys[index % 2]
+        url = (redis_gateway.url, replica_b)[index % 2]
+        body = {"prompt": f"task {index}", "num_images": 1 + index % 2}
+        response = await http.post(f"{url}/generate", json=body, headers=bearer(api_key))
+        assert response.status_code == 202, response.text
+        task_ids.append((api_key, response.json()["task_id"]))
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as group:
+            for index in range(10):
+                group.start_soon(submit, index)
+        for api_key, task_id in task_ids:
+            done = await http.get(f"{redis_gateway.url}/tasks/{task_id}", params={"wait_seconds": 30},
+                                  headers=bearer(api_key))  # fmt: skip
+            assert done.json()["status"] == "succeeded"
+    stats = await simulator.stats()
+    assert (stats["creates"], stats["rejected_1303"]) == (10, 0)
+
+
+@pytest.mark.sim_delay(60.0)
+async def test_leases_of_a_killed_replica_come_back_by_expiry(
+    redis_gateway: RunningGateway, redis_url: str, simulator: Simulator
+) -> None:
+    api_key = await redis_gateway.new_api_key("acme")
+    await set_limits(redis_gateway, concurrent_tasks=1)
+    env = replica_env(redis_url, simulator.url, lease_ttl_seconds="1")
+    async with gateway_process(env) as doomed:
+        held = await redis_gateway.http.post(f"{doomed.url}/generate", json={"prompt": "x"}, headers=bearer(api_key))
+        assert held.status_code == 202
+        doomed.process.send_signal(signal.SIGKILL)
+        await doomed.process.wait()
+    killed_at = time.monotonic()
+    refused = await redis_gateway.http.post(
+        f"{redis_gateway.url}/generate", json={"prompt": "y"}, headers=bearer(api_key)
+    )
+    assert refused.status_code == 429
+    with anyio.fail_after(5):
+        # No event marks a lease's expiry in Redis: asking again is the observation.
+        while (await redis_gateway.http.post(f"{redis_gateway.url}/generate", json={"prompt": "y"},  # noqa: ASYNC110
+                                             headers=bearer(api_key))).status_code == 429:  # fmt: skip
+            await anyio.sleep(0.1)
+    assert time.monotonic() - killed_at < 3
+
+
+@pytest.mark.sim_delay(60.0)
+async def test_a_cancelled_call_frees_its_lease_and_queue_place_at_once(
+    redis_gateway: RunningGateway, simulator: Simulator, redis: Redis
+) -> None:
+    await simulator.control("accounts", SHARED_ACCOUNT | {"concurrency": 1})
+    http, admin = redis_gateway.http, f"{redis_gateway.url}/admin"
+    tenant = (await http.post(f"{admin}/tenants", json={"name": "acme", "kling": SHARED_ACCOUNT | {"concurrency": 1}},
+                              headers=ADMIN)).json()  # fmt: skip
+    api_key = (await http.post(f"{admin}/tenants/{tenant['id']}/keys", json={}, headers=ADMIN)).json()["api_key"]
+    first = await http.post(f"{redis_gateway.url}/generate", json={"prompt": "x"}, headers=bearer(api_key))
+    assert first.status_code == 202  # holds the account's only slot for a minute
+    leases = f"kgw:rl:{{t:{tenant['id']}}}:leases"
+
+    async with mcp_client(redis_gateway, api_key) as client:
+        with anyio.move_on_after(1.0):
+            await client.call_tool("generate_image", {"prompt": "queued", "wait_seconds": 0})
+            pytest.fail("the call should have been waiting for a slot")
+    with anyio.fail_after(2):
+        while await redis.zcard(leases) != 1:  # noqa: ASYNC110 - Redis state is the observation
+            await anyio.sleep(0.02)
+    queue = f"kgw:gov:{{c:{tenant['credential_ids'][0]}}}:queue"
+    assert await redis.zcard(queue) == 0
+
+
+@pytest.fixture
+def restartable_redis() -> Iterator[RedisProcess]:
+    with tempfile.TemporaryDirectory() as workdir:
+        redis = RedisProcess(workdir)
+        redis.start()
+        try:
+            yield redis
+        finally:
+            redis.stop()
+
+
+async def test_while_redis_is_away_generation_gets_503_and_service_resumes_by_itself(
+    simulator: Simulator, restartable_redis: RedisProcess
+) -> None:
+    settings = gateway_settings(simulator, redis_url=restartable_redis.url, key_pepper=KEY_PEPPER,
+                                master_key=MASTER_KEY)  # fmt: skip
+    built = build_gateway(settings)
+    async with serve(built.app) as url, httpx2.AsyncClient(timeout=10) as http:
+        running = RunningGateway(url=url, gateway=built, http=http)
+        headers = bearer(await running.new_api_key("acme"))
+        assert (await http.post(f"{url}/generate", json={"prompt": "x"}, headers=headers)).status_code == 202
+
+        restartable_redis.stop()
+        started = time.monotonic()
+        with anyio.fail_after(10):
+            down = await http.post(f"{url}/generate", json={"prompt": "x"}, headers=headers)
+        assert down.status_code == 503
+        assert int(down.headers["retry-after"]) >= 1
+        assert time.monotonic() - started < 5  # no hang
+        assert (await http.get(f"{url}/readyz")).status_code == 503
+
+        restartable_redis.start()
+        with anyio.fail_after(10):
+            while (await http.post(f"{url}/generate", json={"prompt": "x"}, headers=headers)).status_code != 202:  # noqa: ASYNC110
+                await anyio.sleep(0.2)  # the pool reconnects on its own; asking again is the observation
+        assert (await http.get(f"{url}/readyz")).status_code == 200

@@ -34,3 +34,11 @@ def test_invalid_settings_are_refused_naming_the_setting(
     monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError, match=name.removeprefix("KGW_").lower()):
         Settings()
+
+
+@pytest.mark.parametrize("name", ["KGW_ADMIN_TOKEN", "KGW_KEY_PEPPER"])
+@pytest.mark.parametrize("value", ["", "short"])
+def test_an_empty_or_short_secret_setting_is_refused(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match="at least 16 characters"):
+        Settings()

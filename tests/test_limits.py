@@ -228,3 +228,58 @@ async def test_while_redis_is_away_generation_gets_503_and_service_resumes_by_it
             while (await http.post(f"{url}/generate", json={"prompt": "x"}, headers=headers)).status_code != 202:  # noqa: ASYNC110
                 await anyio.sleep(0.2)  # the pool reconnects on its own; asking again is the observation
         assert (await http.get(f"{url}/readyz")).status_code == 200
+
+
+async def test_an_mcp_call_over_a_limit_is_an_error_result_naming_the_limit(gateway: RunningGateway) -> None:
+    api_key = await gateway.new_api_key("acme")
+    await set_limits(gateway, requests_per_minute=1)
+    async with mcp_client(gateway, api_key) as client:
+        first = await client.call_tool("generate_image", {"prompt": "x", "wait_seconds": 0})
+        second = await client.call_tool("generate_image", {"prompt": "y", "wait_seconds": 0})
+    assert not first.is_error
+    assert isinstance(first.structured_content, dict)
+    assert first.structured_content["quota"]["requests_this_minute"] == 0
+    assert second.is_error
+    assert isinstance(second.structured_content, dict)
+    error = second.structured_content["error"]
+    assert (error["type"], error["limit"]) == ("rate_limited", "requests_per_minute")
+    assert error["retry_after"] >= 1
+
+
+@pytest.mark.sim_delay(3.0)
+async def test_a_failed_status_query_after_the_create_still_returns_the_task(
+    gateway: RunningGateway, simulator: Simulator
+) -> None:
+    await simulator.control("faults", {"code": 5001, "http_status": 503, "times": 100, "path": "query"})
+    api_key = await gateway.new_api_key("acme")
+    with anyio.fail_after(10):
+        response = await gateway.http.post(
+            f"{gateway.url}/generate", json={"prompt": "x", "wait_seconds": 1}, headers=bearer(api_key)
+        )
+    assert response.status_code == 202
+    assert response.json()["task_id"]
+
+
+async def test_a_create_whose_answer_times_out_is_found_and_adopted_not_paid_twice(simulator: Simulator) -> None:
+    await simulator.control("slow", {"seconds": 2.0, "times": 1, "path": "create"})
+    built = build_gateway(gateway_settings(simulator, kling_timeout_seconds=0.5))
+    async with serve(built.app) as url, httpx2.AsyncClient(timeout=20) as http:
+        running = RunningGateway(url=url, gateway=built, http=http)
+        api_key = await running.new_api_key("acme")
+        response = await http.post(f"{url}/generate", json={"prompt": "x"}, headers=bearer(api_key))
+    # The adopted task may already have finished while its lost answer was awaited: 200 is fine too.
+    assert response.status_code in (200, 202)
+    assert response.json()["task_id"]
+    assert (await simulator.stats())["creates"] == 1
+
+
+async def test_the_tenants_default_model_applies_over_mcp(gateway: RunningGateway) -> None:
+    api_key = await gateway.new_api_key("acme")
+    tenant_id = (await gateway.http.get(f"{gateway.url}/admin/tenants", headers=ADMIN)).json()[0]["id"]
+    policy = {"allowed_models": ["kling-v2-1"], "default_model": "kling-v2-1"}
+    await gateway.http.put(f"{gateway.url}/admin/tenants/{tenant_id}/policy", json=policy, headers=ADMIN)
+    async with mcp_client(gateway, api_key) as client:
+        result = await client.call_tool("generate_image", {"prompt": "x", "wait_seconds": 0})
+    assert not result.is_error
+    assert isinstance(result.structured_content, dict)
+    assert result.structured_content["model_name"] == "kling-v2-1"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
+import zlib
 from typing import Any
 
 import pytest
@@ -428,3 +430,20 @@ def test_surrounding_whitespace_is_stripped_from_text_arguments() -> None:
 
 def test_a_blank_negative_prompt_means_no_negative_prompt() -> None:
     assert GenerateRequest(prompt="a fox", negative_prompt="   ").negative_prompt is None
+
+
+def test_a_png_header_claiming_gigantic_dimensions_is_refused_without_decoding() -> None:
+    header = (
+        b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
+    )
+    chunk = header + struct.pack(">I", zlib.crc32(header[12:]) & 0xFFFFFFFF)
+    bomb = base64.b64encode(chunk + b"\0\0\0\0IEND\xaeB`\x82").decode()
+    error = refusal({"prompt": "a fox", "ref_image_url": bomb})
+    assert error.details["field"] == "ref_image_url"
+
+
+@pytest.mark.parametrize(
+    "url", ["https://１２７.０.０.１/x.png", "https://127。0。0.1/x.png", "https://a.ｌｏｃａｌｈｏｓｔ/x.png"]
+)
+def test_full_width_and_ideographic_spellings_of_internal_hosts_are_refused(url: str) -> None:
+    assert refusal({"prompt": "a fox", "ref_image_url": url}).details["field"] == "ref_image_url"

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck check serve clean
+.PHONY: install demo test lint typecheck serve bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,17 +18,24 @@ demo: $(STAMP)
 	$(BIN)/kling-gateway demo
 
 test: $(STAMP)
-	$(BIN)/ruff check app tests
-	$(BIN)/ruff format --check app tests
+	$(BIN)/ruff check app tests bench
+	$(BIN)/ruff format --check app tests bench
 	$(BIN)/mypy
 	$(BIN)/pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check app tests
-	$(BIN)/ruff format --check app tests
+	$(BIN)/ruff check app tests bench
+	$(BIN)/ruff format --check app tests bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
+
+# Benchmarks write their results into docs/benchmarks.md (machine included).
+bench: $(STAMP)
+	$(BIN)/python -m bench.limiter
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m bench.limiter --quick
 
 serve: $(STAMP)
 	$(BIN)/kling-gateway serve

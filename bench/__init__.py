@@ -1,0 +1,1 @@
+"""Benchmarks: run with `make bench` (or `make bench-quick`); results land in docs/benchmarks.md."""

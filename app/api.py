@@ -4,10 +4,12 @@ that give every REST failure the same JSON shape: `{"error": {"type", "message",
 import logging
 from typing import Annotated, Any
 
+import anyio
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.auth import Authenticator, principal_dependency
 from app.errors import KNOWN_ERRORS, GatewayError, InvalidRequest, gateway_error_from, invalid_request_from
@@ -106,3 +108,44 @@ def install_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(exc_class, on_known_error)
     app.add_exception_handler(RequestValidationError, on_request_validation)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
+
+
+class CancelOnDisconnect:
+    """Pure ASGI: when a REST caller hangs up, cancel its request, as the MCP transport does for tools.
+
+    Without it a request waiting for free Kling slots would go on after its caller gave up, and could
+    create (and bill) a task nobody will ever see; cancelling releases its leases and queue place at once.
+    """
+
+    def __init__(self, app: ASGIApp, paths: tuple[str, ...] = ("/generate", "/tasks/")) -> None:
+        self._app = app
+        self._paths = paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(self._paths):
+            await self._app(scope, receive, send)
+            return
+        body: list[Message] = []
+        while not body or body[-1].get("more_body", False):
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body.append(message)
+        gone = anyio.Event()
+
+        async def replay() -> Message:
+            if body:
+                return body.pop(0)
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async with anyio.create_task_group() as group:
+
+            async def watch() -> None:
+                if (await receive())["type"] == "http.disconnect":
+                    gone.set()
+                    group.cancel_scope.cancel()
+
+            group.start_soon(watch)
+            await self._app(scope, replay, send)
+            group.cancel_scope.cancel()

@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 
 from app import __version__
 from app.admin import build_admin_router
-from app.api import build_api_router, install_error_handlers
+from app.api import CancelOnDisconnect, build_api_router, install_error_handlers
 from app.auth import Authenticator, KeyChangeBroadcast, McpAuthMiddleware, OAuthChallenge, listening
 from app.config import Settings
 from app.follower import TaskFollower
@@ -229,6 +229,7 @@ def build_gateway(settings: Settings) -> Gateway:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.add_middleware(CancelOnDisconnect)
     app.add_middleware(RequestBodyLimitMiddleware, max_body_size=settings.max_body_bytes)
     add_health_routes(app, stores.tenants)
     if oauth is not None:

@@ -283,3 +283,34 @@ async def test_the_tenants_default_model_applies_over_mcp(gateway: RunningGatewa
     assert not result.is_error
     assert isinstance(result.structured_content, dict)
     assert result.structured_content["model_name"] == "kling-v2-1"
+
+
+@pytest.mark.sim_delay(60.0)
+async def test_a_rest_caller_hanging_up_frees_its_lease_and_queue_place_at_once(
+    redis_gateway: RunningGateway, simulator: Simulator, redis: Redis
+) -> None:
+    await simulator.control("accounts", SHARED_ACCOUNT | {"concurrency": 1})
+    http, admin = redis_gateway.http, f"{redis_gateway.url}/admin"
+    tenant = (await http.post(f"{admin}/tenants", json={"name": "acme", "kling": SHARED_ACCOUNT | {"concurrency": 1}},
+                              headers=ADMIN)).json()  # fmt: skip
+    api_key = (await http.post(f"{admin}/tenants/{tenant['id']}/keys", json={}, headers=ADMIN)).json()["api_key"]
+    assert (await http.post(f"{redis_gateway.url}/generate", json={"prompt": "x"}, headers=bearer(api_key))).is_success
+    queue = f"kgw:gov:{{c:{tenant['credential_ids'][0]}}}:queue"
+    leases = f"kgw:rl:{{t:{tenant['id']}}}:leases"
+
+    async with anyio.create_task_group() as group:
+
+        async def queued_call() -> None:
+            async with httpx2.AsyncClient(timeout=30) as caller:
+                await caller.post(f"{redis_gateway.url}/generate", json={"prompt": "y"}, headers=bearer(api_key))
+
+        group.start_soon(queued_call)
+        with anyio.fail_after(5):
+            while await redis.zcard(queue) != 1:  # noqa: ASYNC110 - Redis state is the observation
+                await anyio.sleep(0.02)
+        assert await redis.zcard(leases) == 2
+        group.cancel_scope.cancel()  # the caller hangs up
+    with anyio.fail_after(2):
+        while await redis.zcard(queue) or await redis.zcard(leases) != 1:  # noqa: ASYNC110
+            await anyio.sleep(0.02)
+    assert (await simulator.stats())["creates"] == 1

@@ -110,27 +110,27 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, on_http_error)
 
 
-class CancelOnDisconnect:
-    """Pure ASGI: when a REST caller hangs up, cancel its request, as the MCP transport does for tools.
+class RestRequestGuard:
+    """Pure ASGI, in front of every route but /mcp (whose transport has its own body limit and cancellation):
 
-    Without it a request waiting for free Kling slots would go on after its caller gave up, and could
-    create (and bill) a task nobody will ever see; cancelling releases its leases and queue place at once.
+    - a body over `max_body_bytes` is refused with a JSON 413 before anything parses it;
+    - when the caller hangs up, its request is cancelled, as the MCP transport does for tools. Otherwise a
+      request waiting for free Kling slots would go on after its caller gave up and could create (and bill)
+      a task nobody will ever see; cancelling releases its leases and queue place at once.
     """
 
-    def __init__(self, app: ASGIApp, paths: tuple[str, ...] = ("/generate", "/tasks/")) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, skip_prefix: str = "/mcp") -> None:
         self._app = app
-        self._paths = paths
+        self._max_body_bytes = max_body_bytes
+        self._skip_prefix = skip_prefix
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(self._paths):
+        if scope["type"] != "http" or scope["path"].startswith(self._skip_prefix):
             await self._app(scope, receive, send)
             return
-        body: list[Message] = []
-        while not body or body[-1].get("more_body", False):
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body.append(message)
+        body = await self._read_body(scope, receive, send)
+        if body is None:
+            return
         gone = anyio.Event()
 
         async def replay() -> Message:
@@ -149,3 +149,23 @@ class CancelOnDisconnect:
             group.start_soon(watch)
             await self._app(scope, replay, send)
             group.cancel_scope.cancel()
+
+    async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> list[Message] | None:
+        """The request's body messages, or None when the request is answered (413) or gone."""
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        body: list[Message] = []
+        received = int(declared) if declared.isdigit() else 0
+        while received <= self._max_body_bytes:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            body.append(message)
+            if not declared.isdigit():  # chunked: count what arrives
+                received += len(message.get("body", b""))
+            if not message.get("more_body", False) and received <= self._max_body_bytes:
+                return body
+        too_large = GatewayError(
+            f"the request body is larger than {self._max_body_bytes} bytes", "payload_too_large", 413
+        )
+        await error_response(too_large)(scope, receive, send)
+        return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import logging
 import random
@@ -44,6 +45,7 @@ logger = logging.getLogger(__name__)
 IDEMPOTENCY_WAIT_S = 10.0
 _CODE_TASK_NOT_FOUND = 1203
 _CODE_NO_SLOT = 1303
+_RETRYABLE_CODES = frozenset({1302, 1303, 5000, 5001, 5002})
 
 
 @dataclass(frozen=True)
@@ -102,9 +104,34 @@ def external_task_id_for(tenant_id: str, idempotency_key: str | None) -> str:
     return "kgw-" + hashlib.sha256(f"{tenant_id}\0{idempotency_key}".encode()).hexdigest()[:32]
 
 
+def retry_delay(failure: KlingFailure, attempt: int) -> float | None:
+    """Seconds to wait before trying a create again, or None when retrying cannot help.
+
+    Retried: 1302/1303 (busy), 5000-5002 (Kling's side), and connections that never reached Kling. Never:
+    account, billing, permission, parameter or content-policy codes. Full jitter (AWS), at least 1 s for a
+    1303, and at least what Kling's Retry-After says.
+    """
+    if isinstance(failure, KlingTransportError):
+        return random.uniform(0, min(4.0, 0.25 * 2**attempt)) if not failure.sent else None
+    if not isinstance(failure, KlingError) or failure.code not in _RETRYABLE_CODES:
+        return None
+    floor = 1.0 if failure.code == _CODE_NO_SLOT else 0.0
+    jittered = max(floor, random.uniform(0, min(8.0, 0.5 * 2**attempt)))
+    return max(jittered, failure.retry_after or 0.0)
+
+
+def _create_failed(failure: KlingFailure) -> Exception:
+    if isinstance(failure, KlingError) and failure.code == _CODE_NO_SLOT:
+        # Another client of the account holds its slots: to the caller that is a busy account, not a failure.
+        return limit_refused("kling_account", 2000, "Kling answered 1303 (no free slot) until the deadline")
+    return error_from_kling(failure)
+
+
 def _maybe_created(failure: KlingFailure) -> bool:
     """Whether a failed create may nonetheless have created the task (reference/kling-api.md §6, §8)."""
-    if isinstance(failure, KlingTransportError | KlingProtocolError):
+    if isinstance(failure, KlingTransportError):
+        return failure.sent
+    if isinstance(failure, KlingProtocolError):
         return True
     assert isinstance(failure, KlingError)
     duplicate = failure.code in (1200, 1201) and "external_task_id" in failure.message
@@ -274,28 +301,23 @@ class ImageService:
             logger.warning("could not release leases of tenant %s; they expire by themselves", principal.tenant.id)
 
     async def _create(self, kling: KlingCredentials, body: dict[str, Any], external_task_id: str) -> KlingTask:
-        """Create the task; a 1303 means another client holds the account's slots: wait and try again."""
+        """Create the task, retrying only what Kling says is worth retrying, always with the same
+        `external_task_id`, within the submission's deadline (reference/kling-api.md §6)."""
         deadline = time.monotonic() + self._timings.queue_timeout_s
-        delay = 1.0
-        while True:
+        for attempt in itertools.count():
             try:
                 return await self._kling.create_image_task(kling, body)
-            except KlingError as exc:
-                if exc.code == _CODE_NO_SLOT and time.monotonic() + delay < deadline:
-                    await asyncio.sleep(random.uniform(delay / 2, delay))
-                    delay = min(delay * 2, 8.0)
-                    continue
-                if exc.code == _CODE_NO_SLOT:
-                    raise limit_refused("kling_account", 2000, "Kling answered 1303 (no free slot)") from exc
-                failure: KlingFailure = exc
             except KlingFailure as exc:
                 failure = exc
             # The create may have reached Kling although the answer says otherwise or was lost: look it up
             # by the id we chose and adopt it. Never pay twice, never report a task that exists as failed.
-            found = await self._find_by_external_id(kling, external_task_id) if _maybe_created(failure) else None
-            if found is None:
-                raise error_from_kling(failure) from failure
-            return found
+            if _maybe_created(failure) and (found := await self._find_by_external_id(kling, external_task_id)):
+                return found
+            delay = retry_delay(failure, attempt)
+            if delay is None or time.monotonic() + delay >= deadline:
+                raise _create_failed(failure) from failure
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
 
     async def _find_by_external_id(self, kling: KlingCredentials, external_task_id: str) -> KlingTask | None:
         try:

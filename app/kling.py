@@ -47,18 +47,22 @@ class KlingFailure(Exception):
 
 
 class KlingError(KlingFailure):
-    def __init__(self, http_status: int, code: int, message: str, request_id: str | None) -> None:
+    def __init__(
+        self, http_status: int, code: int, message: str, request_id: str | None, retry_after: float | None = None
+    ) -> None:
         super().__init__(f"Kling error {code} (HTTP {http_status}): {message}")
         self.http_status = http_status
         self.code = code
         self.message = message
         self.request_id = request_id
+        self.retry_after = retry_after  # seconds, when Kling sent a Retry-After (undocumented, honoured if sent)
 
 
 class KlingTransportError(KlingFailure):
-    def __init__(self, message: str, *, timed_out: bool) -> None:
+    def __init__(self, message: str, *, timed_out: bool, sent: bool = True) -> None:
         super().__init__(message)
         self.timed_out = timed_out
+        self.sent = sent  # False: the request certainly never reached Kling (no connection), so a retry is safe
 
 
 class KlingProtocolError(KlingFailure):
@@ -201,6 +205,10 @@ class KlingClient:
             # httpx2 timeouts are per phase; a slow drip would never trip them, so bound the whole call.
             async with asyncio.timeout(self._deadline_s):
                 response = await self._http.request(method, self._base_url + path, json=body, headers=headers)
+        except (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.PoolTimeout) as exc:
+            timed_out = not isinstance(exc, httpx2.ConnectError)
+            raise KlingTransportError(f"{method} {path}: no connection ({type(exc).__name__})", timed_out=timed_out,
+                                      sent=False) from exc  # fmt: skip
         except (TimeoutError, httpx2.TimeoutException) as exc:
             raise KlingTransportError(f"{method} {path} timed out", timed_out=True) from exc
         except httpx2.TransportError as exc:
@@ -220,8 +228,17 @@ def parse_envelope(response: httpx2.Response) -> KlingTask:
     request_id = envelope.get("request_id")
     if code != 0 or response.status_code >= 400:
         message = str(envelope.get("message") or "no message")
-        raise KlingError(response.status_code, code, message, request_id if isinstance(request_id, str) else None)
+        request_id = request_id if isinstance(request_id, str) else None
+        raise KlingError(response.status_code, code, message, request_id, _retry_after(response))
     try:
         return KlingTask.model_validate(envelope.get("data"))
     except ValidationError as exc:
         raise KlingProtocolError("a success envelope without a valid task") from exc
+
+
+def _retry_after(response: httpx2.Response) -> float | None:
+    value = response.headers.get("retry-after", "")
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
-from mcp.server.transport_security import RequestBodyLimitMiddleware, TransportSecuritySettings
+from mcp.server.transport_security import TransportSecuritySettings
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 
 from app import __version__
 from app.admin import build_admin_router
-from app.api import CancelOnDisconnect, build_api_router, install_error_handlers
+from app.api import RestRequestGuard, build_api_router, install_error_handlers
 from app.auth import Authenticator, KeyChangeBroadcast, McpAuthMiddleware, OAuthChallenge, listening
 from app.config import Settings
 from app.follower import TaskFollower
@@ -229,8 +229,7 @@ def build_gateway(settings: Settings) -> Gateway:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    app.add_middleware(CancelOnDisconnect)
-    app.add_middleware(RequestBodyLimitMiddleware, max_body_size=settings.max_body_bytes)
+    app.add_middleware(RestRequestGuard, max_body_bytes=settings.max_body_bytes)
     add_health_routes(app, stores.tenants)
     if oauth is not None:
         add_resource_metadata_routes(app, oauth)

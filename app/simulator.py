@@ -61,7 +61,8 @@ _IMAGE_NAME = re.compile(r"(\d+)(-wm)?\.png")
 _FAULT_MESSAGES = {1302: "request too fast, rate limit exceeded", 1303: "parallel task over resource pack limit",
                    5000: "internal error", 5001: "service temporarily unavailable",
                    5002: "internal timeout"}  # fmt: skip
-_COUNTERS = ("creates", "queries", "rejected_1303", "callbacks_sent", "callbacks_failed")
+# create_attempts: every authenticated create, faulted or not; creates: the ones that made a task.
+_COUNTERS = ("creates", "create_attempts", "queries", "rejected_1303", "callbacks_sent", "callbacks_failed")
 
 
 @dataclass(frozen=True)
@@ -291,6 +292,7 @@ class _Simulator:
         except _KlingError as exc:
             return self._error(exc)
         self._s.counts["queries"] += kind == "query"
+        self._s.counts["create_attempts"] += kind == "create"
         pause = _take(self._s.slow, kind)
         response = self._scripted(kind)
         if response is None:

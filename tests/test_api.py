@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -223,4 +224,12 @@ async def test_an_oversized_body_is_refused_with_413_before_parsing(simulator: S
     built = build_gateway(gateway_settings(simulator, max_body_bytes=4096))
     async with serve(built.app) as url, httpx2.AsyncClient() as http:
         response = await http.post(f"{url}/generate", json={"prompt": "x" * 5000})
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for chunk in (b'{"prompt": "', b"x" * 5000, b'"}'):
+                yield chunk
+
+        chunked = await http.post(f"{url}/generate", content=chunks())
     assert response.status_code == 413
+    assert response.json()["error"]["type"] == "payload_too_large"
+    assert chunked.status_code == 413

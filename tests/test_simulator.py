@@ -410,6 +410,7 @@ async def test_stats_count_and_reset_forgets_everything_but_accounts(sim: httpx2
     stats = (await sim.get("/_sim/stats")).json()
     assert stats | {"in_flight": None} == {
         "creates": 1,
+        "create_attempts": 1,
         "queries": 1,
         "rejected_1303": 0,
         "in_flight": None,

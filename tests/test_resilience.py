@@ -1,0 +1,143 @@
+"""Upstream resilience: which Kling failures are retried, how, and that a retry never pays twice."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+
+import anyio
+import httpx2
+import pytest
+from pydantic import SecretStr
+
+from app.images import retry_delay
+from app.kling import KlingError, KlingTransportError
+from app.main import build_gateway
+from app.sealing import new_master_key
+from tests.conftest import RunningGateway, Simulator, gateway_settings, replica_env
+from tests.servers import gateway_process, serve
+
+pytestmark = pytest.mark.anyio
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+async def quick_gateway(simulator: Simulator) -> AsyncIterator[RunningGateway]:
+    """A gateway whose submissions give up after 3 s, so failing retries end quickly."""
+    built = build_gateway(gateway_settings(simulator, queue_timeout_seconds=3))
+    async with serve(built.app) as url, httpx2.AsyncClient(timeout=30) as http:
+        yield RunningGateway(url=url, gateway=built, http=http)
+
+
+async def test_two_5000s_then_success_make_one_task_in_three_attempts(
+    quick_gateway: RunningGateway, simulator: Simulator
+) -> None:
+    await simulator.control("faults", {"code": 5000, "http_status": 500, "times": 2, "path": "create"})
+    api_key = await quick_gateway.new_api_key("acme")
+    with anyio.fail_after(20):
+        response = await quick_gateway.http.post(f"{quick_gateway.url}/generate", json={"prompt": "x"},
+                                                 headers=bearer(api_key))  # fmt: skip
+    assert response.status_code == 202, response.text
+    stats = await simulator.stats()
+    assert (stats["create_attempts"], stats["creates"]) == (3, 1)
+
+
+@pytest.mark.parametrize(
+    ("code", "http_status", "status", "kind"),
+    [
+        (1102, 429, 403, "kling_account_unavailable"),
+        (1101, 429, 403, "kling_account_unavailable"),
+        (1103, 403, 403, "kling_forbidden"),
+        (1301, 400, 422, "content_policy"),
+        (1201, 400, 422, "kling_invalid_request"),
+        (1002, 401, 502, "kling_auth_failed"),
+        (1304, 429, 403, "kling_ip_not_allowed"),
+    ],
+)
+async def test_account_billing_permission_and_policy_failures_are_tried_once_and_explained(
+    quick_gateway: RunningGateway, simulator: Simulator, code: int, http_status: int, status: int, kind: str
+) -> None:
+    await simulator.control("faults", {"code": code, "http_status": http_status, "times": 5, "path": "create"})
+    api_key = await quick_gateway.new_api_key("acme")
+    response = await quick_gateway.http.post(f"{quick_gateway.url}/generate", json={"prompt": "x"},
+                                             headers=bearer(api_key))  # fmt: skip
+    assert (response.status_code, response.json()["error"]["type"]) == (status, kind)
+    assert response.json()["error"]["kling_code"] == code
+    assert (await simulator.stats())["create_attempts"] == 1
+
+
+async def test_kling_down_for_longer_than_the_deadline_is_503_after_bounded_retries(
+    quick_gateway: RunningGateway, simulator: Simulator
+) -> None:
+    await simulator.control("faults", {"code": 5001, "http_status": 503, "times": 100, "path": "create"})
+    api_key = await quick_gateway.new_api_key("acme")
+    with anyio.fail_after(10):
+        response = await quick_gateway.http.post(f"{quick_gateway.url}/generate", json={"prompt": "x"},
+                                                 headers=bearer(api_key))  # fmt: skip
+    assert response.status_code == 503
+    assert "retry-after" in response.headers
+    stats = await simulator.stats()
+    assert stats["creates"] == 0
+    attempts = stats["create_attempts"]
+    assert isinstance(attempts, int)
+    assert 2 <= attempts <= 12
+
+
+async def test_an_unreachable_kling_is_retried_then_reported_as_502(redis_gateway: RunningGateway) -> None:
+    api_key = await redis_gateway.new_api_key("acme")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    settings = redis_gateway.gateway.settings.model_copy(
+        update={"kling_base_url": f"http://127.0.0.1:{closed_port}", "queue_timeout_seconds": 2}
+    )
+    async with serve(build_gateway(settings).app) as url:  # another replica, same tenants, Kling unreachable
+        with anyio.fail_after(10):
+            response = await redis_gateway.http.post(f"{url}/generate", json={"prompt": "x"}, headers=bearer(api_key))
+    assert response.status_code == 502
+    assert response.json()["error"]["type"] == "upstream_unavailable"
+
+
+async def test_a_replica_with_the_wrong_master_key_answers_503_not_500(redis_gateway: RunningGateway) -> None:
+    api_key = await redis_gateway.new_api_key("acme")
+    settings = redis_gateway.gateway.settings.model_copy(update={"master_key": SecretStr(new_master_key())})
+    async with serve(build_gateway(settings).app) as url:
+        response = await redis_gateway.http.post(f"{url}/generate", json={"prompt": "x"}, headers=bearer(api_key))
+    assert response.status_code == 503
+    assert response.json()["error"]["type"] == "credentials_unavailable"
+
+
+def test_retry_delays_follow_the_policy() -> None:
+    busy = KlingError(429, 1303, "parallel task over resource pack limit", "r")
+    assert all(1.0 <= (retry_delay(busy, attempt) or 0) <= 8.0 for attempt in range(10))
+    told = KlingError(429, 1302, "too fast", "r", retry_after=6.0)
+    assert retry_delay(told, 0) == 6.0
+    for never in (1000, 1102, 1201, 1301, 1304):
+        assert retry_delay(KlingError(400, never, "no", "r"), 0) is None
+    assert retry_delay(KlingTransportError("no connection", timed_out=False, sent=False), 3) is not None
+    assert retry_delay(KlingTransportError("read timeout", timed_out=True, sent=True), 0) is None
+
+
+async def test_six_simultaneous_submits_with_one_key_over_two_replicas_make_one_task(
+    redis_gateway: RunningGateway, simulator: Simulator, redis_url: str
+) -> None:
+    api_key = await redis_gateway.new_api_key("acme")
+    headers = bearer(api_key) | {"Idempotency-Key": "order-7"}
+    async with gateway_process(replica_env(redis_url, simulator.url)) as other:
+        task_ids: list[str] = []
+
+        async def submit(index: int) -> None:
+            url = (redis_gateway.url, other.url)[index % 2]
+            response = await redis_gateway.http.post(f"{url}/generate", json={"prompt": "x"}, headers=headers)
+            assert response.status_code == 202, response.text
+            task_ids.append(response.json()["task_id"])
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as group:
+                for index in range(6):
+                    group.start_soon(submit, index)
+    assert len(set(task_ids)) == 1
+    assert (await simulator.stats())["creates"] == 1

@@ -50,6 +50,9 @@ class TaskFollower:
         task = asyncio.create_task(self._follow(record, kling, leases), name=f"follow {record.task_id}")
         self._followers[record.task_id] = task
 
+    def latest(self, task_id: str) -> TaskRecord | None:
+        return self._latest.get(task_id)
+
     def following(self, task_id: str) -> bool:
         return task_id in self._followers
 

@@ -20,9 +20,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+import anyio
 from redis.exceptions import RedisError
 
-from app.errors import Conflict, InvalidRequest, NotFound, error_from_kling
+from app.errors import Conflict, InvalidRequest, NotFound, UpstreamUnavailable, error_from_kling
 from app.follower import Leases, TaskFollower
 from app.kling import (
     KlingClient,
@@ -34,6 +35,7 @@ from app.kling import (
     KlingTransportError,
     build_generation_body,
 )
+from app.lifecycle import Drain
 from app.models import GenerateRequest, TaskStatus, TaskView
 from app.ratelimit import AccountGovernor, Limiter, Remaining, limit_refused
 from app.tasks import IdempotencyClaim, ProgressCallback, TaskRecord, TaskStore, wait_for_task
@@ -157,6 +159,7 @@ class ImageService:
         governor: AccountGovernor,
         follower: TaskFollower,
         timings: ServiceTimings,
+        drain: Drain,
     ) -> None:
         self._kling = kling
         self._tasks = tasks
@@ -166,6 +169,7 @@ class ImageService:
         self._governor = governor
         self._follower = follower
         self._timings = timings
+        self._drain = drain
 
     async def generate(
         self,
@@ -176,6 +180,9 @@ class ImageService:
         on_progress: ProgressCallback | None = None,
     ) -> Outcome:
         """Start (or, for a repeated idempotency key, find) the task, then wait for it up to `wait_s`."""
+        if self._drain.draining:
+            raise UpstreamUnavailable("this gateway replica is shutting down; retry (another replica will answer)",
+                                      retry_after=1)  # fmt: skip
         request = apply_policy(principal.tenant.policy, request)
         if request.idempotency_key is None:
             outcome = await self._submit(principal, request)
@@ -201,6 +208,24 @@ class ImageService:
     # --- waiting ---
 
     async def _wait(
+        self, principal: Principal, record: TaskRecord, wait_s: int, on_progress: ProgressCallback | None
+    ) -> TaskRecord:
+        """Wait as `_wait_for_end` does, but answer at once with the task as it stands when draining starts."""
+        latest = record
+        async with anyio.create_task_group() as group:
+
+            async def stop_when_draining() -> None:
+                await self._drain.started.wait()
+                group.cancel_scope.cancel()
+
+            group.start_soon(stop_when_draining)
+            latest = await self._wait_for_end(principal, record, wait_s, on_progress)
+            group.cancel_scope.cancel()
+        if self._drain.draining and not latest.status.is_terminal:
+            latest = self._follower.latest(record.task_id) or latest
+        return latest
+
+    async def _wait_for_end(
         self, principal: Principal, record: TaskRecord, wait_s: int, on_progress: ProgressCallback | None
     ) -> TaskRecord:
         """Wait for the task's end, up to `wait_s` (capped by policy); never fails once the task exists."""

@@ -25,6 +25,7 @@ from app.config import Settings
 from app.follower import TaskFollower
 from app.images import ImageService, ServiceTimings
 from app.kling import KlingClient, create_http_client
+from app.lifecycle import Drain
 from app.mcp_server import build_mcp_server
 from app.oauth import OAuthConfig, OAuthVerifier, protected_resource_metadata
 from app.ratelimit import (
@@ -192,8 +193,17 @@ def build_gateway(settings: Settings) -> Gateway:
         queue_timeout_s=settings.queue_timeout_seconds,
         claim_ttl_s=2 * settings.kling_timeout_seconds + settings.queue_timeout_seconds + 30,
     )
+    drain = Drain()
     service = ImageService(
-        kling, stores.tasks, stores.usage, directory.kling_credentials_by_id, limiter, governor, follower, timings
+        kling,
+        stores.tasks,
+        stores.usage,
+        directory.kling_credentials_by_id,
+        limiter,
+        governor,
+        follower,
+        timings,
+        drain,
     )
     mcp = build_mcp_server(service, default_wait_s=settings.default_wait_seconds)
     mcp_app = mcp.streamable_http_app(
@@ -220,7 +230,11 @@ def build_gateway(settings: Settings) -> Gateway:
                 await apply_file(directory, stores.audit, settings.tenants_file)
             await stack.enter_async_context(listening(broadcast, authenticator))
             await stack.enter_async_context(mcp.session_manager.run())
-            yield
+            stack.enter_context(drain.on_signals())
+            try:
+                yield
+            finally:
+                drain.started.set()  # whatever stops the server, waiting callers get their answer first
 
     app = FastAPI(
         title="Kling MCP Gateway",
@@ -230,7 +244,7 @@ def build_gateway(settings: Settings) -> Gateway:
     )
     install_error_handlers(app)
     app.add_middleware(RestRequestGuard, max_body_bytes=settings.max_body_bytes)
-    add_health_routes(app, stores.tenants)
+    add_health_routes(app, stores.tenants, drain)
     if oauth is not None:
         add_resource_metadata_routes(app, oauth)
     app.include_router(build_api_router(service, authenticator, stores.usage))
@@ -250,7 +264,7 @@ async def apply_file(directory: TenantDirectory, audit: AuditLog, path: str) -> 
     logger.info("tenants file applied: %d created, %d updated", len(applied.created), len(applied.updated))
 
 
-def add_health_routes(app: FastAPI, store: TenantStore) -> None:
+def add_health_routes(app: FastAPI, store: TenantStore, drain: Drain) -> None:
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
         """Liveness: the process serves requests."""
@@ -258,7 +272,9 @@ def add_health_routes(app: FastAPI, store: TenantStore) -> None:
 
     @app.get("/readyz", tags=["health"], responses={503: {"description": "The store is unreachable"}})
     async def readyz() -> JSONResponse:
-        """Readiness: the store answers."""
+        """Readiness: the store answers and the replica is not shutting down."""
+        if drain.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
         try:
             await store.ping()
         except (RedisError, OSError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 from collections.abc import AsyncIterator
 
@@ -141,3 +142,29 @@ async def test_six_simultaneous_submits_with_one_key_over_two_replicas_make_one_
                     group.start_soon(submit, index)
     assert len(set(task_ids)) == 1
     assert (await simulator.stats())["creates"] == 1
+
+
+@pytest.mark.sim_delay(60.0)
+async def test_sigterm_during_a_wait_answers_the_caller_with_its_task_id(
+    redis_gateway: RunningGateway, simulator: Simulator, redis_url: str
+) -> None:
+    api_key = await redis_gateway.new_api_key("acme")
+    async with gateway_process(replica_env(redis_url, simulator.url)) as replica:
+        answers: list[httpx2.Response] = []
+
+        async def waiting_call() -> None:
+            body = {"prompt": "x", "wait_seconds": 50}
+            answers.append(await redis_gateway.http.post(f"{replica.url}/generate", json=body, headers=bearer(api_key)))
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as group:
+                group.start_soon(waiting_call)
+                while (await simulator.stats())["creates"] != 1:  # noqa: ASYNC110 - the simulator is the observation
+                    await anyio.sleep(0.05)
+                replica.process.send_signal(signal.SIGTERM)
+            # uvicorn re-raises the signal once it has shut down gracefully: exiting "by SIGTERM" is the norm.
+            assert await replica.process.wait() in (0, -signal.SIGTERM)
+    [answer] = answers
+    assert answer.status_code == 202
+    assert answer.json()["status"] in ("submitted", "processing")
+    assert answer.json()["task_id"]

@@ -1,0 +1,55 @@
+"""Draining: what the gateway does between SIGTERM and exit.
+
+uvicorn stops accepting connections on SIGTERM and waits for open requests, but a request waiting for
+Kling could hold the shutdown for minutes. So the gateway listens to the same signal: readiness turns
+false at once, new submissions get 503, and every waiting caller is answered straight away with its task
+as it stands (the task id, when not finished) instead of being cut off when the grace period ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+from types import FrameType
+from typing import Any
+
+logger = logging.getLogger(__name__)
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Drain:
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+
+    @property
+    def draining(self) -> bool:
+        return self.started.is_set()
+
+    @contextlib.contextmanager
+    def on_signals(self) -> Iterator[None]:
+        """Start draining on SIGTERM/SIGINT, then let the server's own handler run as before."""
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signals only reach the main thread; a server run elsewhere drains on lifespan end
+            return
+        loop = asyncio.get_running_loop()
+        previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
+
+        def handle(sig: int, frame: FrameType | None) -> None:
+            if not self.draining:
+                logger.info("draining: answering waiting callers and refusing new submissions")
+            loop.call_soon_threadsafe(self.started.set)
+            chained: Any = previous[signal.Signals(sig)]
+            if callable(chained):
+                chained(sig, frame)
+
+        for sig in SIGNALS:
+            signal.signal(sig, handle)
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)

@@ -69,6 +69,10 @@ class Settings(BaseSettings):
         default="refuse",
         description="When Redis fails: refuse generation with 503, or fall back to per-replica limits",
     )
+    breaker_failures: int = Field(
+        default=5, ge=1, description="Consecutive failures of a Kling account that pause calls to it"
+    )
+    breaker_open_seconds: float = Field(default=10.0, gt=0, description="How long those calls stay paused")
     replicas_hint: int = Field(
         default=2, ge=1, description="Replicas to divide limits by in the 'local' fallback (so N replicas stay within)"
     )

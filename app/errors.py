@@ -28,7 +28,7 @@ from mcp.types import CallToolResult, TextContent
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from app.kling import KlingError, KlingProtocolError, KlingTransportError
+from app.kling import KlingCircuitOpen, KlingError, KlingProtocolError, KlingTransportError
 from app.models import FieldProblem
 from app.sealing import SealingError
 
@@ -173,6 +173,9 @@ def error_from_kling(exc: Exception) -> GatewayError:
         if exc.timed_out:
             return UpstreamTimeout("Kling did not answer in time; the task may still have been created")
         return UpstreamUnavailable("could not reach Kling; retry shortly", status=502)
+    if isinstance(exc, KlingCircuitOpen):
+        message = f"the tenant's Kling account failed repeatedly; calls resume in {exc.retry_after_s:.0f} s"
+        return UpstreamUnavailable(message, retry_after=max(1, round(exc.retry_after_s)), circuit="open")
     if isinstance(exc, KlingProtocolError):
         return UpstreamUnavailable(f"Kling sent an unexpected answer ({exc})", status=502)
     if not isinstance(exc, KlingError):

@@ -135,7 +135,8 @@ def _maybe_created(failure: KlingFailure) -> bool:
         return failure.sent
     if isinstance(failure, KlingProtocolError):
         return True
-    assert isinstance(failure, KlingError)
+    if not isinstance(failure, KlingError):
+        return False  # e.g. an open circuit: nothing was sent
     duplicate = failure.code in (1200, 1201) and "external_task_id" in failure.message
     return duplicate or failure.code in (5000, 5001, 5002) or failure.http_status >= 500
 

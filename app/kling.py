@@ -22,6 +22,7 @@ import httpx2
 import jwt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from app.breaker import Breakers, CircuitOpen
 from app.models import IMAGE_MODELS, GenerateRequest
 
 GENERATIONS_PATH = "/v1/images/generations"
@@ -67,6 +68,24 @@ class KlingTransportError(KlingFailure):
 
 class KlingProtocolError(KlingFailure):
     pass
+
+
+class KlingCircuitOpen(KlingFailure):
+    """The account failed repeatedly; calls fail fast until `retry_after_s` has passed."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__(f"calls to this Kling account are paused for {retry_after_s:.0f} s after repeated failures")
+        self.retry_after_s = retry_after_s
+
+
+# Failures that say the account or Kling itself is unwell (not this one request): these trip the breaker.
+_UNHEALTHY_CODES = frozenset({1000, 1001, 1002, 1003, 1100, 1101, 1102, 1304, 5000, 5001, 5002})
+
+
+def is_unhealthy(failure: KlingFailure) -> bool:
+    if isinstance(failure, KlingError):
+        return failure.code in _UNHEALTHY_CODES or failure.http_status >= 500
+    return isinstance(failure, KlingTransportError | KlingProtocolError)
 
 
 class KlingImage(BaseModel):
@@ -166,11 +185,14 @@ def build_generation_body(
 class KlingClient:
     """Typed calls to Kling's image endpoints over the shared pool."""
 
-    def __init__(self, http: httpx2.AsyncClient, base_url: str, *, deadline_s: float = 30.0) -> None:
+    def __init__(
+        self, http: httpx2.AsyncClient, base_url: str, *, deadline_s: float = 30.0, breakers: Breakers | None = None
+    ) -> None:
         self._http = http
         self._base_url = base_url.rstrip("/")
         self._deadline_s = deadline_s
         self._jwts = JwtCache()
+        self._breakers = breakers or Breakers()
 
     async def create_image_task(self, credentials: KlingCredentials, body: dict[str, Any]) -> KlingTask:
         return await self._call(credentials, "POST", GENERATIONS_PATH, body)
@@ -180,6 +202,24 @@ class KlingClient:
         return await self._call(credentials, "GET", f"{GENERATIONS_PATH}/{task_id}", None)
 
     async def _call(
+        self, credentials: KlingCredentials, method: str, path: str, body: dict[str, Any] | None
+    ) -> KlingTask:
+        try:
+            self._breakers.before_call(credentials.access_key)
+        except CircuitOpen as exc:
+            raise KlingCircuitOpen(exc.retry_after_s) from exc
+        try:
+            task = await self._send_resigning(credentials, method, path, body)
+        except KlingFailure as exc:
+            if is_unhealthy(exc):
+                self._breakers.failed(credentials.access_key)
+            else:
+                self._breakers.neutral(credentials.access_key)
+            raise
+        self._breakers.succeeded(credentials.access_key)
+        return task
+
+    async def _send_resigning(
         self, credentials: KlingCredentials, method: str, path: str, body: dict[str, Any] | None
     ) -> KlingTask:
         try:

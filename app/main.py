@@ -21,6 +21,7 @@ from app import __version__
 from app.admin import build_admin_router
 from app.api import RestRequestGuard, build_api_router, install_error_handlers
 from app.auth import Authenticator, KeyChangeBroadcast, McpAuthMiddleware, OAuthChallenge, listening
+from app.breaker import Breakers
 from app.config import Settings
 from app.follower import TaskFollower
 from app.images import ImageService, ServiceTimings
@@ -184,7 +185,8 @@ def build_gateway(settings: Settings) -> Gateway:
     if oauth is not None:
         challenge = OAuthChallenge(oauth, OAuthVerifier(oauth, http), f"{settings.public_url}{PRM_PATH}/mcp")
     authenticator = Authenticator(directory, challenge)
-    kling = KlingClient(http, settings.kling_base_url, deadline_s=settings.kling_timeout_seconds)
+    breakers = Breakers(failure_threshold=settings.breaker_failures, open_s=settings.breaker_open_seconds)
+    kling = KlingClient(http, settings.kling_base_url, deadline_s=settings.kling_timeout_seconds, breakers=breakers)
     limiter, governor = open_limits(settings, limits_redis)
     follower = TaskFollower(kling, stores.tasks, first_interval_s=settings.poll_interval_seconds)
     timings = ServiceTimings(

@@ -168,3 +168,26 @@ async def test_sigterm_during_a_wait_answers_the_caller_with_its_task_id(
     assert answer.status_code == 202
     assert answer.json()["status"] in ("submitted", "processing")
     assert answer.json()["task_id"]
+
+
+async def test_a_failing_kling_account_trips_its_breaker_then_recovers_after_a_probe(simulator: Simulator) -> None:
+    await simulator.control("faults", {"code": 5001, "http_status": 503, "times": 1000, "path": "create"})
+    settings = gateway_settings(simulator, breaker_failures=3, breaker_open_seconds=1, queue_timeout_seconds=5)
+    built = build_gateway(settings)
+    async with serve(built.app) as url, httpx2.AsyncClient(timeout=30) as http:
+        running = RunningGateway(url=url, gateway=built, http=http)
+        headers = bearer(await running.new_api_key("acme"))
+        with anyio.fail_after(15):
+            tripped = await http.post(f"{url}/generate", json={"prompt": "x"}, headers=headers)
+            attempts = (await simulator.stats())["create_attempts"]
+            fast = await http.post(f"{url}/generate", json={"prompt": "x"}, headers=headers)
+        assert tripped.status_code == fast.status_code == 503
+        assert fast.json()["error"]["circuit"] == "open"
+        assert (await simulator.stats())["create_attempts"] == attempts == 3  # the open breaker sent nothing
+
+        await simulator.control("reset", {})  # Kling is healthy again
+        with anyio.fail_after(10):
+            # The breaker's pause has no event to await; asking again is the observation.
+            while (await http.post(f"{url}/generate", json={"prompt": "x"}, headers=headers)).status_code != 202:  # noqa: ASYNC110
+                await anyio.sleep(0.2)
+        assert (await http.post(f"{url}/generate", json={"prompt": "x"}, headers=headers)).status_code == 202

@@ -1,0 +1,67 @@
+"""Property tests (hypothesis): the reference-URL guard and the argument model hold for whole input spaces."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from app.errors import invalid_request_from
+from app.kling import build_generation_body
+from app.models import GenerateRequest, check_reference_url
+
+INTERNAL_NETWORKS = ["127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16",
+                     "100.64.0.0/10", "0.0.0.0/8"]  # fmt: skip
+KLING_FIELDS = {"model_name", "prompt", "negative_prompt", "image", "image_reference", "image_fidelity",
+                "human_fidelity", "resolution", "n", "aspect_ratio", "callback_url", "external_task_id"}  # fmt: skip
+
+
+def spellings(address: ipaddress.IPv4Address) -> list[str]:
+    """Ways a resolver reads the same IPv4 address."""
+    number = int(address)
+    return [str(address), str(number), hex(number), f"[::ffff:{address}]", ".".join(f"0{o:o}" for o in address.packed)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(INTERNAL_NETWORKS).flatmap(lambda net: st.ip_addresses(network=net)))
+def test_no_spelling_of_an_internal_ipv4_address_passes_the_reference_url_guard(address: Any) -> None:
+    assert isinstance(address, ipaddress.IPv4Address)
+    for host in spellings(address):
+        with pytest.raises(ValueError, match=r"."):
+            check_reference_url(f"https://{host}/cat.png")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.ip_addresses(v=6))
+def test_no_ipv6_literal_passes_the_reference_url_guard(address: Any) -> None:
+    with pytest.raises(ValueError, match=r"."):
+        check_reference_url(f"https://[{address}]/cat.png")
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-20, 5000) | st.floats(allow_nan=False) | st.text(max_size=40),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=10), children, max_size=3),
+    max_leaves=8,
+)
+argument_names = st.sampled_from([*sorted(GenerateRequest.model_fields), "num_images", "model", "extra"])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.dictionaries(argument_names, json_values, max_size=8))
+def test_any_arguments_are_either_refused_naming_a_field_or_mapped_to_documented_kling_fields(
+    arguments: dict[str, Any],
+) -> None:
+    try:
+        request = GenerateRequest.model_validate(arguments)
+    except ValidationError as exc:
+        assert invalid_request_from(exc.errors()).details["field"]
+        return
+    body = build_generation_body(request, external_task_id="kgw-x")
+    assert set(body) <= KLING_FIELDS
+    assert 1 <= body["n"] <= 9
+    assert 1 <= len(body["prompt"]) <= 2500
+    assert not ("image" in body and "negative_prompt" in body)

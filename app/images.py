@@ -290,7 +290,7 @@ class ImageService:
                 principal.credential_id, request.num_images, principal.concurrency, self._timings.queue_timeout_s
             )
             body = build_generation_body(request, external_task_id=external_task_id)
-            task = await self._create(principal.kling, body, external_task_id)
+            task = await self._create_once(principal.kling, body, external_task_id)
         except BaseException:
             await asyncio.shield(self._release(principal, admission.lease_id, account_lease, request.num_images))
             raise
@@ -325,6 +325,18 @@ class ImageService:
             await self._limiter.release(principal.tenant.id, tenant_lease, refund_images=refund)
         except (RedisError, OSError):
             logger.warning("could not release leases of tenant %s; they expire by themselves", principal.tenant.id)
+
+    async def _create_once(self, kling: KlingCredentials, body: dict[str, Any], external_task_id: str) -> KlingTask:
+        """The id is recorded before the create is sent: if an earlier attempt with it (say, on a replica that
+        crashed before hearing back) may have created the task, look it up instead of paying again."""
+        if await self._tasks.mark_submitting(external_task_id):
+            found = await self._find_by_external_id(kling, external_task_id)
+            if found is not None:
+                await self._tasks.confirm_submitted(external_task_id)
+                return found
+        task = await self._create(kling, body, external_task_id)
+        await self._tasks.confirm_submitted(external_task_id)
+        return task
 
     async def _create(self, kling: KlingCredentials, body: dict[str, Any], external_task_id: str) -> KlingTask:
         """Create the task, retrying only what Kling says is worth retrying, always with the same

@@ -101,6 +101,12 @@ class TaskStore(Protocol):
     async def complete_idempotency(self, scope: str, claim: IdempotencyClaim) -> None: ...
     async def release_idempotency(self, scope: str) -> None: ...
 
+    async def mark_submitting(self, external_task_id: str) -> bool:
+        """Record that a create with this id is about to be sent; True if one was recorded before (and never
+        confirmed), i.e. an earlier attempt may have created the task."""
+
+    async def confirm_submitted(self, external_task_id: str) -> None: ...
+
 
 class MemoryTaskStore:
     """In-process backend, bounded so a long-running demo cannot grow without limit."""
@@ -108,6 +114,7 @@ class MemoryTaskStore:
     def __init__(self, max_records: int = 100_000) -> None:
         self._records: OrderedDict[str, TaskRecord] = OrderedDict()
         self._claims: dict[str, tuple[IdempotencyClaim, float]] = {}
+        self._submitting: set[str] = set()
         self._max_records = max_records
 
     async def save(self, record: TaskRecord) -> None:
@@ -131,6 +138,14 @@ class MemoryTaskStore:
 
     async def release_idempotency(self, scope: str) -> None:
         self._claims.pop(scope, None)
+
+    async def mark_submitting(self, external_task_id: str) -> bool:
+        earlier = external_task_id in self._submitting
+        self._submitting.add(external_task_id)
+        return earlier
+
+    async def confirm_submitted(self, external_task_id: str) -> None:
+        self._submitting.discard(external_task_id)
 
 
 class RedisTaskStore:
@@ -156,6 +171,15 @@ class RedisTaskStore:
 
     async def release_idempotency(self, scope: str) -> None:
         await self._redis.delete(f"{self._ns}:idem:{scope}")
+
+    async def mark_submitting(self, external_task_id: str) -> bool:
+        # SET GET: record and learn of an earlier, unconfirmed attempt in one round trip.
+        key = f"{self._ns}:submitting:{external_task_id}"
+        earlier = await self._redis.set(key, "1", get=True, ex=IDEMPOTENCY_TTL_S)
+        return earlier is not None
+
+    async def confirm_submitted(self, external_task_id: str) -> None:
+        await self._redis.delete(f"{self._ns}:submitting:{external_task_id}")
 
 
 ProgressCallback = Callable[[TaskRecord, float], Awaitable[None]]

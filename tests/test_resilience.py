@@ -191,3 +191,22 @@ async def test_a_failing_kling_account_trips_its_breaker_then_recovers_after_a_p
             while (await http.post(f"{url}/generate", json={"prompt": "x"}, headers=headers)).status_code != 202:  # noqa: ASYNC110
                 await anyio.sleep(0.2)
         assert (await http.post(f"{url}/generate", json={"prompt": "x"}, headers=headers)).status_code == 202
+
+
+async def test_a_retry_after_a_lost_create_answer_looks_the_task_up_instead_of_creating_again(
+    simulator: Simulator,
+) -> None:
+    built = build_gateway(gateway_settings(simulator, kling_timeout_seconds=0.5, queue_timeout_seconds=1))
+    async with serve(built.app) as url, httpx2.AsyncClient(timeout=30) as http:
+        running = RunningGateway(url=url, gateway=built, http=http)
+        headers = bearer(await running.new_api_key("acme")) | {"Idempotency-Key": "order-9"}
+        # The create's answer is lost (too slow) and the lookup that follows fails too.
+        await simulator.control("slow", {"seconds": 1.5, "times": 1, "path": "create"})
+        await simulator.control("faults", {"code": 5001, "http_status": 503, "times": 1, "path": "query"})
+        with anyio.fail_after(20):
+            lost = await http.post(f"{url}/generate", json={"prompt": "x"}, headers=headers)
+            retried = await http.post(f"{url}/generate", json={"prompt": "x"}, headers=headers)
+    assert lost.status_code >= 500
+    assert retried.status_code in (200, 202), retried.text
+    stats = await simulator.stats()
+    assert (stats["creates"], stats["create_attempts"]) == (1, 1)

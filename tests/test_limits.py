@@ -168,17 +168,23 @@ async def test_leases_of_a_killed_replica_come_back_by_expiry(
     assert time.monotonic() - killed_at < 3
 
 
+async def tenant_holding_the_only_slot(gateway: RunningGateway, simulator: Simulator) -> tuple[dict[str, Any], str]:
+    """A tenant on a one-slot Kling account, whose slot a running task holds; returns (tenant, API key)."""
+    await simulator.control("accounts", SHARED_ACCOUNT | {"concurrency": 1})
+    http, admin = gateway.http, f"{gateway.url}/admin"
+    body = {"name": "acme", "kling": SHARED_ACCOUNT | {"concurrency": 1}}
+    tenant = (await http.post(f"{admin}/tenants", json=body, headers=ADMIN)).json()
+    api_key = (await http.post(f"{admin}/tenants/{tenant['id']}/keys", json={}, headers=ADMIN)).json()["api_key"]
+    first = await http.post(f"{gateway.url}/generate", json={"prompt": "x"}, headers=bearer(api_key))
+    assert first.status_code == 202  # holds the account's only slot while the simulator's task runs
+    return tenant, api_key
+
+
 @pytest.mark.sim_delay(60.0)
 async def test_a_cancelled_call_frees_its_lease_and_queue_place_at_once(
     redis_gateway: RunningGateway, simulator: Simulator, redis: Redis
 ) -> None:
-    await simulator.control("accounts", SHARED_ACCOUNT | {"concurrency": 1})
-    http, admin = redis_gateway.http, f"{redis_gateway.url}/admin"
-    tenant = (await http.post(f"{admin}/tenants", json={"name": "acme", "kling": SHARED_ACCOUNT | {"concurrency": 1}},
-                              headers=ADMIN)).json()  # fmt: skip
-    api_key = (await http.post(f"{admin}/tenants/{tenant['id']}/keys", json={}, headers=ADMIN)).json()["api_key"]
-    first = await http.post(f"{redis_gateway.url}/generate", json={"prompt": "x"}, headers=bearer(api_key))
-    assert first.status_code == 202  # holds the account's only slot for a minute
+    tenant, api_key = await tenant_holding_the_only_slot(redis_gateway, simulator)
     leases = f"kgw:rl:{{t:{tenant['id']}}}:leases"
 
     async with mcp_client(redis_gateway, api_key) as client:
@@ -289,12 +295,7 @@ async def test_the_tenants_default_model_applies_over_mcp(gateway: RunningGatewa
 async def test_a_rest_caller_hanging_up_frees_its_lease_and_queue_place_at_once(
     redis_gateway: RunningGateway, simulator: Simulator, redis: Redis
 ) -> None:
-    await simulator.control("accounts", SHARED_ACCOUNT | {"concurrency": 1})
-    http, admin = redis_gateway.http, f"{redis_gateway.url}/admin"
-    tenant = (await http.post(f"{admin}/tenants", json={"name": "acme", "kling": SHARED_ACCOUNT | {"concurrency": 1}},
-                              headers=ADMIN)).json()  # fmt: skip
-    api_key = (await http.post(f"{admin}/tenants/{tenant['id']}/keys", json={}, headers=ADMIN)).json()["api_key"]
-    assert (await http.post(f"{redis_gateway.url}/generate", json={"prompt": "x"}, headers=bearer(api_key))).is_success
+    tenant, api_key = await tenant_holding_the_only_slot(redis_gateway, simulator)
     queue = f"kgw:gov:{{c:{tenant['credential_ids'][0]}}}:queue"
     leases = f"kgw:rl:{{t:{tenant['id']}}}:leases"
 

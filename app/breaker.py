@@ -51,6 +51,12 @@ class Breakers:
         if state.failures >= self._threshold:
             state.open_until = time.monotonic() + self._open_s
 
+    def abandoned(self, key: str) -> None:
+        """A call ended without a verdict (cancelled): if it was the probe, let the next call probe instead."""
+        state = self._states.get(key)
+        if state is not None:
+            state.probing = False
+
     def neutral(self, key: str) -> None:
         """The call ended in a way that says nothing about the account's health (e.g. a refused prompt)."""
         state = self._states.get(key)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -21,7 +22,8 @@ from app.kling import KlingClient, KlingCredentials, KlingFailure
 from app.tasks import MAX_POLL_INTERVAL_S, ProgressCallback, TaskRecord, TaskStore
 
 logger = logging.getLogger(__name__)
-MAX_FOLLOW_S = 3600.0  # Kling image tasks take seconds to minutes; past this the task is given up on
+MAX_FOLLOW_S = 3600.0
+FINISHED_KEPT = 1000  # Kling image tasks take seconds to minutes; past this the task is given up on
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ class TaskFollower:
         self._followers: dict[str, asyncio.Task[None]] = {}
         self._latest: dict[str, TaskRecord] = {}
         self._changed: dict[str, asyncio.Event] = {}
+        # The last state of recently finished tasks, for waiters that wake just after their follower ended.
+        self._finished: OrderedDict[str, TaskRecord] = OrderedDict()
 
     def follow(self, record: TaskRecord, kling: KlingCredentials, leases: Leases) -> None:
         self._latest[record.task_id] = record
@@ -51,7 +55,7 @@ class TaskFollower:
         self._followers[record.task_id] = task
 
     def latest(self, task_id: str) -> TaskRecord | None:
-        return self._latest.get(task_id)
+        return self._latest.get(task_id) or self._finished.get(task_id)
 
     def following(self, task_id: str) -> bool:
         return task_id in self._followers
@@ -71,8 +75,12 @@ class TaskFollower:
                 await leases.refresh()
             if not record.status.is_terminal:
                 logger.warning("gave up following task %s after %.0f s", record.task_id, self._max_follow_s)
-        finally:
-            await asyncio.shield(self._finish(record, leases))
+        except asyncio.CancelledError:
+            # Shutdown: the task still runs at Kling and still holds its slots there, so its leases are
+            # left to lapse by their TTL rather than freed for other replicas to over-admit.
+            self._forget(record)
+            raise
+        await asyncio.shield(self._finish(record, leases))
 
     async def _poll(self, record: TaskRecord, kling: KlingCredentials) -> TaskRecord:
         try:
@@ -101,11 +109,17 @@ class TaskFollower:
         except (RedisError, OSError):
             logger.warning("could not release the leases of task %s; they expire by themselves", record.task_id)
         finally:
-            self._followers.pop(record.task_id, None)
-            self._latest.pop(record.task_id, None)
-            changed = self._changed.pop(record.task_id, None)
-            if changed is not None:
-                changed.set()
+            self._forget(record)
+
+    def _forget(self, record: TaskRecord) -> None:
+        self._finished[record.task_id] = record
+        while len(self._finished) > FINISHED_KEPT:
+            self._finished.popitem(last=False)
+        self._followers.pop(record.task_id, None)
+        self._latest.pop(record.task_id, None)
+        changed = self._changed.pop(record.task_id, None)
+        if changed is not None:
+            changed.set()
 
     async def wait(self, record: TaskRecord, wait_s: float, on_progress: ProgressCallback | None) -> TaskRecord:
         """Wait up to `wait_s` for a task followed here, reporting each change and a heartbeat every 5 s."""
@@ -114,7 +128,10 @@ class TaskFollower:
         while not record.status.is_terminal:
             remaining = deadline - time.monotonic()
             changed = self._changed.get(record.task_id)
-            if remaining <= 0 or changed is None:
+            if changed is None:  # the follower has ended: its last word is final
+                record = self._finished.get(record.task_id) or await self._tasks.get(record.task_id) or record
+                break
+            if remaining <= 0:
                 break
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(remaining, MAX_POLL_INTERVAL_S)):
@@ -125,7 +142,7 @@ class TaskFollower:
         return record
 
     async def aclose(self) -> None:
-        """Stop following (shutdown): leases are released; the tasks themselves go on at Kling."""
+        """Stop following (shutdown). The tasks go on at Kling; their leases lapse by their TTL."""
         followers = list(self._followers.values())
         for follower in followers:
             follower.cancel()

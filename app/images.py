@@ -38,6 +38,7 @@ from app.kling import (
 from app.lifecycle import Drain
 from app.models import GenerateRequest, TaskStatus, TaskView
 from app.ratelimit import AccountGovernor, Limiter, Remaining, limit_refused
+from app.sealing import SealingError
 from app.tasks import IdempotencyClaim, ProgressCallback, TaskRecord, TaskStore, wait_for_task
 from app.tenants import Tenant, TenantPolicy
 from app.usage import UsageStore
@@ -141,6 +142,14 @@ def _maybe_created(failure: KlingFailure) -> bool:
     return duplicate or failure.code in (5000, 5001, 5002) or failure.http_status >= 500
 
 
+class UncertainCreate(Exception):
+    """A create may have reached Kling, and Kling could not be asked whether it did."""
+
+    def __init__(self, failure: KlingFailure) -> None:
+        super().__init__(str(failure))
+        self.error = error_from_kling(failure)
+
+
 @dataclass(frozen=True)
 class ServiceTimings:
     max_wait_s: int
@@ -198,7 +207,7 @@ class ImageService:
     ) -> Outcome:
         """A task of the caller's own tenant; another tenant's task is reported as not found."""
         remaining = await self._limiter.admit_request(principal.tenant.id, principal.key_id, principal.tenant.limits)
-        await self._usage.record(principal.tenant.id, principal.key_id, requests=1)
+        await self._record_usage(principal, requests=1)
         record = await self._tasks.get(task_id)
         if record is None or record.tenant_id != principal.tenant.id:
             raise NotFound(f"no task {task_id!r} for this API key")
@@ -220,7 +229,11 @@ class ImageService:
                 group.cancel_scope.cancel()
 
             group.start_soon(stop_when_draining)
-            latest = await self._wait_for_end(principal, record, wait_s, on_progress)
+            try:
+                latest = await self._wait_for_end(principal, record, wait_s, on_progress)
+            except (RedisError, OSError, SealingError):
+                # The task exists: the caller gets its id rather than an error that invites paying again.
+                logger.warning("waiting on task %s failed; answering with its last known state", record.task_id)
             group.cancel_scope.cancel()
         if self._drain.draining and not latest.status.is_terminal:
             latest = self._follower.latest(record.task_id) or latest
@@ -279,30 +292,51 @@ class ImageService:
     async def _submit(
         self, principal: Principal, request: GenerateRequest, external_task_id: str | None = None
     ) -> Outcome:
-        """Admit, take slots, create at Kling, record, follow. Slots are returned at once if nothing was created."""
-        tenant = principal.tenant
-        admission = await self._limiter.admit_task(tenant.id, principal.key_id, tenant.limits, request.num_images)
-        await self._usage.record(tenant.id, principal.key_id, requests=1)
-        account_lease: str | None = None
+        """Admit, take slots, create at Kling, record, follow.
+
+        Until the create may have reached Kling, a failure or a hang-up returns the slots at once. From then
+        on the work is shielded from cancellation (a hung-up caller must not leave a running task unrecorded),
+        and if it ends without knowing whether Kling created the task, the slots are kept until their leases
+        lapse: a task that may run at Kling must not free its slots early.
+        """
+        tenant, images = principal.tenant, request.num_images
+        admission = await self._limiter.admit_task(tenant.id, principal.key_id, tenant.limits, images)
+        await self._record_usage(principal, requests=1)
         external_task_id = external_task_id or external_task_id_for(tenant.id, None)
         try:
             account_lease = await self._governor.acquire(
-                principal.credential_id, request.num_images, principal.concurrency, self._timings.queue_timeout_s
+                principal.credential_id, images, principal.concurrency, self._timings.queue_timeout_s
             )
-            body = build_generation_body(request, external_task_id=external_task_id)
-            task = await self._create_once(principal.kling, body, external_task_id)
         except BaseException:
-            await asyncio.shield(self._release(principal, admission.lease_id, account_lease, request.num_images))
+            await asyncio.shield(self._release(principal, admission.lease_id, None, images))
             raise
-        record = TaskRecord(
-            task_id=task.task_id, tenant_id=tenant.id, credential_id=principal.credential_id,
-            external_task_id=external_task_id, model_name=request.model_name, num_images=request.num_images,
-            status=TaskStatus.SUBMITTED, created_at_ms=task.created_at, updated_at_ms=task.updated_at,
-        ).updated_from(task)  # fmt: skip
-        self._follower.follow(record, principal.kling, self._leases(principal, admission.lease_id, account_lease))
-        await self._save_quietly(record)
-        await self._usage.record(tenant.id, principal.key_id, tasks=1, images=request.num_images)
+        with anyio.CancelScope(shield=True):
+            try:
+                body = build_generation_body(request, external_task_id=external_task_id)
+                task = await self._create_once(principal.kling, body, external_task_id)
+            except UncertainCreate as exc:
+                logger.warning("task %s may exist at Kling; its slots lapse by themselves", external_task_id)
+                raise exc.error from exc
+            except BaseException:
+                await self._release(principal, admission.lease_id, account_lease, images)
+                raise
+            record = TaskRecord(
+                task_id=task.task_id, tenant_id=tenant.id, credential_id=principal.credential_id,
+                external_task_id=external_task_id, model_name=request.model_name, num_images=images,
+                status=TaskStatus.SUBMITTED, created_at_ms=task.created_at, updated_at_ms=task.updated_at,
+            ).updated_from(task)  # fmt: skip
+            self._follower.follow(record, principal.kling, self._leases(principal, admission.lease_id, account_lease))
+            await self._save_quietly(record)
+            await self._record_usage(principal, tasks=1, images=images)
         return Outcome(record, admission.remaining)
+
+    async def _record_usage(self, principal: Principal, *, requests: int = 0, tasks: int = 0, images: int = 0) -> None:
+        """Usage is bookkeeping: failing to count must never fail a request (least of all a paid one)."""
+        try:
+            await self._usage.record(principal.tenant.id, principal.key_id, requests=requests, tasks=tasks,
+                                     images=images)  # fmt: skip
+        except (RedisError, OSError):
+            logger.warning("could not record usage of tenant %s", principal.tenant.id)
 
     def _leases(self, principal: Principal, tenant_lease: str, account_lease: str) -> Leases:
         async def refresh() -> None:
@@ -319,28 +353,42 @@ class ImageService:
         return Leases(refresh=refresh, release=release)
 
     async def _release(self, principal: Principal, tenant_lease: str, account_lease: str | None, refund: int) -> None:
-        try:
-            if account_lease is not None:
+        """Each release on its own: one failing must not keep the other slot."""
+        if account_lease is not None:
+            try:
                 await self._governor.release(principal.credential_id, account_lease)
+            except (RedisError, OSError):
+                logger.warning("could not release an account slot of tenant %s; it lapses", principal.tenant.id)
+        try:
             await self._limiter.release(principal.tenant.id, tenant_lease, refund_images=refund)
         except (RedisError, OSError):
-            logger.warning("could not release leases of tenant %s; they expire by themselves", principal.tenant.id)
+            logger.warning("could not release a lease of tenant %s; it lapses", principal.tenant.id)
 
     async def _create_once(self, kling: KlingCredentials, body: dict[str, Any], external_task_id: str) -> KlingTask:
         """The id is recorded before the create is sent: if an earlier attempt with it (say, on a replica that
         crashed before hearing back) may have created the task, look it up instead of paying again."""
-        if await self._tasks.mark_submitting(external_task_id):
-            found = await self._find_by_external_id(kling, external_task_id)
-            if found is not None:
-                await self._tasks.confirm_submitted(external_task_id)
-                return found
-        task = await self._create(kling, body, external_task_id)
-        await self._tasks.confirm_submitted(external_task_id)
+        try:
+            earlier = await self._tasks.mark_submitting(external_task_id)
+        except (RedisError, OSError):
+            earlier = False  # the marker is a safeguard on top of Kling's own external_task_id uniqueness
+        if earlier and (found := await self._find_by_external_id(kling, external_task_id)):
+            task = found
+        else:
+            task = await self._create(kling, body, external_task_id)
+        try:
+            await self._tasks.confirm_submitted(external_task_id)
+        except (RedisError, OSError):
+            logger.warning("could not clear the submission marker of %s", external_task_id)
         return task
 
     async def _create(self, kling: KlingCredentials, body: dict[str, Any], external_task_id: str) -> KlingTask:
         """Create the task, retrying only what Kling says is worth retrying, always with the same
-        `external_task_id`, within the submission's deadline (reference/kling-api.md §6)."""
+        `external_task_id`, within the submission's deadline (reference/kling-api.md §6).
+
+        Raises:
+            GatewayError: Kling certainly did not create the task.
+            UncertainCreate: the create may have gone through and looking it up failed too.
+        """
         deadline = time.monotonic() + self._timings.queue_timeout_s
         for attempt in itertools.count():
             try:
@@ -349,8 +397,10 @@ class ImageService:
                 failure = exc
             # The create may have reached Kling although the answer says otherwise or was lost: look it up
             # by the id we chose and adopt it. Never pay twice, never report a task that exists as failed.
-            if _maybe_created(failure) and (found := await self._find_by_external_id(kling, external_task_id)):
-                return found
+            if _maybe_created(failure):
+                found = await self._find_by_external_id(kling, external_task_id)
+                if found is not None:
+                    return found
             delay = retry_delay(failure, attempt)
             if delay is None or time.monotonic() + delay >= deadline:
                 raise _create_failed(failure) from failure
@@ -358,14 +408,15 @@ class ImageService:
         raise AssertionError("unreachable")
 
     async def _find_by_external_id(self, kling: KlingCredentials, external_task_id: str) -> KlingTask | None:
+        """The task, or None when Kling says there is none; UncertainCreate when Kling cannot tell us."""
         try:
             return await self._kling.get_image_task(kling, external_task_id)
         except KlingError as exc:
             if exc.code == _CODE_TASK_NOT_FOUND:
                 return None
-            raise error_from_kling(exc) from exc
-        except KlingFailure:
-            return None
+            raise UncertainCreate(exc) from exc
+        except KlingFailure as exc:
+            raise UncertainCreate(exc) from exc
 
     # --- idempotency ---
 
@@ -390,7 +441,7 @@ class ImageService:
 
     async def _replay(self, principal: Principal, task_id: str) -> Outcome:
         remaining = await self._limiter.admit_request(principal.tenant.id, principal.key_id, principal.tenant.limits)
-        await self._usage.record(principal.tenant.id, principal.key_id, requests=1)
+        await self._record_usage(principal, requests=1)
         record = await self._tasks.get(task_id)
         if record is None:
             raise NotFound("the task of this idempotency key no longer exists")
@@ -403,7 +454,7 @@ class ImageService:
             outcome = await self._submit(principal, request, external_task_id_for(principal.tenant.id, key))
         except BaseException:
             # Nothing was created (a possibly created task was looked up already): a retry may submit again.
-            await asyncio.shield(self._tasks.release_idempotency(scope))
+            await asyncio.shield(self._tasks.release_idempotency(scope, claim.owner))
             raise
         try:
             await self._tasks.complete_idempotency(scope, replace(claim, task_id=outcome.record.task_id))

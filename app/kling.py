@@ -216,6 +216,9 @@ class KlingClient:
             else:
                 self._breakers.neutral(credentials.access_key)
             raise
+        except BaseException:
+            self._breakers.abandoned(credentials.access_key)  # cancelled: no verdict on the account
+            raise
         self._breakers.succeeded(credentials.access_key)
         return task
 

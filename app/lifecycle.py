@@ -45,6 +45,10 @@ class Drain:
             chained: Any = previous[signal.Signals(sig)]
             if callable(chained):
                 chained(sig, frame)
+            elif chained == signal.SIG_DFL:
+                # Nobody else handles it: after starting to drain, let the signal do what it would have done.
+                signal.signal(sig, signal.SIG_DFL)
+                signal.raise_signal(sig)
 
         for sig in SIGNALS:
             signal.signal(sig, handle)

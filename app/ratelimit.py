@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from app.errors import LimitsUnavailable, RateLimited
+from app.errors import InvalidRequest, LimitsUnavailable, RateLimited
 
 logger = logging.getLogger(__name__)
 REDIS_FAILURES = (RedisError, OSError, TimeoutError)
@@ -76,9 +76,9 @@ def utc_day(now: float | None = None) -> str:
     return datetime.fromtimestamp(time.time() if now is None else now, tz=UTC).strftime("%Y-%m-%d")
 
 
-def new_lease_id() -> str:
+def new_lease_id(day: str) -> str:
     """Carries the UTC day its images were counted on, so a refund after midnight goes to that day."""
-    return f"{utc_day()}.{uuid.uuid4().hex}"
+    return f"{day}.{uuid.uuid4().hex}"
 
 
 def day_of_lease(lease_id: str) -> str:
@@ -242,8 +242,9 @@ def _decision(reply: Any, policy: str) -> list[int]:
 
 
 def _policy(limits: TenantLimits) -> str:
+    per_key = f", {limits.requests_per_minute_per_key}/min per key" if limits.requests_per_minute_per_key else ""
     return (
-        f"{limits.requests_per_minute}/min, {limits.concurrent_tasks} concurrent tasks, "
+        f"{limits.requests_per_minute}/min{per_key}, {limits.concurrent_tasks} concurrent tasks, "
         f"{limits.images_per_day} images/day"
     )
 
@@ -276,7 +277,8 @@ class RedisLimiter:
     async def admit_task(self, tenant_id: str, key_id: str, limits: TenantLimits, images: int) -> Admission:
         interval, burst = _gcra_args(limits.requests_per_minute)
         key_interval, key_burst = _gcra_args(limits.requests_per_minute_per_key)
-        lease_id = new_lease_id()
+        day = utc_day()
+        lease_id = new_lease_id(day)
         args: list[int | str] = [
             interval,
             burst,
@@ -290,7 +292,7 @@ class RedisLimiter:
             seconds_until_utc_midnight(),
             CONCURRENCY_RETRY_HINT_S * 1000,
         ]
-        reply = await self._admit_task(keys=self._keys(tenant_id, key_id), args=args)
+        reply = await self._admit_task(keys=self._keys(tenant_id, key_id, day), args=args)
         requests, concurrent, images_left = _decision(reply, _policy(limits))
         return Admission(lease_id, Remaining(requests, concurrent, images_left))
 
@@ -341,10 +343,10 @@ class RedisAccountGovernor:
 
 
 def refuse_impossible(slots: int, capacity: int) -> None:
-    """A request for more image slots than the account has can never be served: say so at once."""
+    """A request for more image slots than the account has can never be served: say so at once (422, as
+    retrying cannot help)."""
     if slots > capacity:
-        message = f"the Kling account runs at most {capacity} images at once; ask for fewer"
-        raise limit_refused("kling_account", CONCURRENCY_RETRY_HINT_S * 1000, message)
+        raise InvalidRequest("num_images", f"the tenant's Kling account runs at most {capacity} images at once")
 
 
 async def _wait_for_turn(attempt: Any, wait_s: float, capacity: int) -> None:
@@ -442,13 +444,14 @@ class MemoryLimiter:
         used = self._leases.used(tenant_id, now)
         if used + 1 > limits.concurrent_tasks:
             raise limit_refused("concurrent_tasks", CONCURRENCY_RETRY_HINT_S * 1000, _policy(limits))
-        day = (tenant_id, utc_day())
+        today_name = utc_day()
+        day = (tenant_id, today_name)
         today = self._images.get(day, 0)
         if today + images > limits.images_per_day:
             raise limit_refused("images_per_day", seconds_until_utc_midnight() * 1000, _policy(limits))
         for key, tat in charges:
             self._gcra.charge(key, tat)
-        lease_id = new_lease_id()
+        lease_id = new_lease_id(today_name)
         self._leases.take(tenant_id, lease_id, 1, now + self._lease_ttl_s)
         self._images[day] = today + images
         left = Remaining(remaining, limits.concurrent_tasks - used - 1, limits.images_per_day - today - images)

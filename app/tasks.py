@@ -21,6 +21,14 @@ from app.kling import KlingTask
 from app.models import IMAGE_URL_LIFETIME_DAYS, ImageView, TaskStatus, TaskView, datetime_from_ms
 
 TASK_TTL_S = IMAGE_URL_LIFETIME_DAYS * 86_400
+# Compare-and-set on an idempotency claim: only its owner may complete (ARGV[2] set for ARGV[3] s) or drop it.
+IF_OWNER = """
+local current = redis.call('GET', KEYS[1])
+if not current or cjson.decode(current)['owner'] ~= ARGV[1] then return 0 end
+if ARGV[2] == '' then return redis.call('DEL', KEYS[1]) end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[3]))
+return 1
+"""
 IDEMPOTENCY_TTL_S = 86_400
 MAX_POLL_INTERVAL_S = 5.0  # also the longest silence between progress reports while waiting
 
@@ -98,8 +106,11 @@ class TaskStore(Protocol):
         """Claim `scope` atomically for `ttl_s` (until completed); None when this caller won, else the existing
         claim. An unfinished claim lapses after `ttl_s`, so a crashed request cannot block its key for a day."""
 
-    async def complete_idempotency(self, scope: str, claim: IdempotencyClaim) -> None: ...
-    async def release_idempotency(self, scope: str) -> None: ...
+    async def complete_idempotency(self, scope: str, claim: IdempotencyClaim) -> None:
+        """Record the claim's task for 24 h, if the claim is still `claim.owner`'s."""
+
+    async def release_idempotency(self, scope: str, owner: str) -> None:
+        """Drop the claim, if it is still `owner`'s (a lapsed claim may have been taken by another request)."""
 
     async def mark_submitting(self, external_task_id: str) -> bool:
         """Record that a create with this id is about to be sent; True if one was recorded before (and never
@@ -133,11 +144,17 @@ class MemoryTaskStore:
         self._claims[scope] = (claim, time.monotonic() + ttl_s)
         return None
 
-    async def complete_idempotency(self, scope: str, claim: IdempotencyClaim) -> None:
-        self._claims[scope] = (claim, time.monotonic() + IDEMPOTENCY_TTL_S)
+    def _owned(self, scope: str, owner: str) -> bool:
+        existing = self._claims.get(scope)
+        return existing is not None and existing[0].owner == owner
 
-    async def release_idempotency(self, scope: str) -> None:
-        self._claims.pop(scope, None)
+    async def complete_idempotency(self, scope: str, claim: IdempotencyClaim) -> None:
+        if self._owned(scope, claim.owner):
+            self._claims[scope] = (claim, time.monotonic() + IDEMPOTENCY_TTL_S)
+
+    async def release_idempotency(self, scope: str, owner: str) -> None:
+        if self._owned(scope, owner):
+            del self._claims[scope]
 
     async def mark_submitting(self, external_task_id: str) -> bool:
         earlier = external_task_id in self._submitting
@@ -152,6 +169,7 @@ class RedisTaskStore:
     def __init__(self, redis: Redis, namespace: str = "kgw") -> None:
         self._redis = redis
         self._ns = namespace
+        self._if_owner = redis.register_script(IF_OWNER)
 
     async def save(self, record: TaskRecord) -> None:
         await self._redis.set(f"{self._ns}:task:{record.task_id}", _record_to_json(record), ex=TASK_TTL_S)
@@ -167,10 +185,11 @@ class RedisTaskStore:
         return IdempotencyClaim(**json.loads(previous)) if isinstance(previous, (str, bytes)) else None
 
     async def complete_idempotency(self, scope: str, claim: IdempotencyClaim) -> None:
-        await self._redis.set(f"{self._ns}:idem:{scope}", json.dumps(asdict(claim)), ex=IDEMPOTENCY_TTL_S)
+        args: list[str | int] = [claim.owner, json.dumps(asdict(claim)), IDEMPOTENCY_TTL_S]
+        await self._if_owner(keys=[f"{self._ns}:idem:{scope}"], args=args)
 
-    async def release_idempotency(self, scope: str) -> None:
-        await self._redis.delete(f"{self._ns}:idem:{scope}")
+    async def release_idempotency(self, scope: str, owner: str) -> None:
+        await self._if_owner(keys=[f"{self._ns}:idem:{scope}"], args=[owner, "", 0])
 
     async def mark_submitting(self, external_task_id: str) -> bool:
         # SET GET: record and learn of an earlier, unconfirmed attempt in one round trip.

@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 import app.ratelimit
-from app.errors import LimitsUnavailable, RateLimited
+from app.errors import InvalidRequest, LimitsUnavailable, RateLimited
 from app.main import create_redis
 from app.ratelimit import (
     LOCAL_PREFIX,
@@ -387,8 +387,9 @@ async def test_a_waiter_whose_wait_runs_out_is_refused_and_leaves_the_queue(back
 
 async def test_a_request_for_more_slots_than_the_account_has_is_refused_at_once(backend: Backend) -> None:
     governor = backend.governor()
-    with anyio.fail_after(0.5):
-        await refused_by("kling_account", governor.acquire(CREDENTIAL, 5, 4, 10))
+    with anyio.fail_after(0.5), pytest.raises(InvalidRequest) as caught:
+        await governor.acquire(CREDENTIAL, 5, 4, 10)
+    assert (caught.value.status, caught.value.details["field"]) == (422, "num_images")
     assert await backend.queued(governor) == 0
     await governor.acquire(CREDENTIAL, 4, 4, 0)
 
@@ -528,8 +529,8 @@ async def test_with_a_fallback_a_dead_redis_still_refuses_more_slots_than_the_ac
     governor = FallbackGovernor(
         RedisAccountGovernor(dead_redis, lease_ttl_s=60), MemoryAccountGovernor(lease_ttl_s=60), replicas=2
     )
-    with anyio.fail_after(3):
-        await refused_by("kling_account", governor.acquire(CREDENTIAL, 9, 4, 0))
+    with anyio.fail_after(3), pytest.raises(InvalidRequest):
+        await governor.acquire(CREDENTIAL, 9, 4, 0)
 
 
 async def test_a_paused_redis_fails_fast_and_admissions_resume_after_it(redis_client: Redis, redis_url: str) -> None:

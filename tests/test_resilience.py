@@ -10,15 +10,25 @@ import anyio
 import httpx2
 import pytest
 from pydantic import SecretStr
+from redis.asyncio import Redis
 
+from app.breaker import Breakers
 from app.images import retry_delay
-from app.kling import KlingError, KlingTransportError
+from app.kling import (
+    KlingCircuitOpen,
+    KlingClient,
+    KlingCredentials,
+    KlingError,
+    KlingTransportError,
+    create_http_client,
+)
 from app.main import build_gateway
 from app.sealing import new_master_key
-from tests.conftest import RunningGateway, Simulator, gateway_settings, replica_env
+from tests.conftest import ADMIN_TOKEN, PRIMARY, RunningGateway, Simulator, gateway_settings, replica_env
 from tests.servers import gateway_process, serve
 
 pytestmark = pytest.mark.anyio
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -210,3 +220,40 @@ async def test_a_retry_after_a_lost_create_answer_looks_the_task_up_instead_of_c
     assert retried.status_code in (200, 202), retried.text
     stats = await simulator.stats()
     assert (stats["creates"], stats["create_attempts"]) == (1, 1)
+
+
+@pytest.mark.sim_delay(60.0)
+async def test_a_caller_hanging_up_mid_create_still_gets_the_task_recorded_and_its_slots_held(
+    redis_gateway: RunningGateway, simulator: Simulator, redis: Redis
+) -> None:
+    api_key = await redis_gateway.new_api_key("acme")
+    tenant_id = (await redis_gateway.http.get(f"{redis_gateway.url}/admin/tenants", headers=ADMIN)).json()[0]["id"]
+    await simulator.control("slow", {"seconds": 1.0, "times": 1, "path": "create"})
+    async with httpx2.AsyncClient(timeout=0.3) as impatient:
+        with pytest.raises(httpx2.ReadTimeout):
+            await impatient.post(f"{redis_gateway.url}/generate", json={"prompt": "x"}, headers=bearer(api_key))
+    leases = f"kgw:rl:{{t:{tenant_id}}}:leases"
+    with anyio.fail_after(5):
+        while (await simulator.stats())["creates"] != 1:  # noqa: ASYNC110 - the simulator is the observation
+            await anyio.sleep(0.05)
+        await anyio.sleep(0.5)  # the shielded submission records the task right after Kling answers
+    assert await redis.zcard(leases) == 1  # the running task keeps its slot: no free task by hanging up
+
+
+async def test_a_cancelled_breaker_probe_lets_the_next_call_probe(simulator: Simulator) -> None:
+    breakers = Breakers(failure_threshold=1, open_s=0.2)
+    credentials = KlingCredentials(PRIMARY.access_key, PRIMARY.secret_key)
+    async with create_http_client() as http:
+        client = KlingClient(http, simulator.url, breakers=breakers)
+        await simulator.control("faults", {"code": 5001, "http_status": 503, "times": 1, "path": "query"})
+        with pytest.raises(KlingError):
+            await client.get_image_task(credentials, "1")
+        with pytest.raises(KlingCircuitOpen):
+            await client.get_image_task(credentials, "1")
+        await anyio.sleep(0.25)  # the breaker's pause: a fixed time, nothing to await
+        await simulator.control("slow", {"seconds": 2.0, "times": 1, "path": "query"})
+        with anyio.move_on_after(0.2):
+            await client.get_image_task(credentials, "1")  # the probe, abandoned by its caller
+        with pytest.raises(KlingError) as caught:
+            await client.get_image_task(credentials, "1")  # allowed through as the next probe
+    assert caught.value.code == 1203

@@ -38,6 +38,7 @@ from app.kling import (
 from app.lifecycle import Drain
 from app.models import GenerateRequest, TaskStatus, TaskView
 from app.ratelimit import AccountGovernor, Limiter, Remaining, limit_refused
+from app.references import ReferenceGuard
 from app.sealing import SealingError
 from app.tasks import IdempotencyClaim, ProgressCallback, TaskRecord, TaskStore, wait_for_task
 from app.tenants import Tenant, TenantPolicy
@@ -170,6 +171,7 @@ class ImageService:
         follower: TaskFollower,
         timings: ServiceTimings,
         drain: Drain,
+        references: ReferenceGuard,
     ) -> None:
         self._kling = kling
         self._tasks = tasks
@@ -180,6 +182,7 @@ class ImageService:
         self._follower = follower
         self._timings = timings
         self._drain = drain
+        self._references = references
 
     async def generate(
         self,
@@ -194,6 +197,7 @@ class ImageService:
             raise UpstreamUnavailable("this gateway replica is shutting down; retry (another replica will answer)",
                                       retry_after=1)  # fmt: skip
         request = apply_policy(principal.tenant.policy, request)
+        await self._references.check(request.ref_image_url)
         if request.idempotency_key is None:
             outcome = await self._submit(principal, request)
         else:

@@ -39,6 +39,7 @@ from app.ratelimit import (
     RedisAccountGovernor,
     RedisLimiter,
 )
+from app.references import ReferenceGuard
 from app.sealing import SecretSealer, parse_master_keys
 from app.tasks import MemoryTaskStore, RedisTaskStore, TaskStore
 from app.tenants import KeyFormat, MemoryTenantStore, RedisTenantStore, TenantDirectory, TenantStore
@@ -207,6 +208,7 @@ def build_gateway(settings: Settings) -> Gateway:
         follower,
         timings,
         drain,
+        ReferenceGuard(allow_http=settings.allow_http_references),
     )
     mcp = build_mcp_server(service, default_wait_s=settings.default_wait_seconds)
     mcp_app = mcp.streamable_http_app(

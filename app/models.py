@@ -88,7 +88,7 @@ def check_reference_url(url: str) -> str:
     if len(url) > MAX_URL_CHARS:
         raise ValueError(f"URL is longer than {MAX_URL_CHARS} characters")
     parts = urlsplit(url)
-    if parts.scheme != "https":
+    if parts.scheme not in ("https", "http"):  # http is refused later unless the operator allows it
         raise ValueError("must be an https:// URL or base64 image data (local paths and other schemes are refused)")
     if parts.username or parts.password:
         raise ValueError("must not contain credentials")

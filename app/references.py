@@ -1,0 +1,59 @@
+"""ReferenceGuard: the checks on a reference-image URL that need I/O or settings.
+
+`GenerateRequest` already refused what the text alone tells (local paths, other schemes, credentials, IP
+literals, internal names). Here, before anything is counted or sent: `http` only when the operator allows
+it, and no host that resolves to a private, loopback, link-local, multicast or metadata address. The
+gateway never fetches the image (Kling does), so a name that does not resolve here is let through: Kling
+answers for what it cannot fetch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
+
+from app.errors import InvalidRequest
+
+Resolver = Callable[[str], Awaitable[list[str]]]
+RESOLVE_TIMEOUT_S = 2.0
+
+
+async def system_resolver(host: str) -> list[str]:
+    infos = await asyncio.get_running_loop().getaddrinfo(host, 443, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos]
+
+
+def is_public_address(text: str) -> bool:
+    address = ipaddress.ip_address(text.split("%", 1)[0])
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = address.ipv4_mapped or address.sixtofour
+        if embedded is not None:
+            return is_public_address(str(embedded))
+        if address in ipaddress.ip_network("64:ff9b::/96"):  # NAT64: the IPv4 address rides in the low bits
+            return is_public_address(str(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)))
+    return address.is_global and not address.is_multicast
+
+
+class ReferenceGuard:
+    def __init__(self, *, allow_http: bool = False, resolver: Resolver = system_resolver) -> None:
+        self._allow_http = allow_http
+        self._resolver = resolver
+
+    async def check(self, reference: str | None) -> None:
+        """Raises InvalidRequest naming `ref_image_url` when the URL must not be handed to Kling."""
+        if reference is None or "://" not in reference:
+            return  # no reference, or inline image data
+        parts = urlsplit(reference)
+        if parts.scheme == "http" and not self._allow_http:
+            raise InvalidRequest("ref_image_url", "must be an https:// URL (this gateway does not allow http)")
+        host = parts.hostname or ""
+        try:
+            async with asyncio.timeout(RESOLVE_TIMEOUT_S):
+                addresses = await self._resolver(host)
+        except (OSError, TimeoutError, UnicodeError):
+            return
+        if not all(is_public_address(address) for address in addresses):
+            raise InvalidRequest("ref_image_url", f"host {host!r} resolves to a non-public address")

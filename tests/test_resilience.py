@@ -103,7 +103,12 @@ async def test_an_unreachable_kling_is_retried_then_reported_as_502(redis_gatewa
         sock.bind(("127.0.0.1", 0))
         closed_port = sock.getsockname()[1]
     settings = redis_gateway.gateway.settings.model_copy(
-        update={"kling_base_url": f"http://127.0.0.1:{closed_port}", "queue_timeout_seconds": 2}
+        # A breaker that cannot trip here, so the answer is the connection failure's, not the open circuit's.
+        update={
+            "kling_base_url": f"http://127.0.0.1:{closed_port}",
+            "queue_timeout_seconds": 2,
+            "breaker_failures": 1000,
+        }
     )
     async with serve(build_gateway(settings).app) as url:  # another replica, same tenants, Kling unreachable
         with anyio.fail_after(10):

@@ -2,12 +2,14 @@
 that give every REST failure the same JSON shape: `{"error": {"type", "message", ...}}`."""
 
 import logging
+import time
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -19,6 +21,7 @@ from app.usage import DailyUsage, UsageStore
 
 logger = logging.getLogger(__name__)
 
+SSE_HEARTBEAT_S = 5.0
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"description": description}
     for status, description in {
@@ -72,6 +75,33 @@ def build_api_router(service: ImageService, authenticator: Authenticator, usage:
         outcome = await service.status(principal, task_id, wait_s=wait_seconds)
         return outcome.view()
 
+    @router.get(
+        "/tasks/{task_id}/events",
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/event-stream": {}}, "description": "`status` events, then the end"}},
+    )
+    async def task_events(task_id: str, principal: caller) -> StreamingResponse:
+        """Server-sent events: a `status` event with the task (as `GET /tasks/{task_id}` returns it) now and
+        on every change, a comment line at least every 5 s to keep proxies from closing the stream, and the
+        stream ends once the task has finished."""
+        outcome = await service.status(principal, task_id)  # authorizes and charges once, before streaming
+
+        async def events() -> AsyncIterator[str]:
+            last, sent_at = outcome.record, time.monotonic()
+            yield sse_event(last.view())
+            # Checked every second, so a change is sent within a second of the gateway learning of it.
+            async for record in service.updates(principal, last, heartbeat_s=1.0):
+                if record != last:
+                    yield sse_event(record.view())
+                elif time.monotonic() - sent_at >= SSE_HEARTBEAT_S:
+                    yield ": heartbeat\n\n"
+                else:
+                    continue
+                last, sent_at = record, time.monotonic()
+
+        headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
     @router.get("/usage", response_model=list[DailyUsage])
     async def get_usage(
         principal: caller, days: Annotated[int, Query(ge=1, le=400, description="How many UTC days")] = 30
@@ -80,6 +110,10 @@ def build_api_router(service: ImageService, authenticator: Authenticator, usage:
         return await usage.tenant_usage(principal.tenant.id, days)
 
     return router
+
+
+def sse_event(view: TaskView) -> str:
+    return f"event: status\ndata: {view.model_dump_json()}\n\n"
 
 
 def error_response(error: GatewayError) -> JSONResponse:

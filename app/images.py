@@ -16,7 +16,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -47,6 +47,7 @@ from app.usage import UsageStore
 logger = logging.getLogger(__name__)
 # How long a duplicate request waits for the first one (same idempotency key) to be accepted by Kling.
 IDEMPOTENCY_WAIT_S = 10.0
+MAX_WATCH_S = 3600.0  # the longest an event stream follows one task
 _CODE_TASK_NOT_FOUND = 1203
 _CODE_NO_SLOT = 1303
 _RETRYABLE_CODES = frozenset({1302, 1303, 5000, 5001, 5002})
@@ -218,6 +219,16 @@ class ImageService:
         if not record.status.is_terminal and not self._follower.following(task_id):
             record = await self._refresh(principal, record)
         return Outcome(await self._wait(principal, record, max(wait_s, 0), on_progress), remaining)
+
+    async def updates(
+        self, principal: Principal, record: TaskRecord, *, heartbeat_s: float
+    ) -> AsyncIterator[TaskRecord]:
+        """The task each time it changes, and at least every `heartbeat_s` (the same record, as a heartbeat),
+        until it ends or MAX_WATCH_S passes. The caller has been admitted and authorized already."""
+        deadline = time.monotonic() + MAX_WATCH_S
+        while not record.status.is_terminal and time.monotonic() < deadline and not self._drain.draining:
+            record = await self._wait(principal, record, max(1, round(heartbeat_s)), None)
+            yield record
 
     # --- waiting ---
 

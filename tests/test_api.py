@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -233,3 +234,29 @@ async def test_an_oversized_body_is_refused_with_413_before_parsing(simulator: S
     assert response.status_code == 413
     assert response.json()["error"]["type"] == "payload_too_large"
     assert chunked.status_code == 413
+
+
+@pytest.mark.sim_delay(1.0)
+async def test_the_events_stream_reports_each_status_and_ends_with_the_result(gateway: RunningGateway) -> None:
+    headers = bearer(await gateway.new_api_key("acme"))
+    task = (await gateway.http.post(f"{gateway.url}/generate", json={"prompt": "x"}, headers=headers)).json()
+    statuses: list[str] = []
+    with anyio.fail_after(20):
+        async with gateway.http.stream(
+            "GET", f"{gateway.url}/tasks/{task['task_id']}/events", headers=headers
+        ) as events:
+            assert events.headers["content-type"].startswith("text/event-stream")
+            async for line in events.aiter_lines():
+                if line.startswith("data: "):
+                    statuses.append(json.loads(line.removeprefix("data: "))["status"])
+    assert statuses[-1] == "succeeded"
+    assert statuses == sorted(set(statuses), key=statuses.index)  # each status once, in order
+    assert "processing" in statuses or "submitted" in statuses
+
+
+async def test_the_events_stream_of_another_tenants_task_is_404(gateway: RunningGateway) -> None:
+    acme = bearer(await gateway.new_api_key("acme"))
+    globex = bearer(await gateway.new_api_key("globex", SECONDARY))
+    task = (await gateway.http.post(f"{gateway.url}/generate", json={"prompt": "x"}, headers=acme)).json()
+    response = await gateway.http.get(f"{gateway.url}/tasks/{task['task_id']}/events", headers=globex)
+    assert response.status_code == 404

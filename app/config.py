@@ -73,6 +73,9 @@ class Settings(BaseSettings):
         default=5, ge=1, description="Consecutive failures of a Kling account that pause calls to it"
     )
     breaker_open_seconds: float = Field(default=10.0, gt=0, description="How long those calls stay paused")
+    kling_webhook_secret: SecretStr | None = Field(
+        default=None, description="Standard Webhooks secret (whsec_...) to verify Kling's callbacks with"
+    )
     allow_http_references: bool = Field(
         default=False, description="Accept http:// (not only https://) reference-image URLs"
     )

@@ -77,7 +77,10 @@ async def run_demo(host: str = "127.0.0.1", port: int = 8000) -> None:
     sim_sock = _bound_socket("127.0.0.1", 0)
     gateway_sock = _bound_socket(host, port)
     sim_url = f"http://127.0.0.1:{sim_sock.getsockname()[1]}"
-    settings = Settings.model_validate({"kling_base_url": sim_url, "redis_url": None})
+    shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104 - comparing, not binding
+    base_url = f"http://{shown_host}:{gateway_sock.getsockname()[1]}"
+    # The public URL is this loopback address, so the simulator's callbacks come back to the gateway.
+    settings = Settings.model_validate({"kling_base_url": sim_url, "redis_url": None, "public_url": base_url})
     gateway = build_gateway(settings)
     credential = await gateway.directory.add_credential(account.access_key, account.secret_key, account.concurrency)
     tenant = await gateway.directory.create_tenant("demo", (credential.id,))
@@ -93,8 +96,7 @@ async def run_demo(host: str = "127.0.0.1", port: int = 8000) -> None:
         ),
         uvicorn.Server(uvicorn.Config(gateway.app, log_level="info", lifespan="on", ws="none")),
     ]
-    shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104 - comparing, not binding
-    print(banner(f"http://{shown_host}:{gateway_sock.getsockname()[1]}", issued.api_key), flush=True)
+    print(banner(base_url, issued.api_key), flush=True)
     serving = [
         asyncio.create_task(servers[0].serve(sockets=[sim_sock])),
         asyncio.create_task(servers[1].serve(sockets=[gateway_sock])),

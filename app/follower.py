@@ -54,6 +54,12 @@ class TaskFollower:
         task = asyncio.create_task(self._follow(record, kling, leases), name=f"follow {record.task_id}")
         self._followers[record.task_id] = task
 
+    def heard(self, record: TaskRecord) -> None:
+        """A state learnt elsewhere (a callback, maybe on another replica): wake this task's waiters now."""
+        current = self._latest.get(record.task_id)
+        if current is not None and record != current and record.updated_at_ms >= current.updated_at_ms:
+            self._publish(record)
+
     def latest(self, task_id: str) -> TaskRecord | None:
         return self._latest.get(task_id) or self._finished.get(task_id)
 
@@ -69,9 +75,14 @@ class TaskFollower:
         interval = self._first_interval_s
         try:
             while not record.status.is_terminal and time.monotonic() - started < self._max_follow_s:
-                await asyncio.sleep(interval)
+                changed = self._changed.get(record.task_id)
+                if changed is not None:  # a callback may end the wait before the next poll is due
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(interval):
+                            await changed.wait()
                 interval = min(interval * 1.5, MAX_POLL_INTERVAL_S)
-                record = await self._poll(record, kling)
+                heard = self._latest.get(record.task_id, record)
+                record = heard if heard.status.is_terminal else await self._poll(heard, kling)
                 await leases.refresh()
             if not record.status.is_terminal:
                 logger.warning("gave up following task %s after %.0f s", record.task_id, self._max_follow_s)

@@ -173,6 +173,7 @@ class ImageService:
         timings: ServiceTimings,
         drain: Drain,
         references: ReferenceGuard,
+        callback_url_for: Callable[[str], str | None],
     ) -> None:
         self._kling = kling
         self._tasks = tasks
@@ -184,6 +185,7 @@ class ImageService:
         self._timings = timings
         self._drain = drain
         self._references = references
+        self._callback_url_for = callback_url_for
 
     async def generate(
         self,
@@ -327,7 +329,8 @@ class ImageService:
             raise
         with anyio.CancelScope(shield=True):
             try:
-                body = build_generation_body(request, external_task_id=external_task_id)
+                callback_url = self._callback_url_for(external_task_id)
+                body = build_generation_body(request, external_task_id=external_task_id, callback_url=callback_url)
                 task = await self._create_once(principal.kling, body, external_task_id)
             except UncertainCreate as exc:
                 logger.warning("task %s may exist at Kling; its slots lapse by themselves", external_task_id)

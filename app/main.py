@@ -22,6 +22,7 @@ from app.admin import build_admin_router
 from app.api import RestRequestGuard, build_api_router, install_error_handlers
 from app.auth import Authenticator, KeyChangeBroadcast, McpAuthMiddleware, OAuthChallenge, listening
 from app.breaker import Breakers
+from app.callbacks import CALLBACK_PATH, CallbackTokens, TaskUpdates, build_callback_router
 from app.config import Settings
 from app.follower import TaskFollower
 from app.images import ImageService, ServiceTimings
@@ -198,6 +199,15 @@ def build_gateway(settings: Settings) -> Gateway:
         claim_ttl_s=2 * settings.queue_timeout_seconds + 4 * settings.kling_timeout_seconds + 30,
     )
     drain = Drain()
+    tokens = CallbackTokens(stores.pepper)
+    updates = TaskUpdates(follower, redis)
+
+    def callback_url_for(external_task_id: str) -> str | None:
+        # Kling must be able to reach the gateway, so only with a public URL.
+        if settings.public_url is None:
+            return None
+        return f"{settings.public_url}{CALLBACK_PATH}/{tokens.token_for(external_task_id)}"
+
     service = ImageService(
         kling,
         stores.tasks,
@@ -209,6 +219,7 @@ def build_gateway(settings: Settings) -> Gateway:
         timings,
         drain,
         ReferenceGuard(allow_http=settings.allow_http_references),
+        callback_url_for,
     )
     mcp = build_mcp_server(service, default_wait_s=settings.default_wait_seconds)
     mcp_app = mcp.streamable_http_app(
@@ -234,6 +245,7 @@ def build_gateway(settings: Settings) -> Gateway:
             if settings.tenants_file:
                 await apply_file(directory, stores.audit, settings.tenants_file)
             await stack.enter_async_context(listening(broadcast, authenticator))
+            await stack.enter_async_context(updates.listening())
             await stack.enter_async_context(mcp.session_manager.run())
             stack.enter_context(drain.on_signals())
             try:
@@ -253,6 +265,8 @@ def build_gateway(settings: Settings) -> Gateway:
     if oauth is not None:
         add_resource_metadata_routes(app, oauth)
     app.include_router(build_api_router(service, authenticator, stores.usage))
+    secret = settings.kling_webhook_secret.get_secret_value() if settings.kling_webhook_secret else None
+    app.include_router(build_callback_router(tokens, stores.tasks, updates, secret))
     if settings.admin_token is not None:
         app.include_router(build_admin_router(directory, stores, settings.admin_token))
     # Mounted last: our own routes match first, and /mcp is served without a 307 redirect.

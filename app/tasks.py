@@ -78,11 +78,11 @@ class TaskRecord:
         )
 
 
-def _record_to_json(record: TaskRecord) -> str:
+def record_to_json(record: TaskRecord) -> str:
     return json.dumps(asdict(record))
 
 
-def _record_from_json(raw: str | bytes) -> TaskRecord:
+def record_from_json(raw: str | bytes) -> TaskRecord:
     fields = json.loads(raw)
     fields["status"] = TaskStatus(fields["status"])
     fields["images"] = [tuple(image) for image in fields["images"]]
@@ -172,11 +172,11 @@ class RedisTaskStore:
         self._if_owner = redis.register_script(IF_OWNER)
 
     async def save(self, record: TaskRecord) -> None:
-        await self._redis.set(f"{self._ns}:task:{record.task_id}", _record_to_json(record), ex=TASK_TTL_S)
+        await self._redis.set(f"{self._ns}:task:{record.task_id}", record_to_json(record), ex=TASK_TTL_S)
 
     async def get(self, task_id: str) -> TaskRecord | None:
         raw = await self._redis.get(f"{self._ns}:task:{task_id}")
-        return _record_from_json(raw) if raw is not None else None
+        return record_from_json(raw) if raw is not None else None
 
     async def claim_idempotency(self, scope: str, claim: IdempotencyClaim, ttl_s: float) -> IdempotencyClaim | None:
         key = f"{self._ns}:idem:{scope}"

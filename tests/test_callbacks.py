@@ -1,0 +1,61 @@
+"""Kling's callbacks: received by any replica, they finish waits on every replica at once."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import time
+
+import anyio
+import httpx2
+import pytest
+from redis.asyncio import Redis
+
+from app.callbacks import CallbackTokens, verify_standard_webhook
+from app.main import build_gateway
+from tests.conftest import KEY_PEPPER, MASTER_KEY, RunningGateway, Simulator, gateway_settings, replica_env
+from tests.servers import gateway_process, serve
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.mark.sim_delay(1.0)
+async def test_a_wait_on_one_replica_ends_from_a_callback_received_by_another(
+    simulator: Simulator, redis: Redis, redis_url: str
+) -> None:
+    async with gateway_process(replica_env(redis_url, simulator.url)) as receiver:
+        # This replica polls only every 10 s: only a callback can end its wait within a second or so.
+        settings = gateway_settings(simulator, redis_url=redis_url, key_pepper=KEY_PEPPER, master_key=MASTER_KEY,
+                                    public_url=receiver.url, poll_interval_seconds=10)  # fmt: skip
+        built = build_gateway(settings)
+        async with serve(built.app) as url, httpx2.AsyncClient(timeout=30) as http:
+            waiter = RunningGateway(url=url, gateway=built, http=http)
+            headers = {"Authorization": f"Bearer {await waiter.new_api_key('acme')}"}
+            started = time.monotonic()
+            with anyio.fail_after(8):
+                response = await http.post(f"{url}/generate", json={"prompt": "x", "wait_seconds": 15}, headers=headers)
+            elapsed = time.monotonic() - started
+    assert response.json()["status"] == "succeeded"
+    assert elapsed < 2.5  # Kling (the simulator) takes 1 s; the callback brings the result over at once
+    sent = (await simulator.stats())["callbacks_sent"]
+    assert isinstance(sent, int)
+    assert sent >= 1
+
+
+async def test_callbacks_with_a_forged_token_are_refused(gateway: RunningGateway) -> None:
+    forged = CallbackTokens(b"another-key-" + b"x" * 20).token_for("kgw-123")
+    response = await gateway.http.post(f"{gateway.url}/callbacks/kling/{forged}", json={"task_id": "1"})
+    assert response.status_code == 404
+
+
+def test_standard_webhook_signatures_are_checked_with_tolerance() -> None:
+    secret_bytes = b"s" * 24
+    secret = "whsec_" + base64.b64encode(secret_bytes).decode()
+    body, timestamp = b'{"task_id": "1"}', str(int(time.time()))
+    mac = hmac.new(secret_bytes, f"msg_1.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    headers = {"webhook-id": "msg_1", "webhook-timestamp": timestamp,
+               "webhook-signature": "v1,bogus v1," + base64.b64encode(mac).decode()}  # fmt: skip
+    assert verify_standard_webhook(secret, headers, body)
+    assert not verify_standard_webhook(secret, headers, body + b" ")
+    assert not verify_standard_webhook(secret, headers | {"webhook-timestamp": str(int(time.time()) - 3600)}, body)

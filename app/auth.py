@@ -9,14 +9,13 @@ forgets the key at once; the TTL bounds the delay even if a broadcast is lost. N
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import contextvars
 import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -27,6 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.errors import KNOWN_ERRORS, Forbidden, GatewayError, Unauthorized, gateway_error_from
 from app.images import Principal
+from app.lifecycle import subscribed
 from app.oauth import InsufficientScope, InvalidToken, OAuthConfig, OAuthVerifier, looks_like_jwt, www_authenticate
 from app.tenants import Caller, TenantDirectory
 
@@ -155,22 +155,9 @@ class KeyChangeBroadcast:
     async def publish(self, key_or_tenant: str) -> None:
         await self._redis.publish(self._channel, key_or_tenant)
 
-    async def listen(self, authenticator: Authenticator, ready: asyncio.Event | None = None) -> None:
-        """Forget what is announced, until cancelled; after any gap, forget everything (messages may be lost)."""
-        while True:
-            try:
-                async with self._redis.pubsub() as pubsub:
-                    await pubsub.subscribe(self._channel)
-                    authenticator.forget_all()
-                    if ready is not None:
-                        ready.set()
-                    async for message in pubsub.listen():
-                        if message.get("type") == "message":
-                            data = message["data"]
-                            authenticator.forget(data.decode() if isinstance(data, bytes) else str(data))
-            except (RedisError, OSError):
-                logger.warning("lost the key-change channel; resubscribing")
-                await asyncio.sleep(1.0)
+    def listening(self, authenticator: Authenticator) -> contextlib.AbstractAsyncContextManager[None]:
+        """Forget what is announced; after any gap, forget everything (messages sent meanwhile are lost)."""
+        return subscribed(self._redis, self._channel, authenticator.forget, authenticator.forget_all)
 
 
 def bearer_from_headers(authorization: str | None, x_api_key: str | None) -> str | None:
@@ -230,22 +217,3 @@ async def send_error(send: Send, error: GatewayError) -> None:
     headers += [(name.lower().encode(), value.encode()) for name, value in error.http_headers().items()]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
-
-
-@contextlib.asynccontextmanager
-async def listening(broadcast: KeyChangeBroadcast | None, authenticator: Authenticator) -> AsyncIterator[None]:
-    """Run the key-change listener for the lifetime of the app (no-op without Redis)."""
-    if broadcast is None:
-        yield
-        return
-    ready = asyncio.Event()
-    task = asyncio.create_task(broadcast.listen(authenticator, ready))
-    try:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(2):
-                await ready.wait()
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task

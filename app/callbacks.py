@@ -9,23 +9,22 @@ next poll. Polling stays as the baseline (Kling documents no callback retries).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import hashlib
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from app.follower import TaskFollower
 from app.kling import KlingTask
+from app.lifecycle import subscribed
 from app.tasks import TaskRecord, TaskStore, record_from_json, record_to_json
 
 logger = logging.getLogger(__name__)
@@ -77,36 +76,13 @@ class TaskUpdates:
             return
         await self._redis.publish(self._channel, record_to_json(record))
 
-    async def _listen(self, ready: asyncio.Event) -> None:
-        assert self._redis is not None
-        while True:
-            try:
-                async with self._redis.pubsub() as pubsub:
-                    await pubsub.subscribe(self._channel)
-                    ready.set()
-                    async for message in pubsub.listen():
-                        if message.get("type") == "message":
-                            self._follower.heard(record_from_json(message["data"]))
-            except (RedisError, OSError, ValueError):
-                logger.warning("lost the task-updates channel; resubscribing (polling covers the gap)")
-                await asyncio.sleep(1.0)
+    def listening(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Hear other replicas' updates for the app's lifetime; polling covers any gap in the channel."""
 
-    @contextlib.asynccontextmanager
-    async def listening(self) -> AsyncIterator[None]:
-        if self._redis is None:
-            yield
-            return
-        ready = asyncio.Event()
-        task = asyncio.create_task(self._listen(ready))
-        try:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(2):
-                    await ready.wait()
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        def heard(data: str) -> None:
+            self._follower.heard(record_from_json(data))
+
+        return subscribed(self._redis, self._channel, heard, lambda: None)
 
 
 def build_callback_router(

@@ -13,9 +13,12 @@ import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from types import FrameType
 from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 logger = logging.getLogger(__name__)
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -57,3 +60,41 @@ class Drain:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+@contextlib.asynccontextmanager
+async def subscribed(
+    redis: Redis | None, channel: str, on_message: Callable[[str], None], on_gap: Callable[[], None]
+) -> AsyncIterator[None]:
+    """For the app's lifetime, call `on_message` with each message on a Redis pub/sub `channel`, and `on_gap`
+    on every (re)subscription, since messages sent while unsubscribed are lost. A no-op without Redis."""
+    if redis is None:
+        yield
+        return
+    ready = asyncio.Event()
+
+    async def listen() -> None:
+        while True:
+            try:
+                async with redis.pubsub() as pubsub:
+                    await pubsub.subscribe(channel)
+                    on_gap()
+                    ready.set()
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            data = message["data"]
+                            on_message(data.decode() if isinstance(data, bytes) else str(data))
+            except (RedisError, OSError, ValueError):
+                logger.warning("lost the %s channel; resubscribing", channel)
+                await asyncio.sleep(1.0)
+
+    task = asyncio.create_task(listen(), name=f"subscribed {channel}")
+    try:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2):
+                await ready.wait()
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 from app import __version__
 from app.admin import build_admin_router
 from app.api import RestRequestGuard, build_api_router, install_error_handlers
-from app.auth import Authenticator, KeyChangeBroadcast, McpAuthMiddleware, OAuthChallenge, listening
+from app.auth import Authenticator, KeyChangeBroadcast, McpAuthMiddleware, OAuthChallenge
 from app.breaker import Breakers
 from app.callbacks import CALLBACK_PATH, CallbackTokens, TaskUpdates, build_callback_router
 from app.config import Settings
@@ -244,7 +244,8 @@ def build_gateway(settings: Settings) -> Gateway:
             stack.push_async_callback(follower.aclose)
             if settings.tenants_file:
                 await apply_file(directory, stores.audit, settings.tenants_file)
-            await stack.enter_async_context(listening(broadcast, authenticator))
+            if broadcast is not None:
+                await stack.enter_async_context(broadcast.listening(authenticator))
             await stack.enter_async_context(updates.listening())
             await stack.enter_async_context(mcp.session_manager.run())
             stack.enter_context(drain.on_signals())

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import hmac
 import json
 import logging
 import time
@@ -81,9 +80,7 @@ class Authenticator:
             )
         key_id, secret = parsed
         caller = await self._cached_caller(key_id)
-        if caller is None or not caller.key.usable_at(time.time()):
-            raise self._unauthorized("the API key is unknown, revoked or expired")
-        if not hmac.compare_digest(caller.key.digest, self._directory.digest(secret)):
+        if caller is None or not self._directory.admits(caller.key, secret):
             raise self._unauthorized("the API key is unknown, revoked or expired")
         await self._touch(key_id)
         return Principal(caller.tenant, caller.credential_id, caller.kling, caller.concurrency, key_id)

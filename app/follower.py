@@ -66,10 +66,6 @@ class TaskFollower:
     def following(self, task_id: str) -> bool:
         return task_id in self._followers
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._followers)
-
     async def _follow(self, record: TaskRecord, kling: KlingCredentials, leases: Leases) -> None:
         started = time.monotonic()
         interval = self._first_interval_s

@@ -330,17 +330,19 @@ class TenantDirectory:
             return None
         key_id, secret = parsed
         record = await self.store.get_key(key_id)
-        if record is None or not hmac.compare_digest(record.digest, self.digest(secret)):
+        if record is None or not self.admits(record, secret):
             return None
         return await self.caller_for(record)
 
-    async def caller_for(self, record: ApiKeyRecord) -> Caller | None:
-        tenant = await self.store.get_tenant(record.tenant_id)
-        if tenant is None or not record.usable_at(time.time()):
-            return None
-        return await self.caller_for_tenant(tenant, record)
+    def admits(self, record: ApiKeyRecord, secret: str) -> bool:
+        """Whether `secret` is this key's (compared in constant time) and the key is neither revoked nor expired."""
+        return hmac.compare_digest(record.digest, self.digest(secret)) and record.usable_at(time.time())
 
-    async def caller_for_tenant(self, tenant: Tenant, record: ApiKeyRecord) -> Caller | None:
+    async def caller_for(self, record: ApiKeyRecord) -> Caller | None:
+        """What a request with this key needs: its tenant and the Kling account its tasks run on."""
+        tenant = await self.store.get_tenant(record.tenant_id)
+        if tenant is None:
+            return None
         credential = await self.store.get_credential(tenant.credential_ids[0])
         if credential is None:
             return None

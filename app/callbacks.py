@@ -2,7 +2,7 @@
 
 Every create carries `callback_url = KGW_PUBLIC_URL/callbacks/kling/<token>`, where the token is the task's
 `external_task_id` and an HMAC of it under the server's key pepper: unguessable, and checkable without a
-lookup. Whichever replica receives a callback records the new state and publishes it; every replica's
+lookup. Whichever replica receives a callback records the new state and announces it; every replica's
 TaskFollower hears it and wakes its waiters at once, so a result reaches the caller without waiting for the
 next poll. Polling stays as the baseline (Kling documents no callback retries).
 """
@@ -15,14 +15,13 @@ import hashlib
 import hmac
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
-from app.follower import TaskFollower
 from app.kling import KlingTask
 from app.lifecycle import subscribed
 from app.tasks import TaskRecord, TaskStore, record_from_json, record_to_json
@@ -63,30 +62,26 @@ def verify_standard_webhook(secret: str, headers: Mapping[str, str], body: bytes
 
 
 class TaskUpdates:
-    """Fan-out of task states to every replica (Redis pub/sub; in-process without Redis)."""
+    """Fan-out of task states to every replica over Redis pub/sub (nothing to fan out to without Redis)."""
 
-    def __init__(self, follower: TaskFollower, redis: Redis | None, channel: str = "kgw:task-updates") -> None:
-        self._follower = follower
+    def __init__(self, redis: Redis | None, channel: str = "kgw:task-updates") -> None:
         self._redis = redis
         self._channel = channel
 
     async def publish(self, record: TaskRecord) -> None:
-        if self._redis is None:
-            self._follower.heard(record)
-            return
-        await self._redis.publish(self._channel, record_to_json(record))
+        if self._redis is not None:
+            await self._redis.publish(self._channel, record_to_json(record))
 
-    def listening(self) -> contextlib.AbstractAsyncContextManager[None]:
+    def listening(self, heard: Callable[[TaskRecord], None]) -> contextlib.AbstractAsyncContextManager[None]:
         """Hear other replicas' updates for the app's lifetime; polling covers any gap in the channel."""
-
-        def heard(data: str) -> None:
-            self._follower.heard(record_from_json(data))
-
-        return subscribed(self._redis, self._channel, heard, lambda: None)
+        return subscribed(self._redis, self._channel, lambda data: heard(record_from_json(data)), lambda: None)
 
 
 def build_callback_router(
-    tokens: CallbackTokens, tasks: TaskStore, updates: TaskUpdates, webhook_secret: str | None
+    tokens: CallbackTokens,
+    tasks: TaskStore,
+    announce: Callable[[TaskRecord], Awaitable[None]],
+    webhook_secret: str | None,
 ) -> APIRouter:
     router = APIRouter(tags=["callbacks"])
 
@@ -110,7 +105,7 @@ def build_callback_router(
         latest = record.updated_from(task)
         if latest != record and latest.updated_at_ms >= record.updated_at_ms:
             await tasks.save(latest)
-            await updates.publish(latest)
+            await announce(latest)
         return JSONResponse({"ok": True, "recorded": True})
 
     return router

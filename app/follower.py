@@ -1,9 +1,17 @@
-"""TaskFollower: follows every task this replica submitted until Kling finishes it, whether or not a client
-still waits, then releases the task's leases (the tenant's concurrency lease and the Kling account's slots).
+"""TaskFollower: one stream of Kling queries per task across all replicas, however many callers wait on it.
 
-While following it refreshes the leases, so they outlive no replica: if this process dies, they expire by
-their TTL. Callers waiting on a task followed here are woken by the follower instead of polling Kling
-themselves, so one task costs one stream of queries however many wait on it in this process.
+A task submitted here is *followed* here until Kling finishes it, whether or not anyone still waits: the
+follower refreshes the task's leases (the tenant's concurrency lease, the Kling account's slots) while it
+runs and releases them at the end. If this process dies, the leases expire by their TTL.
+
+Callers waiting here on a task submitted elsewhere *watch* it: one watch per task per replica, shared by
+all its local waiters and ended when the last of them leaves.
+
+Follows and watches run the same loop. Each turn, the replica holding the task's poll lease (in Redis)
+queries Kling, records the new state and broadcasts it to every replica; the others read the record and
+listen. So a task costs one query per interval across the cluster, and if the polling replica dies, its
+lease lapses and a watcher takes over. A state heard from Kling's callbacks (`announce`, `heard`) wakes
+every loop and waiter at once.
 """
 
 from __future__ import annotations
@@ -12,9 +20,10 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from redis.exceptions import RedisError
 
@@ -24,6 +33,10 @@ from app.tasks import MAX_POLL_INTERVAL_S, ProgressCallback, TaskRecord, TaskSto
 logger = logging.getLogger(__name__)
 MAX_FOLLOW_S = 3600.0
 FINISHED_KEPT = 1000  # Kling image tasks take seconds to minutes; past this the task is given up on
+# A poll lease outlives a few turns of the slowest interval, so one slow query does not hand polling over.
+POLL_LEASE_S = 3 * MAX_POLL_INTERVAL_S
+Broadcast = Callable[[TaskRecord], Awaitable[None]]
+OnFinished = Callable[[TaskRecord], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -34,125 +47,214 @@ class Leases:
     release: Callable[[], Awaitable[None]]
 
 
+@dataclass(eq=False)
+class _Watch:
+    """One task's loop on this replica, its latest state, and the event its waiters sleep on."""
+
+    record: TaskRecord
+    kling: KlingCredentials
+    leases: Leases | None  # set only on the replica that submitted the task
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    waiters: int = 0
+    loop: asyncio.Task[None] | None = None
+
+
+async def _no_broadcast(_: TaskRecord) -> None:
+    """Without Redis there is one process: local waiters are all there is to wake."""
+
+
 class TaskFollower:
     def __init__(
-        self, kling: KlingClient, tasks: TaskStore, *, first_interval_s: float, max_follow_s: float = MAX_FOLLOW_S
+        self,
+        kling: KlingClient,
+        tasks: TaskStore,
+        *,
+        first_interval_s: float,
+        max_follow_s: float = MAX_FOLLOW_S,
+        broadcast: Broadcast = _no_broadcast,
+        on_finished: OnFinished | None = None,
     ) -> None:
         self._kling = kling
         self._tasks = tasks
         self._first_interval_s = first_interval_s
         self._max_follow_s = max_follow_s
-        self._followers: dict[str, asyncio.Task[None]] = {}
-        self._latest: dict[str, TaskRecord] = {}
-        self._changed: dict[str, asyncio.Event] = {}
-        # The last state of recently finished tasks, for waiters that wake just after their follower ended.
+        self._broadcast = broadcast
+        self._on_finished = on_finished
+        self._replica = uuid.uuid4().hex  # who holds a poll lease
+        self._watches: dict[str, _Watch] = {}
+        # The last state of recently finished tasks, for waiters that arrive just after their loop ended.
         self._finished: OrderedDict[str, TaskRecord] = OrderedDict()
 
+    # --- what the service calls ---
+
     def follow(self, record: TaskRecord, kling: KlingCredentials, leases: Leases) -> None:
-        self._latest[record.task_id] = record
-        self._changed[record.task_id] = asyncio.Event()
-        task = asyncio.create_task(self._follow(record, kling, leases), name=f"follow {record.task_id}")
-        self._followers[record.task_id] = task
-
-    def heard(self, record: TaskRecord) -> None:
-        """A state learnt elsewhere (a callback, maybe on another replica): wake this task's waiters now."""
-        current = self._latest.get(record.task_id)
-        if current is not None and record != current and record.updated_at_ms >= current.updated_at_ms:
-            self._publish(record)
-
-    def latest(self, task_id: str) -> TaskRecord | None:
-        return self._latest.get(task_id) or self._finished.get(task_id)
+        """Follow a task just submitted here to its end, then release its leases."""
+        watch = self._watches.get(record.task_id)
+        if watch is None:
+            self._start(_Watch(record, kling, leases))
+        else:  # a caller here was already watching it (an idempotent replay racing the submission)
+            watch.leases = leases
 
     def following(self, task_id: str) -> bool:
-        return task_id in self._followers
+        """Whether a loop on this replica keeps the task's state current (a follow or a watch)."""
+        return task_id in self._watches
 
-    async def _follow(self, record: TaskRecord, kling: KlingCredentials, leases: Leases) -> None:
+    def latest(self, task_id: str) -> TaskRecord | None:
+        watch = self._watches.get(task_id)
+        return watch.record if watch is not None else self._finished.get(task_id)
+
+    async def wait(
+        self, record: TaskRecord, kling: KlingCredentials, wait_s: float, on_progress: ProgressCallback | None
+    ) -> TaskRecord:
+        """Wait up to `wait_s` for the task's end, reporting each change and a heartbeat at least every
+        MAX_POLL_INTERVAL_S. Joins this replica's loop on the task, starting a watch if there is none."""
+        finished = self._finished.get(record.task_id)
+        if finished is not None and finished.status.is_terminal:
+            return finished
+        watch = self._watches.get(record.task_id) or self._start(_Watch(record, kling, None))
+        self.heard(record)  # the caller may know a newer state than the loop (a record read just now)
+        watch.waiters += 1
+        try:
+            return await self._wait_on(watch, wait_s, on_progress)
+        finally:
+            watch.waiters -= 1
+            if watch.waiters == 0 and watch.leases is None and watch.loop is not None:
+                # Nobody here needs the task any more and it was not submitted here: stop watching. Forget
+                # the watch now, so a caller arriving meanwhile starts a fresh one instead of joining a dying one.
+                self._drop(watch)
+                watch.loop.cancel()
+
+    async def announce(self, record: TaskRecord) -> None:
+        """A newer state learnt here (a poll or a Kling callback): wake local waiters, tell every replica."""
+        self.heard(record)
+        try:
+            await self._broadcast(record)
+        except (RedisError, OSError):
+            logger.warning("could not broadcast the state of task %s; other replicas poll", record.task_id)
+
+    def heard(self, record: TaskRecord) -> None:
+        """A state learnt elsewhere (maybe on another replica): wake this task's loop and waiters now."""
+        watch = self._watches.get(record.task_id)
+        if watch is not None and record != watch.record and record.updated_at_ms >= watch.record.updated_at_ms:
+            self._publish(watch, record)
+
+    async def aclose(self) -> None:
+        """Stop every loop (shutdown). The tasks go on at Kling; their leases lapse by their TTL."""
+        loops = [watch.loop for watch in self._watches.values() if watch.loop is not None]
+        for loop in loops:
+            loop.cancel()
+        for loop in loops:
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop
+
+    # --- the loop ---
+
+    def _start(self, watch: _Watch) -> _Watch:
+        self._watches[watch.record.task_id] = watch
+        watch.loop = asyncio.create_task(self._run(watch), name=f"follow {watch.record.task_id}")
+        return watch
+
+    async def _run(self, watch: _Watch) -> None:
         started = time.monotonic()
         interval = self._first_interval_s
         try:
-            while not record.status.is_terminal and time.monotonic() - started < self._max_follow_s:
-                changed = self._changed.get(record.task_id)
-                if changed is not None:  # a callback may end the wait before the next poll is due
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(interval):
-                            await changed.wait()
+            while not watch.record.status.is_terminal and time.monotonic() - started < self._max_follow_s:
+                with contextlib.suppress(TimeoutError):  # a callback may bring the end before the next turn
+                    async with asyncio.timeout(interval):
+                        await watch.changed.wait()
                 interval = min(interval * 1.5, MAX_POLL_INTERVAL_S)
-                heard = self._latest.get(record.task_id, record)
-                record = heard if heard.status.is_terminal else await self._poll(heard, kling)
-                await leases.refresh()
-            if not record.status.is_terminal:
-                logger.warning("gave up following task %s after %.0f s", record.task_id, self._max_follow_s)
+                if not watch.record.status.is_terminal:
+                    await self._turn(watch)
+                if watch.leases is not None:
+                    await watch.leases.refresh()
+            if not watch.record.status.is_terminal:
+                logger.warning("gave up following task %s after %.0f s", watch.record.task_id, self._max_follow_s)
         except asyncio.CancelledError:
-            # Shutdown: the task still runs at Kling and still holds its slots there, so its leases are
-            # left to lapse by their TTL rather than freed for other replicas to over-admit.
-            self._forget(record)
+            # Shutdown, or the last local waiter left. A submitted task still runs at Kling and holds its
+            # slots there, so its leases are left to lapse by their TTL rather than freed to over-admit.
+            await self._give_up_polling(watch.record.task_id)
+            self._drop(watch)
             raise
-        await asyncio.shield(self._finish(record, leases))
+        await asyncio.shield(self._finish(watch))
 
-    async def _poll(self, record: TaskRecord, kling: KlingCredentials) -> TaskRecord:
+    async def _turn(self, watch: _Watch) -> None:
+        """Query Kling if this replica holds the poll lease; otherwise catch up from the shared record."""
+        task_id = watch.record.task_id
+        if await self._claim_polling(task_id):
+            await self._poll(watch)
+            return
         try:
-            latest = record.updated_from(await self._kling.get_image_task(kling, record.task_id))
+            stored = await self._tasks.get(task_id)
+        except RedisError:
+            return
+        if stored is not None:
+            self.heard(stored)
+
+    async def _claim_polling(self, task_id: str) -> bool:
+        try:
+            return await self._tasks.claim_polling(task_id, self._replica, POLL_LEASE_S)
+        except RedisError:
+            return True  # without Redis nobody can coordinate: each replica keeps its own waiters informed
+
+    async def _give_up_polling(self, task_id: str) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await self._tasks.release_polling(task_id, self._replica)
+
+    async def _poll(self, watch: _Watch) -> None:
+        record = watch.record
+        try:
+            latest = record.updated_from(await self._kling.get_image_task(watch.kling, record.task_id))
         except KlingFailure as exc:
             logger.warning("could not query task %s: %s", record.task_id, type(exc).__name__)
-            return record
-        if latest != record:
-            try:
-                await self._tasks.save(latest)
-            except RedisError:
-                logger.warning("could not record the state of task %s", record.task_id)
-            self._publish(latest)
-        return latest
-
-    def _publish(self, record: TaskRecord) -> None:
-        self._latest[record.task_id] = record
-        changed = self._changed.get(record.task_id)
-        if changed is not None:
-            changed.set()
-            self._changed[record.task_id] = asyncio.Event()
-
-    async def _finish(self, record: TaskRecord, leases: Leases) -> None:
+            return
+        if latest == record:
+            return
         try:
-            await leases.release()
+            await self._tasks.save(latest)
+        except RedisError:
+            logger.warning("could not record the state of task %s", record.task_id)
+        await self.announce(latest)
+
+    def _publish(self, watch: _Watch, record: TaskRecord) -> None:
+        watch.record = record
+        watch.changed.set()
+        watch.changed = asyncio.Event()
+
+    async def _finish(self, watch: _Watch) -> None:
+        record = watch.record
+        try:
+            if watch.leases is not None:
+                await watch.leases.release()
         except (RedisError, OSError):
             logger.warning("could not release the leases of task %s; they expire by themselves", record.task_id)
         finally:
-            self._forget(record)
+            await self._give_up_polling(record.task_id)
+            self._finished[record.task_id] = record
+            while len(self._finished) > FINISHED_KEPT:
+                self._finished.popitem(last=False)
+            self._drop(watch)
+            watch.changed.set()
+        if self._on_finished is not None and record.status.is_terminal:
+            await self._on_finished(record)
 
-    def _forget(self, record: TaskRecord) -> None:
-        self._finished[record.task_id] = record
-        while len(self._finished) > FINISHED_KEPT:
-            self._finished.popitem(last=False)
-        self._followers.pop(record.task_id, None)
-        self._latest.pop(record.task_id, None)
-        changed = self._changed.pop(record.task_id, None)
-        if changed is not None:
-            changed.set()
+    def _drop(self, watch: _Watch) -> None:
+        if self._watches.get(watch.record.task_id) is watch:
+            del self._watches[watch.record.task_id]
 
-    async def wait(self, record: TaskRecord, wait_s: float, on_progress: ProgressCallback | None) -> TaskRecord:
-        """Wait up to `wait_s` for a task followed here, reporting each change and a heartbeat every 5 s."""
+    # --- waiting ---
+
+    async def _wait_on(self, watch: _Watch, wait_s: float, on_progress: ProgressCallback | None) -> TaskRecord:
         started = time.monotonic()
         deadline = started + wait_s
+        record = watch.record
         while not record.status.is_terminal:
             remaining = deadline - time.monotonic()
-            changed = self._changed.get(record.task_id)
-            if changed is None:  # the follower has ended: its last word is final
-                record = self._finished.get(record.task_id) or await self._tasks.get(record.task_id) or record
-                break
-            if remaining <= 0:
+            if remaining <= 0 or (watch.loop is not None and watch.loop.done()):
                 break
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(remaining, MAX_POLL_INTERVAL_S)):
-                    await changed.wait()
-            record = self._latest.get(record.task_id) or await self._tasks.get(record.task_id) or record
+                    await watch.changed.wait()
+            record = watch.record
             if on_progress is not None:
                 await on_progress(record, time.monotonic() - started)
         return record
-
-    async def aclose(self) -> None:
-        """Stop following (shutdown). The tasks go on at Kling; their leases lapse by their TTL."""
-        followers = list(self._followers.values())
-        for follower in followers:
-            follower.cancel()
-        for follower in followers:
-            with contextlib.suppress(asyncio.CancelledError):
-                await follower

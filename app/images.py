@@ -40,7 +40,7 @@ from app.models import GenerateRequest, TaskStatus, TaskView
 from app.ratelimit import AccountGovernor, Limiter, Remaining, limit_refused
 from app.references import ReferenceGuard
 from app.sealing import SealingError
-from app.tasks import IdempotencyClaim, ProgressCallback, TaskRecord, TaskStore, wait_for_task
+from app.tasks import IdempotencyClaim, ProgressCallback, TaskRecord, TaskStore
 from app.tenants import Tenant, TenantPolicy
 from app.usage import UsageStore
 
@@ -218,7 +218,7 @@ class ImageService:
         record = await self._tasks.get(task_id)
         if record is None or record.tenant_id != principal.tenant.id:
             raise NotFound(f"no task {task_id!r} for this API key")
-        if not record.status.is_terminal and not self._follower.following(task_id):
+        if wait_s <= 0 and not record.status.is_terminal and not await self._kept_current(task_id):
             record = await self._refresh(principal, record)
         return Outcome(await self._wait(principal, record, max(wait_s, 0), on_progress), remaining)
 
@@ -264,22 +264,17 @@ class ImageService:
         wait_s = min(wait_s, self._timings.max_wait_s, self._timings.max_wait_s if policy_max is None else policy_max)
         if wait_s <= 0 or record.status.is_terminal:
             return record
-        if self._follower.following(record.task_id):
-            return await self._follower.wait(record, wait_s, on_progress)
-        kling = await self._kling_of(principal, record)
+        # However many callers wait, here or on other replicas, the task costs one stream of queries.
+        return await self._follower.wait(record, await self._kling_of(principal, record), wait_s, on_progress)
 
-        async def fetch() -> KlingTask | None:
-            try:
-                return await self._kling.get_image_task(kling, record.task_id)
-            except KlingFailure as exc:
-                # The task exists and the caller must get its id: a failed query is "no news", not a failure.
-                logger.warning("could not query task %s: %s", record.task_id, type(exc).__name__)
-                return None
-
-        return await wait_for_task(
-            record, fetch, self._save_quietly, wait_s=wait_s,
-            first_interval_s=self._timings.first_poll_interval_s, on_progress=on_progress,
-        )  # fmt: skip
+    async def _kept_current(self, task_id: str) -> bool:
+        """Whether a replica polls the task now, so its record is at most one poll interval old."""
+        if self._follower.following(task_id):
+            return True
+        try:
+            return await self._tasks.is_polled(task_id)
+        except RedisError:
+            return False
 
     async def _refresh(self, principal: Principal, record: TaskRecord) -> TaskRecord:
         try:

@@ -190,7 +190,10 @@ def build_gateway(settings: Settings) -> Gateway:
     breakers = Breakers(failure_threshold=settings.breaker_failures, open_s=settings.breaker_open_seconds)
     kling = KlingClient(http, settings.kling_base_url, deadline_s=settings.kling_timeout_seconds, breakers=breakers)
     limiter, governor = open_limits(settings, limits_redis)
-    follower = TaskFollower(kling, stores.tasks, first_interval_s=settings.poll_interval_seconds)
+    updates = TaskUpdates(redis)
+    follower = TaskFollower(
+        kling, stores.tasks, first_interval_s=settings.poll_interval_seconds, broadcast=updates.publish
+    )
     timings = ServiceTimings(
         max_wait_s=settings.max_wait_seconds,
         first_poll_interval_s=settings.poll_interval_seconds,
@@ -200,7 +203,6 @@ def build_gateway(settings: Settings) -> Gateway:
     )
     drain = Drain()
     tokens = CallbackTokens(stores.pepper)
-    updates = TaskUpdates(follower, redis)
 
     def callback_url_for(external_task_id: str) -> str | None:
         # Kling must be able to reach the gateway, so only with a public URL.
@@ -246,7 +248,7 @@ def build_gateway(settings: Settings) -> Gateway:
                 await apply_file(directory, stores.audit, settings.tenants_file)
             if broadcast is not None:
                 await stack.enter_async_context(broadcast.listening(authenticator))
-            await stack.enter_async_context(updates.listening())
+            await stack.enter_async_context(updates.listening(follower.heard))
             await stack.enter_async_context(mcp.session_manager.run())
             stack.enter_context(drain.on_signals())
             try:
@@ -267,7 +269,7 @@ def build_gateway(settings: Settings) -> Gateway:
         add_resource_metadata_routes(app, oauth)
     app.include_router(build_api_router(service, authenticator, stores.usage))
     secret = settings.kling_webhook_secret.get_secret_value() if settings.kling_webhook_secret else None
-    app.include_router(build_callback_router(tokens, stores.tasks, updates, secret))
+    app.include_router(build_callback_router(tokens, stores.tasks, follower.announce, secret))
     if settings.admin_token is not None:
         app.include_router(build_admin_router(directory, stores, settings.admin_token))
     # Mounted last: our own routes match first, and /mcp is served without a 307 redirect.

@@ -1,4 +1,4 @@
-"""Task records (who owns which Kling task, and its last known state), idempotency claims, and waiting.
+"""Task records (who owns which Kling task, and its last known state), idempotency claims, poll leases.
 
 A record is written as soon as Kling accepts a task, so any replica can answer `GET /tasks/{id}` and
 resume waiting. Records live as long as Kling keeps the images (30 days).
@@ -6,7 +6,6 @@ resume waiting. Records live as long as Kling keeps the images (30 days).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections import OrderedDict
@@ -28,6 +27,17 @@ if not current or cjson.decode(current)['owner'] ~= ARGV[1] then return 0 end
 if ARGV[2] == '' then return redis.call('DEL', KEYS[1]) end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[3]))
 return 1
+"""
+# Take or renew a task's poll lease: whoever holds it queries Kling for everyone.
+CLAIM_POLLING = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
+return 1
+"""
+RELEASE_POLLING = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
 """
 IDEMPOTENCY_TTL_S = 86_400
 MAX_POLL_INTERVAL_S = 5.0  # also the longest silence between progress reports while waiting
@@ -53,6 +63,7 @@ class TaskRecord:
     status_message: str | None = None
     images: list[tuple[int, str]] = field(default_factory=list)
     credential_id: str = ""  # the Kling account the task runs on
+    webhook_url: str | None = None  # where the caller wants the final result delivered
 
     def updated_from(self, task: KlingTask) -> TaskRecord:
         return replace(
@@ -118,6 +129,15 @@ class TaskStore(Protocol):
 
     async def confirm_submitted(self, external_task_id: str) -> None: ...
 
+    async def claim_polling(self, task_id: str, poller: str, ttl_s: float) -> bool:
+        """Take or renew the task's poll lease for `ttl_s`; False while another poller holds it."""
+
+    async def release_polling(self, task_id: str, poller: str) -> None:
+        """Give the poll lease up, if `poller` still holds it, so another replica can take over at once."""
+
+    async def is_polled(self, task_id: str) -> bool:
+        """Whether some replica holds the task's poll lease (so its record is being kept current)."""
+
 
 class MemoryTaskStore:
     """In-process backend, bounded so a long-running demo cannot grow without limit."""
@@ -126,6 +146,7 @@ class MemoryTaskStore:
         self._records: OrderedDict[str, TaskRecord] = OrderedDict()
         self._claims: dict[str, tuple[IdempotencyClaim, float]] = {}
         self._submitting: set[str] = set()
+        self._pollers: dict[str, tuple[str, float]] = {}
         self._max_records = max_records
 
     async def save(self, record: TaskRecord) -> None:
@@ -164,12 +185,28 @@ class MemoryTaskStore:
     async def confirm_submitted(self, external_task_id: str) -> None:
         self._submitting.discard(external_task_id)
 
+    async def claim_polling(self, task_id: str, poller: str, ttl_s: float) -> bool:
+        holder, until = self._pollers.get(task_id, (poller, 0.0))
+        if holder != poller and until > time.monotonic():
+            return False
+        self._pollers[task_id] = (poller, time.monotonic() + ttl_s)
+        return True
+
+    async def release_polling(self, task_id: str, poller: str) -> None:
+        if self._pollers.get(task_id, ("", 0.0))[0] == poller:
+            del self._pollers[task_id]
+
+    async def is_polled(self, task_id: str) -> bool:
+        return self._pollers.get(task_id, ("", 0.0))[1] > time.monotonic()
+
 
 class RedisTaskStore:
     def __init__(self, redis: Redis, namespace: str = "kgw") -> None:
         self._redis = redis
         self._ns = namespace
         self._if_owner = redis.register_script(IF_OWNER)
+        self._claim_polling = redis.register_script(CLAIM_POLLING)
+        self._release_polling = redis.register_script(RELEASE_POLLING)
 
     async def save(self, record: TaskRecord) -> None:
         await self._redis.set(f"{self._ns}:task:{record.task_id}", record_to_json(record), ex=TASK_TTL_S)
@@ -200,39 +237,15 @@ class RedisTaskStore:
     async def confirm_submitted(self, external_task_id: str) -> None:
         await self._redis.delete(f"{self._ns}:submitting:{external_task_id}")
 
+    async def claim_polling(self, task_id: str, poller: str, ttl_s: float) -> bool:
+        key = f"{self._ns}:poller:{task_id}"
+        return bool(await self._claim_polling(keys=[key], args=[poller, int(ttl_s * 1000)]))
+
+    async def release_polling(self, task_id: str, poller: str) -> None:
+        await self._release_polling(keys=[f"{self._ns}:poller:{task_id}"], args=[poller])
+
+    async def is_polled(self, task_id: str) -> bool:
+        return bool(await self._redis.exists(f"{self._ns}:poller:{task_id}"))
+
 
 ProgressCallback = Callable[[TaskRecord, float], Awaitable[None]]
-
-
-async def wait_for_task(
-    record: TaskRecord,
-    fetch: Callable[[], Awaitable[KlingTask | None]],
-    save: Callable[[TaskRecord], Awaitable[None]],
-    *,
-    wait_s: float,
-    first_interval_s: float,
-    on_progress: ProgressCallback | None = None,
-) -> TaskRecord:
-    """Poll Kling until the task ends or `wait_s` passes; report every poll (a heartbeat) to `on_progress`.
-    `fetch` answers None when it learnt nothing (a failed query): waiting goes on.
-
-    Returns the last known record, terminal or not. The interval backs off to MAX_POLL_INTERVAL_S so a
-    long task costs few queries, while progress still arrives at least that often.
-    """
-    started = time.monotonic()
-    deadline = started + wait_s
-    interval = first_interval_s
-    while not record.status.is_terminal:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
-        await asyncio.sleep(min(interval, remaining))
-        interval = min(interval * 1.5, MAX_POLL_INTERVAL_S)
-        task = await fetch()
-        latest = record if task is None else record.updated_from(task)
-        if latest != record:
-            await save(latest)
-            record = latest
-        if on_progress is not None:
-            await on_progress(record, time.monotonic() - started)
-    return record

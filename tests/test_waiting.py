@@ -1,0 +1,106 @@
+"""Waiting is coalesced: however many callers wait on a task, on however many replicas, Kling is queried
+by one poller at a time, and a replica that stops hands the polling over."""
+
+from __future__ import annotations
+
+import signal
+
+import anyio
+import httpx2
+import pytest
+from redis.asyncio import Redis
+
+from app.main import build_gateway
+from tests.conftest import KEY_PEPPER, MASTER_KEY, RunningGateway, Simulator, gateway_settings, replica_env
+from tests.servers import Replica, gateway_process, serve
+
+pytestmark = pytest.mark.anyio
+POLL_S = 0.5
+
+
+async def _queries(simulator: Simulator) -> int:
+    queries = (await simulator.stats())["queries"]
+    assert isinstance(queries, int)
+    return queries
+
+
+async def _wait_on(http: httpx2.AsyncClient, url: str, task_id: str, headers: dict[str, str]) -> str:
+    response = await http.get(f"{url}/tasks/{task_id}", params={"wait_seconds": 20}, headers=headers)
+    assert response.status_code == 200, response.text
+    status: str = response.json()["status"]
+    return status
+
+
+@pytest.mark.sim_delay(3.0)
+async def test_thirty_waiters_on_two_replicas_cost_one_poll_per_interval(
+    simulator: Simulator, redis: Redis, redis_url: str
+) -> None:
+    env = replica_env(redis_url, simulator.url, poll_interval_seconds=str(POLL_S))
+    settings = gateway_settings(simulator, redis_url=redis_url, key_pepper=KEY_PEPPER, master_key=MASTER_KEY,
+                                poll_interval_seconds=POLL_S)  # fmt: skip
+    built = build_gateway(settings)
+    async with gateway_process(env) as other, serve(built.app) as url, httpx2.AsyncClient(timeout=30) as http:
+        submitter = RunningGateway(url=url, gateway=built, http=http)
+        headers = {"Authorization": f"Bearer {await submitter.new_api_key('acme')}"}
+        created = await http.post(f"{url}/generate", json={"prompt": "a lighthouse"}, headers=headers)
+        assert created.status_code == 202, created.text
+        task_id = created.json()["task_id"]
+        before = await _queries(simulator)
+        statuses: list[str] = []
+
+        async def wait_on(replica_url: str) -> None:
+            statuses.append(await _wait_on(http, replica_url, task_id, headers))
+
+        started = anyio.current_time()
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as group:
+                for index in range(30):
+                    group.start_soon(wait_on, url if index % 2 else other.url)
+        elapsed = anyio.current_time() - started
+        queries = await _queries(simulator) - before
+    assert statuses == ["succeeded"] * 30
+    # One poller backing off from POLL_S: a 3 s task takes about 4 queries. Each waiter polling on its own
+    # would cost over 90; one poller per replica would still cost about twice one poller's share.
+    assert queries <= elapsed / POLL_S + 1, f"{queries} queries in {elapsed:.1f} s"
+
+
+@pytest.mark.sim_delay(2.0)
+async def test_a_waiter_gets_the_result_after_the_submitting_replica_stops(
+    simulator: Simulator, redis: Redis, redis_url: str
+) -> None:
+    settings = gateway_settings(simulator, redis_url=redis_url, key_pepper=KEY_PEPPER, master_key=MASTER_KEY,
+                                poll_interval_seconds=POLL_S)  # fmt: skip
+    built = build_gateway(settings)
+    env = replica_env(redis_url, simulator.url, poll_interval_seconds=str(POLL_S))
+    async with serve(built.app) as url, httpx2.AsyncClient(timeout=30) as http:
+        waiter = RunningGateway(url=url, gateway=built, http=http)
+        headers = {"Authorization": f"Bearer {await waiter.new_api_key('acme')}"}
+        async with gateway_process(env) as submitter:
+            created = await http.post(f"{submitter.url}/generate", json={"prompt": "x"}, headers=headers)
+            assert created.status_code == 202, created.text
+            task_id = created.json()["task_id"]
+            result: list[str] = []
+
+            async def wait_then_record() -> None:
+                result.append(await _wait_on(http, url, task_id, headers))
+
+            # A lapsed poll lease would hand over only after POLL_LEASE_S (15 s): this bound needs a release.
+            with anyio.fail_after(10):
+                await _until_polled(redis, task_id)
+                async with anyio.create_task_group() as group:
+                    group.start_soon(wait_then_record)
+                    await _stop(submitter)  # it gives its poll lease up as it stops: the waiter's replica polls
+    assert result == ["succeeded"]
+
+
+async def _until_polled(redis: Redis, task_id: str) -> None:
+    for _ in range(100):  # the submitter takes the lease at its first turn; Redis has no event for it
+        if await redis.exists(f"kgw:poller:{task_id}"):
+            return
+        await anyio.sleep(0.05)
+    raise AssertionError("the submitting replica never took the poll lease")
+
+
+async def _stop(replica: Replica) -> None:
+    replica.process.send_signal(signal.SIGTERM)
+    await replica.process.wait()

@@ -20,6 +20,7 @@ from app.models import canonical_model_name
 from app.ratelimit import TenantLimits
 from app.tenants import ApiKeyRecord, Credential, KeyFormat, Tenant, TenantDirectory, TenantPolicy
 from app.usage import AuditEntry, DailyUsage
+from app.webhooks import new_webhook_secret
 
 if TYPE_CHECKING:
     from app.main import Stores
@@ -96,6 +97,7 @@ class TenantOut(BaseModel):
     credential_ids: list[str]
     policy: PolicyIn
     limits: LimitsIn
+    has_webhook_secret: bool = False
 
     @classmethod
     def of(cls, tenant: Tenant) -> TenantOut:
@@ -107,8 +109,13 @@ class TenantOut(BaseModel):
                 default_model=policy.default_model, max_images_per_request=policy.max_images_per_request,
                 max_wait_seconds=policy.max_wait_seconds,
             ),
-            limits=LimitsIn(**vars(tenant.limits)),
+            limits=LimitsIn(**vars(tenant.limits)), has_webhook_secret=tenant.sealed_webhook_secret is not None,
         )  # fmt: skip
+
+
+class WebhookSecretOut(BaseModel):
+    tenant_id: str
+    webhook_secret: str
 
 
 class CredentialIdsIn(BaseModel):
@@ -219,6 +226,14 @@ def build_admin_router(directory: TenantDirectory, stores: Stores, admin_token: 
         tenant = await directory.update_tenant(await directory.get_tenant(tenant_id), limits=body.limits())
         await audit.append(ACTOR, "tenant.limits", tenant.id)
         return TenantOut.of(tenant)
+
+    @router.post("/tenants/{tenant_id}/webhook-secret", status_code=201)
+    async def create_webhook_secret(tenant_id: str) -> WebhookSecretOut:
+        """A new secret signing the results sent to this tenant's `webhook_url`s (shown once; replaces the old)."""
+        secret = new_webhook_secret()
+        tenant = await directory.new_webhook_secret(tenant_id, secret)
+        await audit.append(ACTOR, "tenant.webhook_secret", tenant.id)
+        return WebhookSecretOut(tenant_id=tenant.id, webhook_secret=secret)
 
     @router.put("/tenants/{tenant_id}/credentials")
     async def set_credentials(tenant_id: str, body: CredentialIdsIn) -> TenantOut:

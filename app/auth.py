@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from app.errors import KNOWN_ERRORS, Forbidden, GatewayError, Unauthorized, gateway_error_from
 from app.images import Principal
 from app.lifecycle import subscribed
+from app.logs import bind_tenant
 from app.oauth import InsufficientScope, InvalidToken, OAuthConfig, OAuthVerifier, looks_like_jwt, www_authenticate
 from app.tenants import Caller, TenantDirectory
 
@@ -174,6 +175,7 @@ def principal_dependency(authenticator: Authenticator) -> Callable[..., Awaitabl
         token = bearer.credentials if bearer else (x_api_key.strip() if x_api_key else None)
         found = await authenticator.authenticate(token)
         request.state.tenant_id = found.tenant.id
+        bind_tenant(found.tenant.id)
         return found
 
     return principal
@@ -201,6 +203,7 @@ class McpAuthMiddleware:
             assert error is not None
             await send_error(send, error)
             return
+        bind_tenant(principal.tenant.id)
         token = current_principal.set(principal)
         try:
             await self._app(scope, receive, send)

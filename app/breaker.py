@@ -41,6 +41,11 @@ class Breakers:
             raise CircuitOpen(max(1.0, state.open_until - now))
         state.probing = True  # half-open: this call is the probe
 
+    def is_open(self, key: str) -> bool:
+        """Open or half-open: calls for `key` fail fast, but for one probe."""
+        state = self._states.get(key)
+        return state is not None and state.failures >= self._threshold
+
     def succeeded(self, key: str) -> None:
         self._states.pop(key, None)
 

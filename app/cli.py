@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shutil
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -17,7 +18,9 @@ from app.client import generate_and_download
 from app.config import Settings
 from app.demo import run_demo
 from app.errors import GatewayError
+from app.logs import logging_config
 from app.main import ConfigurationError, Stores, admin_directory, apply_file, create_redis, open_stores
+from app.metrics import prepare_multiprocess_dir
 from app.sealing import SealingError, new_master_key
 from app.simulator import SimAccount, SimulatorConfig, serve_simulator
 from app.tenants import TenantDirectory, TenantPolicy
@@ -44,16 +47,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if settings.redis_url is None and args.workers > 1:
         print("error: --workers > 1 needs KGW_REDIS_URL (the memory store lives in one process)", file=sys.stderr)
         return 2
-    uvicorn.run(
-        "app.main:create_app",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        proxy_headers=True,
-        timeout_graceful_shutdown=settings.max_wait_seconds + 5,
-        ws="none",
-    )
+    # Workers are spawned, so they see the metrics directory set here before they build their metrics.
+    metrics_dir, made_here = prepare_multiprocess_dir() if args.workers > 1 else (None, False)
+    try:
+        uvicorn.run(
+            "app.main:create_app",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            proxy_headers=True,
+            timeout_graceful_shutdown=settings.max_wait_seconds + 5,
+            ws="none",
+            log_config=logging_config(),
+            access_log=False,  # the gateway logs each request itself, with its request id
+        )
+    finally:
+        if made_here and metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 
@@ -198,7 +209,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     arguments = {"prompt": args.prompt, "num_images": args.num_images, "aspect_ratio": args.aspect_ratio}
     if args.model:
         arguments["model_name"] = args.model
-    return asyncio.run(generate_and_download(args.url, args.api_key, arguments, args.out, timeout_s=args.timeout))
+    # The live display only on a terminal: piped or redirected, the output is just the paths.
+    interactive = sys.stdout.isatty()
+    return asyncio.run(
+        generate_and_download(
+            args.url, args.api_key, arguments, args.out, timeout_s=args.timeout, interactive=interactive
+        )
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -265,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
         "rotate", help="re-seal every Kling secret under the first key of KGW_MASTER_KEY (list old keys after it)"
     ).set_defaults(run=cmd_master_key_rotate)
 
-    generate = verbs.add_parser("generate", help="generate images through a gateway and download them")
+    generate = verbs.add_parser(
+        "generate", help="generate images through a gateway, showing progress, then download them and print their paths"
+    )
     generate.add_argument("prompt")
     generate.add_argument("--url", default=os.environ.get("KGW_URL", "http://127.0.0.1:8000"))
     generate.add_argument("--api-key", default=os.environ.get("KGW_API_KEY"))

@@ -79,13 +79,17 @@ class Settings(BaseSettings):
     allow_http_references: bool = Field(
         default=False, description="Accept http:// (not only https://) reference-image URLs"
     )
+    webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Hosts that may receive webhook_url results although private or http (comma-separated)",
+    )
     replicas_hint: int = Field(
         default=2, ge=1, description="Replicas to divide limits by in the 'local' fallback (so N replicas stay within)"
     )
     # Inline base64 reference images may be 10 MB, which is about 13.4 MB of base64.
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, description="Largest accepted request body")
 
-    @field_validator("allowed_hosts", "allowed_origins", "oidc_scopes", mode="before")
+    @field_validator("allowed_hosts", "allowed_origins", "oidc_scopes", "webhook_allowed_hosts", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):

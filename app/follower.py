@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 import uuid
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from redis.exceptions import RedisError
 
 from app.kling import KlingClient, KlingCredentials, KlingFailure
+from app.metrics import TASKS_IN_FLIGHT
 from app.tasks import MAX_POLL_INTERVAL_S, ProgressCallback, TaskRecord, TaskStore
 
 logger = logging.getLogger(__name__)
@@ -89,6 +91,7 @@ class TaskFollower:
 
     def follow(self, record: TaskRecord, kling: KlingCredentials, leases: Leases) -> None:
         """Follow a task just submitted here to its end, then release its leases."""
+        TASKS_IN_FLIGHT.inc()
         watch = self._watches.get(record.task_id)
         if watch is None:
             self._start(_Watch(record, kling, leases))
@@ -151,7 +154,10 @@ class TaskFollower:
 
     def _start(self, watch: _Watch) -> _Watch:
         self._watches[watch.record.task_id] = watch
-        watch.loop = asyncio.create_task(self._run(watch), name=f"follow {watch.record.task_id}")
+        # A fresh context: the loop outlives the request that started it, and must not be booked to it.
+        watch.loop = asyncio.create_task(
+            self._run(watch), name=f"follow {watch.record.task_id}", context=contextvars.Context()
+        )
         return watch
 
     async def _run(self, watch: _Watch) -> None:
@@ -172,6 +178,8 @@ class TaskFollower:
         except asyncio.CancelledError:
             # Shutdown, or the last local waiter left. A submitted task still runs at Kling and holds its
             # slots there, so its leases are left to lapse by their TTL rather than freed to over-admit.
+            if watch.leases is not None:
+                TASKS_IN_FLIGHT.dec()
             await self._give_up_polling(watch.record.task_id)
             self._drop(watch)
             raise
@@ -224,6 +232,7 @@ class TaskFollower:
         record = watch.record
         try:
             if watch.leases is not None:
+                TASKS_IN_FLIGHT.dec()
                 await watch.leases.release()
         except (RedisError, OSError):
             logger.warning("could not release the leases of task %s; they expire by themselves", record.task_id)

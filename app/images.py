@@ -37,6 +37,7 @@ from app.kling import (
 )
 from app.lifecycle import Drain
 from app.models import GenerateRequest, TaskStatus, TaskView
+from app.observability import waiting
 from app.ratelimit import AccountGovernor, Limiter, Remaining, limit_refused
 from app.references import ReferenceGuard
 from app.sealing import SealingError
@@ -201,6 +202,8 @@ class ImageService:
                                       retry_after=1)  # fmt: skip
         request = apply_policy(principal.tenant.policy, request)
         await self._references.check(request.ref_image_url)
+        if request.webhook_url is not None:
+            await self._check_webhook(principal, request.webhook_url)
         if request.idempotency_key is None:
             outcome = await self._submit(principal, request)
         else:
@@ -208,6 +211,15 @@ class ImageService:
         if on_progress is not None:
             await on_progress(outcome.record, 0.0)
         return replace(outcome, record=await self._wait(principal, outcome.record, wait_s, on_progress))
+
+    async def _check_webhook(self, principal: Principal, url: str) -> None:
+        if principal.tenant.sealed_webhook_secret is None:
+            raise InvalidRequest(
+                "webhook_url",
+                "needs a webhook secret for your tenant to sign with; an administrator creates one with "
+                "POST /admin/tenants/{tenant_id}/webhook-secret",
+            )
+        await self._references.check_webhook(url)
 
     async def status(
         self, principal: Principal, task_id: str, *, wait_s: int = 0, on_progress: ProgressCallback | None = None
@@ -247,7 +259,8 @@ class ImageService:
 
             group.start_soon(stop_when_draining)
             try:
-                latest = await self._wait_for_end(principal, record, wait_s, on_progress)
+                with waiting():
+                    latest = await self._wait_for_end(principal, record, wait_s, on_progress)
             except (RedisError, OSError, SealingError):
                 # The task exists: the caller gets its id rather than an error that invites paying again.
                 logger.warning("waiting on task %s failed; answering with its last known state", record.task_id)
@@ -337,6 +350,7 @@ class ImageService:
                 task_id=task.task_id, tenant_id=tenant.id, credential_id=principal.credential_id,
                 external_task_id=external_task_id, model_name=request.model_name, num_images=images,
                 status=TaskStatus.SUBMITTED, created_at_ms=task.created_at, updated_at_ms=task.updated_at,
+                webhook_url=request.webhook_url,
             ).updated_from(task)  # fmt: skip
             self._follower.follow(record, principal.kling, self._leases(principal, admission.lease_id, account_lease))
             await self._save_quietly(record)
@@ -417,7 +431,8 @@ class ImageService:
             delay = retry_delay(failure, attempt)
             if delay is None or time.monotonic() + delay >= deadline:
                 raise _create_failed(failure) from failure
-            await asyncio.sleep(delay)
+            with waiting(waiter=False):
+                await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
     async def _find_by_external_id(self, kling: KlingCredentials, external_task_id: str) -> KlingTask | None:
@@ -450,7 +465,8 @@ class ImageService:
             if time.monotonic() >= deadline:
                 raise Conflict("a request with this idempotency_key is still being submitted; retry shortly")
             # The first request is talking to Kling right now; its answer is usually a moment away.
-            await asyncio.sleep(0.1)
+            with waiting(waiter=False):
+                await asyncio.sleep(0.1)
 
     async def _replay(self, principal: Principal, task_id: str) -> Outcome:
         remaining = await self._limiter.admit_request(principal.tenant.id, principal.key_id, principal.tenant.limits)

@@ -23,7 +23,9 @@ import jwt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.breaker import Breakers, CircuitOpen
+from app.metrics import BREAKER_OPEN
 from app.models import IMAGE_MODELS, GenerateRequest
+from app.observability import kling_call
 
 GENERATIONS_PATH = "/v1/images/generations"
 JWT_LIFETIME_S = 1800
@@ -34,10 +36,12 @@ CODE_TOKEN_EXPIRED = 1004
 
 @dataclass(frozen=True)
 class KlingCredentials:
-    """One Kling account's AK/SK. `repr` hides the secret."""
+    """One Kling account's AK/SK. `repr` hides the secret. `credential_id` (the gateway's id of the account)
+    names it in metrics, where the access key must never appear."""
 
     access_key: str
     secret_key: str
+    credential_id: str = ""
 
     def __repr__(self) -> str:
         return f"KlingCredentials(access_key={self.access_key!r}, secret_key='***')"
@@ -205,6 +209,15 @@ class KlingClient:
         self, credentials: KlingCredentials, method: str, path: str, body: dict[str, Any] | None
     ) -> KlingTask:
         try:
+            return await self._guarded_call(credentials, method, path, body)
+        finally:
+            is_open = self._breakers.is_open(credentials.access_key)
+            BREAKER_OPEN.labels(credentials.credential_id or "unnamed").set(1 if is_open else 0)
+
+    async def _guarded_call(
+        self, credentials: KlingCredentials, method: str, path: str, body: dict[str, Any] | None
+    ) -> KlingTask:
+        try:
             self._breakers.before_call(credentials.access_key)
         except CircuitOpen as exc:
             raise KlingCircuitOpen(exc.retry_after_s) from exc
@@ -244,19 +257,33 @@ class KlingClient:
     ) -> KlingTask:
         token = self._jwts.token(credentials, force_new=force_new_token)
         headers = {"Authorization": f"Bearer {token}"}
-        try:
-            # httpx2 timeouts are per phase; a slow drip would never trip them, so bound the whole call.
-            async with asyncio.timeout(self._deadline_s):
-                response = await self._http.request(method, self._base_url + path, json=body, headers=headers)
-        except (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.PoolTimeout) as exc:
-            timed_out = not isinstance(exc, httpx2.ConnectError)
-            raise KlingTransportError(f"{method} {path}: no connection ({type(exc).__name__})", timed_out=timed_out,
-                                      sent=False) from exc  # fmt: skip
-        except (TimeoutError, httpx2.TimeoutException) as exc:
-            raise KlingTransportError(f"{method} {path} timed out", timed_out=True) from exc
-        except httpx2.TransportError as exc:
-            raise KlingTransportError(f"{method} {path} failed: {type(exc).__name__}", timed_out=False) from exc
-        return parse_envelope(response)
+        with kling_call("create" if method == "POST" else "query", failure_code) as call:
+            try:
+                # httpx2 timeouts are per phase; a slow drip would never trip them, so bound the whole call.
+                async with asyncio.timeout(self._deadline_s):
+                    response = await self._http.request(method, self._base_url + path, json=body, headers=headers)
+            except (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.PoolTimeout) as exc:
+                timed_out = not isinstance(exc, httpx2.ConnectError)
+                raise KlingTransportError(f"{method} {path}: no connection ({type(exc).__name__})",
+                                          timed_out=timed_out, sent=False) from exc  # fmt: skip
+            except (TimeoutError, httpx2.TimeoutException) as exc:
+                raise KlingTransportError(f"{method} {path} timed out", timed_out=True) from exc
+            except httpx2.TransportError as exc:
+                raise KlingTransportError(f"{method} {path} failed: {type(exc).__name__}", timed_out=False) from exc
+            task = parse_envelope(response)
+            call.answered(0, task.task_id)
+        return task
+
+
+def failure_code(failure: BaseException) -> str:
+    """How a Kling call failed, as a metric label: Kling's code, or what happened instead of an answer."""
+    if isinstance(failure, KlingError):
+        return str(failure.code)
+    if isinstance(failure, KlingTransportError):
+        return "timeout" if failure.timed_out else "no_answer"
+    if isinstance(failure, KlingProtocolError):
+        return "bad_answer"
+    return "cancelled" if isinstance(failure, asyncio.CancelledError) else "error"
 
 
 def parse_envelope(response: httpx2.Response) -> KlingTask:

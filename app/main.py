@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from mcp.server.transport_security import TransportSecuritySettings
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
+from redis.asyncio import Redis
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
@@ -28,8 +27,11 @@ from app.follower import TaskFollower
 from app.images import ImageService, ServiceTimings
 from app.kling import KlingClient, create_http_client
 from app.lifecycle import Drain
-from app.mcp_server import build_mcp_server
+from app.mcp_server import MESSAGE_PATH, SSE_PATH, McpTransports, build_mcp_server, legacy_sse_app
+from app.metrics import CountingConnectionPool, CountingRetry, forget_this_process, metrics_endpoint
 from app.oauth import OAuthConfig, OAuthVerifier, protected_resource_metadata
+from app.observability import ObservabilityMiddleware
+from app.previews import PreviewMaker, create_preview_http_client
 from app.ratelimit import (
     AccountGovernor,
     FallbackGovernor,
@@ -46,6 +48,7 @@ from app.tasks import MemoryTaskStore, RedisTaskStore, TaskStore
 from app.tenants import KeyFormat, MemoryTenantStore, RedisTenantStore, TenantDirectory, TenantStore
 from app.tenants_file import apply_tenants_file, load_tenants_file
 from app.usage import AuditLog, MemoryAuditLog, MemoryUsageStore, RedisAuditLog, RedisUsageStore, UsageStore
+from app.webhooks import WebhookSender
 
 logger = logging.getLogger(__name__)
 REDIS_TIMEOUT_S = 1.0
@@ -80,13 +83,13 @@ class Gateway:
 def create_redis(url: str, max_connections: int = 200, retries: int = 1) -> Redis:
     """One pool per process. Short timeouts and a single retry: a hung Redis must fail a request quickly,
     not hang it. A blocking pool, because the default one raises instead of waiting once it is full."""
-    pool = BlockingConnectionPool.from_url(
+    pool = CountingConnectionPool.from_url(
         url,
         max_connections=max_connections,
         timeout=REDIS_TIMEOUT_S,
         socket_timeout=REDIS_TIMEOUT_S,
         socket_connect_timeout=REDIS_TIMEOUT_S,
-        retry=Retry(NoBackoff(), retries),
+        retry=CountingRetry(NoBackoff(), retries),
         health_check_interval=30,
     )
     return Redis.from_pool(pool)
@@ -191,9 +194,15 @@ def build_gateway(settings: Settings) -> Gateway:
     kling = KlingClient(http, settings.kling_base_url, deadline_s=settings.kling_timeout_seconds, breakers=breakers)
     limiter, governor = open_limits(settings, limits_redis)
     updates = TaskUpdates(redis)
-    follower = TaskFollower(
-        kling, stores.tasks, first_interval_s=settings.poll_interval_seconds, broadcast=updates.publish
+    references = ReferenceGuard(
+        allow_http=settings.allow_http_references, webhook_hosts=frozenset(settings.webhook_allowed_hosts)
     )
+    webhook_http = create_http_client(max_connections=20)  # callers' receivers: not Kling's pool
+    webhooks = WebhookSender(webhook_http, stores.tasks, directory.webhook_secret, references)
+    follower = TaskFollower(
+        kling, stores.tasks, first_interval_s=settings.poll_interval_seconds, broadcast=updates.publish,
+        on_finished=webhooks.task_finished,
+    )  # fmt: skip
     timings = ServiceTimings(
         max_wait_s=settings.max_wait_seconds,
         first_poll_interval_s=settings.poll_interval_seconds,
@@ -220,21 +229,24 @@ def build_gateway(settings: Settings) -> Gateway:
         follower,
         timings,
         drain,
-        ReferenceGuard(allow_http=settings.allow_http_references),
+        references,
         callback_url_for,
     )
-    mcp = build_mcp_server(service, default_wait_s=settings.default_wait_seconds)
+    preview_http = create_preview_http_client()
+    mcp = build_mcp_server(service, default_wait_s=settings.default_wait_seconds, previews=PreviewMaker(preview_http))
+    transport_security = TransportSecuritySettings(
+        enable_dns_rebinding_protection=not settings.host_check_disabled(),
+        allowed_hosts=settings.mcp_allowed_hosts(),
+        allowed_origins=settings.mcp_allowed_origins(),
+    )
     mcp_app = mcp.streamable_http_app(
         streamable_http_path="/mcp",
         stateless_http=True,  # any replica can serve any request
         json_response=False,  # SSE, so progress notifications reach the client while a tool waits
         max_request_body_size=settings.max_body_bytes,
-        transport_security=TransportSecuritySettings(
-            enable_dns_rebinding_protection=not settings.host_check_disabled(),
-            allowed_hosts=settings.mcp_allowed_hosts(),
-            allowed_origins=settings.mcp_allowed_origins(),
-        ),
+        transport_security=transport_security,
     )
+    legacy_app = legacy_sse_app(mcp, authenticator, transport_security, settings.max_body_bytes)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -243,6 +255,9 @@ def build_gateway(settings: Settings) -> Gateway:
                 if client is not None:
                     stack.push_async_callback(client.aclose)
             stack.push_async_callback(http.aclose)
+            stack.push_async_callback(preview_http.aclose)
+            stack.push_async_callback(webhook_http.aclose)
+            stack.push_async_callback(webhooks.aclose)
             stack.push_async_callback(follower.aclose)
             if settings.tenants_file:
                 await apply_file(directory, stores.audit, settings.tenants_file)
@@ -251,6 +266,7 @@ def build_gateway(settings: Settings) -> Gateway:
             await stack.enter_async_context(updates.listening(follower.heard))
             await stack.enter_async_context(mcp.session_manager.run())
             stack.enter_context(drain.on_signals())
+            stack.callback(forget_this_process)
             try:
                 yield
             finally:
@@ -263,8 +279,12 @@ def build_gateway(settings: Settings) -> Gateway:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    app.add_middleware(RestRequestGuard, max_body_bytes=settings.max_body_bytes)
+    mcp_paths = ("/mcp", SSE_PATH, MESSAGE_PATH)
+    app.add_middleware(RestRequestGuard, max_body_bytes=settings.max_body_bytes, skip_prefix=mcp_paths)
+    # Outermost: the request id, timings and the log line cover everything, 413s and /mcp included.
+    app.add_middleware(ObservabilityMiddleware)
     add_health_routes(app, stores.tenants, drain)
+    app.add_route("/metrics", metrics_endpoint, include_in_schema=False)
     if oauth is not None:
         add_resource_metadata_routes(app, oauth)
     app.include_router(build_api_router(service, authenticator, stores.usage))
@@ -273,7 +293,7 @@ def build_gateway(settings: Settings) -> Gateway:
     if settings.admin_token is not None:
         app.include_router(build_admin_router(directory, stores, settings.admin_token))
     # Mounted last: our own routes match first, and /mcp is served without a 307 redirect.
-    app.mount("/", McpAuthMiddleware(mcp_app, authenticator))
+    app.mount("/", McpTransports(McpAuthMiddleware(mcp_app, authenticator), legacy_app))
     return Gateway(settings=settings, directory=directory, stores=stores, service=service, app=app)
 
 

@@ -1,21 +1,30 @@
-"""MCP tools over ImageService: `generate_image` and `check_image_status`.
+"""MCP tools over ImageService: `generate_image` and `check_image_status`, and the transports they are served on.
 
 The server runs stateless with SSE responses (see reference/mcp-sdk.md §0): any replica serves any
 request, in both protocol eras, and progress notifications can flow while a tool waits on Kling.
 Failures a model can act on come back as results with `isError: true`, never as protocol errors.
+Old clients that speak only the deprecated HTTP+SSE transport get it at `GET /sse` + `POST /messages/`:
+its sessions live in one process, so with several replicas it needs sticky routing.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
+from typing import Annotated
 
 from mcp.server import MCPServer
+from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
+from mcp.server.auth.provider import AccessToken
 from mcp.server.mcpserver import Context
-from mcp.types import CallToolResult, ContentBlock, ResourceLink, TextContent, ToolAnnotations
+from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
+from mcp.types import CallToolResult, ContentBlock, ImageContent, ResourceLink, TextContent, ToolAnnotations
+from pydantic import Field
+from starlette.requests import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app import __version__
-from app.auth import current_principal
+from app.auth import Authenticator, McpAuthMiddleware, current_principal
 from app.errors import KNOWN_ERRORS, Unauthorized, gateway_error_from, tool_error_result
 from app.images import ImageService, Outcome, Principal
 from app.models import (
@@ -34,12 +43,20 @@ from app.models import (
     TaskStatus,
     WaitSeconds,
 )
+from app.observability import tool_call
+from app.previews import NoPreview, Preview, PreviewMaker
 from app.tasks import ProgressCallback, TaskRecord
 
 INSTRUCTIONS = (
     "Generates images with Kling AI. Call generate_image with a prompt; it waits for the images and returns "
     "their URLs. If the images are not ready in time it returns a task_id: call check_image_status with it."
 )
+SSE_PATH = "/sse"
+MESSAGE_PATH = "/messages/"
+IncludePreview = Annotated[
+    bool,
+    Field(description="Also return a small inline preview of each image, so the conversation shows it."),
+]
 _STATUS_TEXT = {
     TaskStatus.SUBMITTED: "queued at Kling",
     TaskStatus.PROCESSING: "generating",
@@ -48,8 +65,9 @@ _STATUS_TEXT = {
 }
 
 
-def task_result(outcome: Outcome) -> CallToolResult:
-    """Images as resource links, the task as structured content, and a short text for the model."""
+def task_result(outcome: Outcome, previews: list[ContentBlock] | None = None) -> CallToolResult:
+    """Images as resource links (and `previews`, if any), the task as structured content, and a short text
+    for the model."""
     record = outcome.record
     view = outcome.view()
     structured = view.model_dump(mode="json", exclude_none=True)
@@ -78,8 +96,20 @@ def task_result(outcome: Outcome) -> CallToolResult:
         )
         for image in view.images
     ]
+    content += previews or []
     content.append(TextContent(text=json.dumps(structured)))
     return CallToolResult(content=content, structured_content=structured)
+
+
+def preview_blocks(previews: list[Preview | NoPreview]) -> list[ContentBlock]:
+    blocks: list[ContentBlock] = []
+    for preview in previews:
+        if isinstance(preview, Preview):
+            blocks.append(ImageContent(data=preview.base64(), mime_type=preview.mime_type))
+        else:
+            text = f"Preview of image {preview.index + 1} unavailable: {preview.reason}. Its link above still works."
+            blocks.append(TextContent(text=text))
+    return blocks
 
 
 def progress_reporter(ctx: Context) -> ProgressCallback:
@@ -101,17 +131,21 @@ def _caller() -> Principal:
     return principal
 
 
-async def _run_tool(work: Callable[[], Awaitable[Outcome]]) -> CallToolResult:
-    """Run a tool body, turning every failure a model can act on into an `isError` result."""
+async def _run_tool(work: Callable[[], Awaitable[Outcome]], previews: PreviewMaker | None) -> CallToolResult:
+    """Run a tool body, turning every failure a model can act on into an `isError` result; with a preview
+    maker, a finished task's images are also shown inline."""
     try:
-        return task_result(await work())
+        outcome = await tool_call(work)  # counted, timed and named on the request's log line
     except KNOWN_ERRORS as exc:
         error = gateway_error_from(exc)
         assert error is not None
         return tool_error_result(error)
+    if previews is None or outcome.record.status is not TaskStatus.SUCCEEDED:
+        return task_result(outcome)
+    return task_result(outcome, preview_blocks(await previews.make(outcome.view().images)))
 
 
-def build_mcp_server(service: ImageService, *, default_wait_s: int) -> MCPServer:
+def build_mcp_server(service: ImageService, *, default_wait_s: int, previews: PreviewMaker) -> MCPServer:
     mcp = MCPServer("kling-gateway", title="Kling image generation", instructions=INSTRUCTIONS, version=__version__)
     annotations = ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=True)
 
@@ -130,12 +164,14 @@ def build_mcp_server(service: ImageService, *, default_wait_s: int) -> MCPServer
         resolution: ResolutionArg = None,
         wait_seconds: WaitSeconds = None,
         idempotency_key: IdempotencyKey = None,
+        include_preview: IncludePreview = False,
     ) -> CallToolResult:
         """Generate images from a text prompt (optionally guided by a reference image) with Kling AI.
 
         Waits up to wait_seconds (default 45) for the images and returns their URLs. If they are not
         ready by then, returns a task_id: call check_image_status with it rather than generating again.
         Each call is billed to the caller's Kling account; to retry safely, pass the same idempotency_key.
+        With include_preview, the result also shows each image inline, downscaled.
         """
         arguments = {
             "prompt": prompt,
@@ -157,23 +193,80 @@ def build_mcp_server(service: ImageService, *, default_wait_s: int) -> MCPServer
             wait_s = default_wait_s if request.wait_seconds is None else request.wait_seconds
             return await service.generate(_caller(), request, wait_s=wait_s, on_progress=progress_reporter(ctx))
 
-        return await _run_tool(work)
+        return await _run_tool(work, previews if include_preview else None)
 
     @mcp.tool(
         title="Check a Kling image task",
         annotations=ToolAnnotations(read_only_hint=True, open_world_hint=True),
         structured_output=False,
     )
-    async def check_image_status(task_id: str, ctx: Context, wait_seconds: WaitSeconds = None) -> CallToolResult:
+    async def check_image_status(
+        task_id: str, ctx: Context, wait_seconds: WaitSeconds = None, include_preview: IncludePreview = False
+    ) -> CallToolResult:
         """Get the status and image URLs of a task started by generate_image.
 
-        Waits up to wait_seconds (default 45) for the task to finish before answering.
+        Waits up to wait_seconds (default 45) for the task to finish before answering. With include_preview,
+        the result also shows each image inline, downscaled.
         """
 
         async def work() -> Outcome:
             wait_s = default_wait_s if wait_seconds is None else wait_seconds
             return await service.status(_caller(), task_id, wait_s=wait_s, on_progress=progress_reporter(ctx))
 
-        return await _run_tool(work)
+        return await _run_tool(work, previews if include_preview else None)
 
     return mcp
+
+
+def legacy_sse_app(
+    mcp: MCPServer, authenticator: Authenticator, security: TransportSecuritySettings, max_body_bytes: int
+) -> ASGIApp:
+    """The deprecated HTTP+SSE transport (`GET /sse`, then `POST /messages/?session_id=...`), behind the same
+    authentication and Host/Origin checks as `/mcp`."""
+    app = mcp.sse_app(
+        sse_path=SSE_PATH, message_path=MESSAGE_PATH, max_request_body_size=max_body_bytes, transport_security=security
+    )
+    return McpAuthMiddleware(LegacySessionGuard(app, security), authenticator, path_prefix="/")
+
+
+class LegacySessionGuard:
+    """Pure ASGI, behind McpAuthMiddleware, in front of the SDK's SSE transport.
+
+    - It names the caller in `scope["user"]`, which the transport binds a session to when `GET /sse` opens
+      it: a message posted to the session with any other key (another tenant's, or another key of the same
+      tenant) is answered 404, as if the session did not exist. A tool then runs with the principal of the
+      POST that carried the call (the SDK runs each message in its sender's context): the session owner's.
+    - It answers a `GET /sse` with a foreign Host or Origin itself (421/403): the transport would answer it
+      too, but then raise, and every refused request would be logged as a server error.
+    """
+
+    def __init__(self, app: ASGIApp, security: TransportSecuritySettings) -> None:
+        self._app = app
+        self._security = TransportSecurityMiddleware(security)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        principal = current_principal.get()
+        if principal is not None:
+            access = AccessToken(token="", client_id=principal.tenant.id, subject=principal.key_id, scopes=[])
+            scope["user"] = AuthenticatedUser(access)
+        if scope["type"] == "http" and scope["method"] == "GET":
+            refused = await self._security.validate_request(Request(scope, receive), is_post=False)
+            if refused is not None:
+                await refused(scope, receive, send)
+                return
+        await self._app(scope, receive, send)
+
+
+class McpTransports:
+    """Pure ASGI: the legacy SSE paths go to that transport, every other path to streamable HTTP."""
+
+    def __init__(self, streamable: ASGIApp, legacy: ASGIApp) -> None:
+        self._streamable = streamable
+        self._legacy = legacy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope["path"] if scope["type"] == "http" else ""
+        if path == SSE_PATH or path.startswith(MESSAGE_PATH):
+            await self._legacy(scope, receive, send)
+        else:
+            await self._streamable(scope, receive, send)

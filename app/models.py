@@ -208,6 +208,15 @@ IdempotencyKey = Annotated[
     ),
 ]
 
+WebhookUrl = Annotated[
+    str | None,
+    Field(
+        max_length=MAX_URL_CHARS,
+        description="REST only: an https:// URL that receives the final result, signed (Standard Webhooks) with "
+        "your tenant's webhook secret, retried with backoff until it answers 2xx.",
+    ),
+]
+
 
 class GenerateRequest(BaseModel):
     """The `generate_image` arguments, for both `POST /generate` and the MCP tool."""
@@ -226,6 +235,7 @@ class GenerateRequest(BaseModel):
     resolution: ResolutionArg = None
     wait_seconds: WaitSeconds = None
     idempotency_key: IdempotencyKey = None
+    webhook_url: WebhookUrl = None
 
     @field_validator("model_name")
     @classmethod
@@ -255,6 +265,18 @@ class GenerateRequest(BaseModel):
         if "://" in value or value.lower().startswith("file:"):
             return check_reference_url(value)
         raise ValueError("must be an https:// URL or base64 image data (local paths are refused)")
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise ValueError("must be an https:// URL")
+        if parts.username or parts.password:
+            raise ValueError("must not contain credentials")
+        return value
 
     @model_validator(mode="after")
     def _documented_combinations(self) -> GenerateRequest:

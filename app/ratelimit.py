@@ -26,6 +26,8 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from app.errors import InvalidRequest, LimitsUnavailable, RateLimited
+from app.metrics import LIMITER_DECISIONS
+from app.observability import waiting
 
 logger = logging.getLogger(__name__)
 REDIS_FAILURES = (RedisError, OSError, TimeoutError)
@@ -58,6 +60,7 @@ class Admission:
 
 
 def limit_refused(limit: str, retry_after_ms: int, policy: str) -> RateLimited:
+    LIMITER_DECISIONS.labels(limit, "refused").inc()
     retry_after = max(1, math.ceil(retry_after_ms / 1000))
     return RateLimited(
         f"Rate limited: {limit.replace('_', ' ')} reached ({policy}); retry after {retry_after} s",
@@ -65,6 +68,18 @@ def limit_refused(limit: str, retry_after_ms: int, policy: str) -> RateLimited:
         limit=limit,
         policy=policy,
     )
+
+
+def count_admitted(limits: TenantLimits, *, task: bool) -> None:
+    """An admission passed every limit it was checked against: count one for each (refusals are counted
+    by `limit_refused`, once, for the limit that refused)."""
+    checked = ["requests_per_minute"]
+    if limits.requests_per_minute_per_key:
+        checked.append("requests_per_minute_per_key")
+    if task:
+        checked += ["concurrent_tasks", "images_per_day"]
+    for limit in checked:
+        LIMITER_DECISIONS.labels(limit, "admitted").inc()
 
 
 def seconds_until_utc_midnight(now: float | None = None) -> int:
@@ -272,6 +287,7 @@ class RedisLimiter:
         keys = self._keys(tenant_id, key_id)[:2]
         reply = await self._admit_request(keys=keys, args=[interval, burst, key_interval, key_burst])
         [remaining] = _decision(reply, _policy(limits))
+        count_admitted(limits, task=False)
         return Remaining(requests_this_minute=remaining)
 
     async def admit_task(self, tenant_id: str, key_id: str, limits: TenantLimits, images: int) -> Admission:
@@ -294,6 +310,7 @@ class RedisLimiter:
         ]
         reply = await self._admit_task(keys=self._keys(tenant_id, key_id, day), args=args)
         requests, concurrent, images_left = _decision(reply, _policy(limits))
+        count_admitted(limits, task=True)
         return Admission(lease_id, Remaining(requests, concurrent, images_left))
 
     async def refresh(self, tenant_id: str, lease_id: str) -> bool:
@@ -359,8 +376,10 @@ async def _wait_for_turn(attempt: Any, wait_s: float, capacity: int) -> None:
             message = f"the Kling account is busy ({capacity} images in flight)"
             raise limit_refused("kling_account", CONCURRENCY_RETRY_HINT_S * 1000, message)
         # Polling, not an event: waiters on other replicas free slots, and a missed wake-up must not strand us.
-        await asyncio.sleep(min(delay, remaining))
+        with waiting(waiter=False):
+            await asyncio.sleep(min(delay, remaining))
         delay = min(delay * 2, 0.25)
+    LIMITER_DECISIONS.labels("kling_account", "admitted").inc()
 
 
 # --- Memory backends (one process) ----------------------------------------------------------------------
@@ -436,6 +455,7 @@ class MemoryLimiter:
         charges, remaining = self._rate(tenant_id, key_id, limits, time.monotonic())
         for key, tat in charges:
             self._gcra.charge(key, tat)
+        count_admitted(limits, task=False)
         return Remaining(requests_this_minute=remaining)
 
     async def admit_task(self, tenant_id: str, key_id: str, limits: TenantLimits, images: int) -> Admission:
@@ -455,6 +475,7 @@ class MemoryLimiter:
         self._leases.take(tenant_id, lease_id, 1, now + self._lease_ttl_s)
         self._images[day] = today + images
         left = Remaining(remaining, limits.concurrent_tasks - used - 1, limits.images_per_day - today - images)
+        count_admitted(limits, task=True)
         return Admission(lease_id, left)
 
     async def refresh(self, tenant_id: str, lease_id: str) -> bool:
@@ -530,6 +551,7 @@ class FallbackLimiter:
 
     def _local(self, exc: Exception) -> MemoryLimiter:
         if self._fallback is None:
+            LIMITER_DECISIONS.labels("all", "unavailable").inc()
             raise LimitsUnavailable() from exc
         logger.warning("limiter falling back to per-replica limits: %s", type(exc).__name__)
         return self._fallback
@@ -573,6 +595,7 @@ class FallbackGovernor:
             return await self._primary.acquire(credential_id, slots, capacity, wait_s)
         except REDIS_FAILURES as exc:
             if self._fallback is None:
+                LIMITER_DECISIONS.labels("kling_account", "unavailable").inc()
                 raise LimitsUnavailable() from exc
             logger.warning("account governor falling back to per-replica slots: %s", type(exc).__name__)
             # A share of the slots, but never less than this request needs nor more than the account has.

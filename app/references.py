@@ -1,4 +1,4 @@
-"""ReferenceGuard: the checks on a reference-image URL that need I/O or settings.
+"""ReferenceGuard: the checks on a reference-image or webhook URL that need I/O or settings.
 
 `GenerateRequest` already refused what the text alone tells (local paths, other schemes, credentials, IP
 literals, internal names). Here, before anything is counted or sent: `http` only when the operator allows
@@ -38,9 +38,34 @@ def is_public_address(text: str) -> bool:
 
 
 class ReferenceGuard:
-    def __init__(self, *, allow_http: bool = False, resolver: Resolver = system_resolver) -> None:
+    def __init__(
+        self,
+        *,
+        allow_http: bool = False,
+        resolver: Resolver = system_resolver,
+        webhook_hosts: frozenset[str] = frozenset(),
+    ) -> None:
         self._allow_http = allow_http
         self._resolver = resolver
+        # Receivers the operator vouches for (in-cluster services): private addresses and http allowed.
+        self._webhook_hosts = frozenset(host.lower() for host in webhook_hosts)
+
+    async def check_webhook(self, url: str) -> None:
+        """Raises InvalidRequest naming `webhook_url` when the gateway must not post results there. Unlike a
+        reference image, the gateway itself sends to this URL, so a name that does not resolve is refused."""
+        parts = urlsplit(url)
+        host = (parts.hostname or "").lower()
+        if host in self._webhook_hosts:
+            return
+        if parts.scheme != "https":
+            raise InvalidRequest("webhook_url", "must be an https:// URL")
+        try:
+            async with asyncio.timeout(RESOLVE_TIMEOUT_S):
+                addresses = await self._resolver(host)
+        except (OSError, TimeoutError, UnicodeError) as exc:
+            raise InvalidRequest("webhook_url", f"host {host!r} does not resolve") from exc
+        if not addresses or not all(is_public_address(address) for address in addresses):
+            raise InvalidRequest("webhook_url", f"host {host!r} resolves to a non-public address")
 
     async def check(self, reference: str | None) -> None:
         """Raises InvalidRequest naming `ref_image_url` when the URL must not be handed to Kling."""

@@ -138,6 +138,9 @@ class TaskStore(Protocol):
     async def is_polled(self, task_id: str) -> bool:
         """Whether some replica holds the task's poll lease (so its record is being kept current)."""
 
+    async def claim_webhook(self, task_id: str) -> bool:
+        """True for the first caller only: who delivers the task's webhook."""
+
 
 class MemoryTaskStore:
     """In-process backend, bounded so a long-running demo cannot grow without limit."""
@@ -147,6 +150,7 @@ class MemoryTaskStore:
         self._claims: dict[str, tuple[IdempotencyClaim, float]] = {}
         self._submitting: set[str] = set()
         self._pollers: dict[str, tuple[str, float]] = {}
+        self._webhooks: set[str] = set()
         self._max_records = max_records
 
     async def save(self, record: TaskRecord) -> None:
@@ -199,6 +203,11 @@ class MemoryTaskStore:
     async def is_polled(self, task_id: str) -> bool:
         return self._pollers.get(task_id, ("", 0.0))[1] > time.monotonic()
 
+    async def claim_webhook(self, task_id: str) -> bool:
+        claimed = task_id not in self._webhooks
+        self._webhooks.add(task_id)
+        return claimed
+
 
 class RedisTaskStore:
     def __init__(self, redis: Redis, namespace: str = "kgw") -> None:
@@ -246,6 +255,9 @@ class RedisTaskStore:
 
     async def is_polled(self, task_id: str) -> bool:
         return bool(await self._redis.exists(f"{self._ns}:poller:{task_id}"))
+
+    async def claim_webhook(self, task_id: str) -> bool:
+        return bool(await self._redis.set(f"{self._ns}:webhook:{task_id}", "1", nx=True, ex=IDEMPOTENCY_TTL_S))
 
 
 ProgressCallback = Callable[[TaskRecord, float], Awaitable[None]]

@@ -74,6 +74,7 @@ class Tenant:
     credential_ids: tuple[str, ...]
     policy: TenantPolicy = field(default_factory=TenantPolicy)
     limits: TenantLimits = field(default_factory=TenantLimits)
+    sealed_webhook_secret: str | None = None  # signs the results sent to callers' webhook URLs
 
 
 @dataclass(frozen=True)
@@ -224,15 +225,36 @@ class TenantDirectory:
         return updated
 
     async def reseal_all(self) -> int:
-        """Re-seal every credential under the current master key; returns how many were re-sealed."""
+        """Re-seal every secret (Kling secret keys, webhook secrets) under the current master key; returns how
+        many were re-sealed."""
         credentials = await self.store.list_credentials()
         for credential in credentials:
             resealed = self._sealer.reseal(credential.id, credential.sealed_secret)
             await self.store.save_credential(replace(credential, sealed_secret=resealed))
-        return len(credentials)
+        tenants = [tenant for tenant in await self.store.list_tenants() if tenant.sealed_webhook_secret is not None]
+        for tenant in tenants:
+            assert tenant.sealed_webhook_secret is not None
+            resealed = self._sealer.reseal(_webhook_seal_id(tenant.id), tenant.sealed_webhook_secret)
+            await self.store.save_tenant(replace(tenant, sealed_webhook_secret=resealed))
+        return len(credentials) + len(tenants)
+
+    async def new_webhook_secret(self, tenant_id: str, secret: str) -> Tenant:
+        """Give the tenant a new webhook secret (the old one stops signing at once)."""
+        tenant = await self.get_tenant(tenant_id)
+        updated = replace(tenant, sealed_webhook_secret=self._sealer.seal(_webhook_seal_id(tenant.id), secret))
+        await self.store.save_tenant(updated)
+        await self._key_changed(f"tenant:{tenant.id}")
+        return updated
+
+    async def webhook_secret(self, tenant_id: str) -> str | None:
+        tenant = await self.store.get_tenant(tenant_id)
+        if tenant is None or tenant.sealed_webhook_secret is None:
+            return None
+        return self._sealer.open(_webhook_seal_id(tenant.id), tenant.sealed_webhook_secret)
 
     def kling_credentials(self, credential: Credential) -> KlingCredentials:
-        return KlingCredentials(credential.access_key, self._sealer.open(credential.id, credential.sealed_secret))
+        secret = self._sealer.open(credential.id, credential.sealed_secret)
+        return KlingCredentials(credential.access_key, secret, credential.id)
 
     async def kling_credentials_by_id(self, credential_id: str) -> KlingCredentials | None:
         credential = await self.store.get_credential(credential_id)
@@ -351,6 +373,11 @@ class TenantDirectory:
     async def _key_changed(self, key_id: str) -> None:
         if self._on_key_changed is not None:
             await self._on_key_changed(key_id)
+
+
+def _webhook_seal_id(tenant_id: str) -> str:
+    """What a tenant's sealed webhook secret is bound to, so it cannot be swapped for a Kling secret."""
+    return f"webhook:{tenant_id}"
 
 
 def _tenant_to_json(tenant: Tenant) -> str:

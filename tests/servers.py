@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import pwd
 import shutil
 import signal
 import socket
@@ -11,8 +13,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from string import Template
 
 import httpx2
 import uvicorn
@@ -106,11 +110,11 @@ class Replica:
 
 
 @contextlib.asynccontextmanager
-async def gateway_process(env: dict[str, str]) -> AsyncIterator[Replica]:
+async def gateway_process(env: dict[str, str], workers: int = 1) -> AsyncIterator[Replica]:
     """Start `kling-gateway serve` with only `env` (plus PATH) as its settings; stop it on exit."""
     port = free_port()
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+        sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
         env={"PATH": "/usr/bin:/bin", **env}, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -160,3 +164,45 @@ class RedisProcess:
             self._process.terminate()
             self._process.wait(timeout=10)
             self._process = None
+
+
+NGINX_TEMPLATE = Path(__file__).resolve().parents[1] / "deploy" / "nginx" / "kling-gateway.conf.template"
+
+
+@contextlib.contextmanager
+def nginx_proxy(upstreams: Sequence[str]) -> Iterator[str]:
+    """A real nginx on a free loopback port, configured by deploy/nginx's template to balance over
+    `upstreams` (`host:port`); yields its URL. Its files live in a private directory."""
+    binary = shutil.which("nginx", path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")
+    if binary is None:
+        raise RuntimeError("nginx is not installed (Debian: apt-get install nginx)")
+    port = free_port()
+    servers = " ".join(f"server {upstream};" for upstream in upstreams)
+    site = Template(NGINX_TEMPLATE.read_text()).safe_substitute(
+        KGW_UPSTREAM_SERVERS=servers, KGW_PROXY_LISTEN=f"127.0.0.1:{port}"
+    )
+    with tempfile.TemporaryDirectory() as workdir:
+        # As root, nginx's workers would run as `nobody`, who cannot enter this private directory.
+        user = f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else ""
+        temp_paths = "\n".join(f"{kind}_temp_path {workdir}/{kind};" for kind in
+                               ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))  # fmt: skip
+        Path(workdir, "site.conf").write_text(site)
+        Path(workdir, "nginx.conf").write_text(
+            f"{user}\ndaemon off;\nworker_processes 1;\npid {workdir}/nginx.pid;\nerror_log stderr warn;\n"
+            f"events {{ worker_connections 512; }}\n"
+            f"http {{\naccess_log off;\n{temp_paths}\ninclude {workdir}/site.conf;\n}}\n"
+        )
+        process = subprocess.Popen(
+            [binary, "-p", workdir, "-c", f"{workdir}/nginx.conf", "-e", "stderr"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            _wait_for_port(port, process)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            process.send_signal(signal.SIGQUIT)  # graceful: finish open requests, then exit
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pty
+import re
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -108,7 +111,9 @@ async def test_admin_verbs_without_redis_explain_what_to_set() -> None:
     assert "KGW_REDIS_URL" in err
 
 
-async def test_generate_saves_the_images_and_prints_their_paths(gateway: RunningGateway, tmp_path: Path) -> None:
+async def test_generate_saves_the_images_and_prints_only_their_paths_when_piped(
+    gateway: RunningGateway, tmp_path: Path
+) -> None:
     api_key = await gateway.new_api_key("acme")
     code, out, err = await run_cli(
         "generate", "a red fox", "--url", gateway.url, "--api-key", api_key, "--out", str(tmp_path),
@@ -121,6 +126,76 @@ async def test_generate_saves_the_images_and_prints_their_paths(gateway: Running
         with Image.open(path) as image:
             assert image.format == "PNG"
     assert "succeeded" in err
+    assert "\x1b[" not in out + err  # no live display: nothing is drawn
+
+
+def read_until_closed(fd: int) -> bytes:
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: every process holding the terminal has exited
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def run_cli_on_terminal(*args: str, env: dict[str, str]) -> tuple[int, str]:
+    """Run the CLI with stdout and stderr on a pseudo-terminal, as from an interactive shell; return its exit
+    code and everything it wrote to the terminal."""
+    controller, terminal = pty.openpty()
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *CLI, *args, env=env, stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal
+        )
+    finally:
+        os.close(terminal)
+    try:
+        with anyio.fail_after(60):
+            output = await anyio.to_thread.run_sync(read_until_closed, controller, abandon_on_cancel=True)
+            code = await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        os.close(controller)
+    return code, output.decode(errors="replace")
+
+
+@pytest.mark.sim_delay(1.5)
+async def test_generate_on_a_terminal_shows_status_and_elapsed_time_then_the_paths(
+    gateway: RunningGateway, tmp_path: Path
+) -> None:
+    api_key = await gateway.new_api_key("acme")
+    code, output = await run_cli_on_terminal(
+        "generate", "a red fox", "--url", gateway.url, "--api-key", api_key, "--out", str(tmp_path),
+        env=cli_env(TERM="xterm-256color", COLUMNS="120"),
+    )  # fmt: skip
+    assert code == 0, output
+    assert "\x1b[" in output  # drawn live, with terminal control sequences
+    assert "generating" in output
+    assert "0:00:01" in output  # the elapsed-time column, redrawn while waiting
+    assert "saved 1 image(s)" in output
+    [path] = re.findall(rf"{re.escape(str(tmp_path))}/[^\s\x1b]+\.png", output)
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+
+
+async def test_generate_reports_a_task_kling_failed(gateway: RunningGateway, simulator: Simulator) -> None:
+    await simulator.control("outcomes", {"status": "failed", "message": "content risk control", "times": 1})
+    api_key = await gateway.new_api_key("acme")
+    code, out, err = await run_cli("generate", "x", "--url", gateway.url, "--api-key", api_key, env=cli_env())
+    assert code == 1
+    assert out == ""
+    assert "error: Kling failed the task: content risk control" in err
+
+
+async def test_generate_with_a_wrong_key_says_why(gateway: RunningGateway) -> None:
+    code, out, err = await run_cli("generate", "x", "--url", gateway.url, "--api-key", "kgw_nonsense", env=cli_env())
+    assert (code, out) == (1, "")
+    assert "HTTP 401" in err
 
 
 @asynccontextmanager

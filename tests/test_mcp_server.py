@@ -111,7 +111,7 @@ async def test_tools_publish_the_seed_arguments_and_the_documented_fields(gatewa
     ):
         assert argument in schema
     assert "ctx" not in schema
-    assert set(tools["check_image_status"].input_schema["properties"]) == {"task_id", "wait_seconds"}
+    assert set(tools["check_image_status"].input_schema["properties"]) == {"task_id", "wait_seconds", "include_preview"}
 
 
 @pytest.mark.parametrize(

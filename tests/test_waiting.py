@@ -1,8 +1,9 @@
 """Waiting is coalesced: however many callers wait on a task, on however many replicas, Kling is queried
-by one poller at a time, and a replica that stops hands the polling over."""
+by one poller at a time, and a replica that stops hands the polling over. Waiters hear at least every 5 s."""
 
 from __future__ import annotations
 
+import itertools
 import signal
 
 import anyio
@@ -13,6 +14,7 @@ from redis.asyncio import Redis
 from app.main import build_gateway
 from tests.conftest import KEY_PEPPER, MASTER_KEY, RunningGateway, Simulator, gateway_settings, replica_env
 from tests.servers import Replica, gateway_process, serve
+from tests.test_mcp_server import mcp_client, text_of
 
 pytestmark = pytest.mark.anyio
 POLL_S = 0.5
@@ -104,3 +106,24 @@ async def _until_polled(redis: Redis, task_id: str) -> None:
 async def _stop(replica: Replica) -> None:
     replica.process.send_signal(signal.SIGTERM)
     await replica.process.wait()
+
+
+@pytest.mark.sim_delay(11.0)
+async def test_progress_keeps_an_mcp_client_alive_at_least_every_5_s_of_a_slow_task(gateway: RunningGateway) -> None:
+    api_key = await gateway.new_api_key("acme")
+    arrivals: list[tuple[float, str | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        arrivals.append((anyio.current_time(), message))
+
+    async with mcp_client(gateway, api_key) as client:
+        started = anyio.current_time()
+        with anyio.fail_after(30):
+            result = await client.call_tool(
+                "generate_image", {"prompt": "x", "wait_seconds": 30}, progress_callback=on_progress
+            )
+        ended = anyio.current_time()
+    assert not result.is_error, text_of(result)
+    times = [started, *(at for at, _ in arrivals), ended]
+    assert max(later - earlier for earlier, later in itertools.pairwise(times)) <= 5.5
+    assert all(message and message.endswith(" s)") for _, message in arrivals)  # e.g. "generating (7 s)"

@@ -1,0 +1,132 @@
+"""Per-request webhooks: `POST /generate` with a `webhook_url` gets the task's final result delivered there,
+signed (Standard Webhooks) with the tenant's webhook secret, and retried with backoff until the receiver
+answers 2xx.
+
+The replica whose loop sees the task end delivers it; a Redis claim makes that one delivery per task even
+when loops on several replicas see the end. Delivery runs in the background: a caller's answer never waits
+for a receiver. The receiver's host is checked again right before each attempt (a name can start
+resolving to a private address after the request was accepted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import contextvars
+import json
+import logging
+import random
+import secrets
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+
+import httpx2
+from redis.exceptions import RedisError
+from standardwebhooks.webhooks import Webhook
+
+from app.errors import InvalidRequest
+from app.references import ReferenceGuard
+from app.tasks import TaskRecord, TaskStore
+
+logger = logging.getLogger(__name__)
+# Seconds before each retry (full jitter up to this): about two minutes in all, then the result stays
+# available from GET /tasks/{id} and the events stream.
+RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+DELIVERY_TIMEOUT_S = 10.0
+SecretOf = Callable[[str], Awaitable[str | None]]
+
+
+def new_webhook_secret() -> str:
+    """A Standard Webhooks secret: `whsec_` and 32 random bytes in base64."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def signed_headers(secret: str, message_id: str, body: str, at: datetime) -> dict[str, str]:
+    return {
+        "content-type": "application/json",
+        "webhook-id": message_id,
+        "webhook-timestamp": str(int(at.timestamp())),
+        "webhook-signature": Webhook(secret).sign(message_id, at, body),
+    }
+
+
+def webhook_body(record: TaskRecord, at: datetime) -> str:
+    return json.dumps(
+        {
+            "type": f"image.task.{record.status.value}",
+            "timestamp": at.isoformat(),
+            "data": record.view().model_dump(mode="json", exclude_none=True),
+        }
+    )
+
+
+class WebhookSender:
+    def __init__(
+        self,
+        http: httpx2.AsyncClient,
+        tasks: TaskStore,
+        secret_of: SecretOf,
+        guard: ReferenceGuard,
+        retry_delays_s: tuple[float, ...] = RETRY_DELAYS_S,
+    ) -> None:
+        self._http = http
+        self._tasks = tasks
+        self._secret_of = secret_of
+        self._guard = guard
+        self._retry_delays_s = retry_delays_s
+        self._pending: set[asyncio.Task[None]] = set()
+
+    async def task_finished(self, record: TaskRecord) -> None:
+        """Start delivering the final result, once per task across replicas."""
+        if record.webhook_url is None:
+            return
+        try:
+            if not await self._tasks.claim_webhook(record.task_id):
+                return  # another replica's loop saw the end first and delivers it
+        except RedisError:
+            logger.warning("could not claim the webhook of task %s; delivering it from here", record.task_id)
+        delivery = asyncio.create_task(
+            self._deliver(record, record.webhook_url), name=f"webhook {record.task_id}", context=contextvars.Context()
+        )
+        self._pending.add(delivery)
+        delivery.add_done_callback(self._pending.discard)
+
+    async def _deliver(self, record: TaskRecord, url: str) -> None:
+        secret = await self._secret_of(record.tenant_id)
+        if secret is None:
+            logger.warning("tenant %s has no webhook secret any more; not delivering", record.tenant_id)
+            return
+        message_id = f"msg_{record.task_id}_{record.status.value}"
+        for attempt, delay in enumerate((0.0, *self._retry_delays_s)):
+            await asyncio.sleep(random.uniform(0, delay))  # full jitter: receivers recovering are not stampeded
+            try:
+                await self._guard.check_webhook(url)
+            except InvalidRequest as exc:
+                logger.warning("not delivering the webhook of task %s: %s", record.task_id, exc.message)
+                return
+            at = datetime.now(UTC)
+            body = webhook_body(record, at)
+            if await self._attempt(url, body, signed_headers(secret, message_id, body, at), record, attempt):
+                return
+        logger.warning("gave up delivering the webhook of task %s", record.task_id)
+
+    async def _attempt(self, url: str, body: str, headers: dict[str, str], record: TaskRecord, attempt: int) -> bool:
+        try:
+            response = await self._http.post(url, content=body, headers=headers, timeout=DELIVERY_TIMEOUT_S)
+        except httpx2.HTTPError as exc:
+            logger.info("webhook of task %s, attempt %d: %s", record.task_id, attempt + 1, type(exc).__name__)
+            return False
+        if response.is_success:
+            return True
+        logger.info("webhook of task %s, attempt %d: HTTP %d", record.task_id, attempt + 1, response.status_code)
+        return False
+
+    async def aclose(self) -> None:
+        """Shutdown: undelivered results stay available from GET /tasks/{id}."""
+        pending = list(self._pending)
+        for delivery in pending:
+            delivery.cancel()
+        for delivery in pending:
+            with contextlib.suppress(asyncio.CancelledError):
+                await delivery

@@ -1,0 +1,108 @@
+"""Per-request webhooks: the final result is posted to the caller's `webhook_url`, signed with the tenant's
+webhook secret (checked here with the Standard Webhooks reference library), and retried until it lands."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import anyio
+import httpx2
+import pytest
+from standardwebhooks.webhooks import Webhook
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from app.main import build_gateway
+from tests.conftest import ADMIN_TOKEN, RunningGateway, Simulator, gateway_settings
+from tests.servers import serve
+
+pytestmark = pytest.mark.anyio
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@dataclass
+class Receiver:
+    """A caller's webhook endpoint that fails its first `failures` deliveries with 503."""
+
+    url: str = ""
+    failures: int = 1
+    deliveries: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+    accepted: anyio.Event = field(default_factory=anyio.Event)
+
+    async def hook(self, request: Request) -> Response:
+        self.deliveries.append((dict(request.headers), await request.body()))
+        if len(self.deliveries) <= self.failures:
+            return Response(status_code=503)
+        self.accepted.set()
+        return Response(status_code=204)
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    receiver = Receiver()
+    async with serve(Starlette(routes=[Route("/hook", receiver.hook, methods=["POST"])])) as url:
+        receiver.url = f"{url}/hook"
+        yield receiver
+
+
+@pytest.fixture
+async def hooked_gateway(simulator: Simulator) -> AsyncIterator[RunningGateway]:
+    """A gateway whose operator lets webhooks reach loopback (where the test receiver listens)."""
+    built = build_gateway(gateway_settings(simulator, webhook_allowed_hosts=["127.0.0.1"]))
+    async with serve(built.app) as url, httpx2.AsyncClient(timeout=30) as http:
+        yield RunningGateway(url=url, gateway=built, http=http)
+
+
+async def _tenant_with_secret(gateway: RunningGateway) -> tuple[dict[str, str], str]:
+    api_key = await gateway.new_api_key("acme")
+    tenants = (await gateway.http.get(f"{gateway.url}/admin/tenants", headers=ADMIN)).json()
+    tenant_id = next(tenant["id"] for tenant in tenants if tenant["name"] == "acme")
+    created = await gateway.http.post(f"{gateway.url}/admin/tenants/{tenant_id}/webhook-secret", headers=ADMIN)
+    assert created.status_code == 201, created.text
+    return {"Authorization": f"Bearer {api_key}"}, created.json()["webhook_secret"]
+
+
+async def test_the_final_result_reaches_the_webhook_signed_and_retried(
+    hooked_gateway: RunningGateway, receiver: Receiver
+) -> None:
+    headers, secret = await _tenant_with_secret(hooked_gateway)
+    body = {"prompt": "a lighthouse", "webhook_url": receiver.url}
+    response = await hooked_gateway.http.post(f"{hooked_gateway.url}/generate", json=body, headers=headers)
+    assert response.status_code == 202, response.text
+    with anyio.fail_after(15):
+        await receiver.accepted.wait()
+    (first_headers, _), (last_headers, last_body) = receiver.deliveries
+    assert first_headers["webhook-id"] == last_headers["webhook-id"]  # a retry is the same message
+    payload = Webhook(secret).verify(last_body, last_headers)
+    assert payload["type"] == "image.task.succeeded"
+    assert payload["data"]["task_id"] == response.json()["task_id"]
+    assert payload["data"]["images"]
+    assert secret not in last_body.decode()
+
+
+async def test_a_webhook_url_needs_the_tenants_secret_and_nothing_is_created_without(
+    hooked_gateway: RunningGateway, receiver: Receiver, simulator: Simulator
+) -> None:
+    headers = {"Authorization": f"Bearer {await hooked_gateway.new_api_key('acme')}"}
+    body = {"prompt": "x", "webhook_url": receiver.url}
+    response = await hooked_gateway.http.post(f"{hooked_gateway.url}/generate", json=body, headers=headers)
+    assert response.status_code == 422
+    assert response.json()["error"]["field"] == "webhook_url"
+    assert (await simulator.stats())["creates"] == 0
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:9/hook", "https://127.0.0.1:9/hook", "https://169.254.169.254/latest", "file:///x"]
+)
+async def test_private_or_plain_webhook_urls_are_refused_before_anything_is_sent(
+    gateway: RunningGateway, simulator: Simulator, url: str
+) -> None:
+    headers, _ = await _tenant_with_secret(gateway)
+    response = await gateway.http.post(f"{gateway.url}/generate", json={"prompt": "x", "webhook_url": url},
+                                       headers=headers)  # fmt: skip
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["field"] == "webhook_url"
+    assert (await simulator.stats())["creates"] == 0

@@ -30,12 +30,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-# Benchmarks write their results into docs/benchmarks.md (machine included).
+# Benchmarks (bench/__main__.py) rewrite docs/benchmarks.md, machine included: a few minutes, or about one quick.
 bench: $(STAMP)
-	$(BIN)/python -m bench.limiter
+	$(BIN)/python -m bench
 
 bench-quick: $(STAMP)
-	$(BIN)/python -m bench.limiter --quick
+	$(BIN)/python -m bench --quick
 
 serve: $(STAMP)
 	$(BIN)/kling-gateway serve

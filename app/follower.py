@@ -20,10 +20,11 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import random
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from redis.exceptions import RedisError
@@ -37,6 +38,12 @@ MAX_FOLLOW_S = 3600.0
 FINISHED_KEPT = 1000  # Kling image tasks take seconds to minutes; past this the task is given up on
 # A poll lease outlives a few turns of the slowest interval, so one slow query does not hand polling over.
 POLL_LEASE_S = 3 * MAX_POLL_INTERVAL_S
+# How long a watch outlives its last waiter: callers that wait in short rounds (the events stream, short
+# `wait_seconds`) keep one watch, and its first turn, instead of starting a new one every round.
+WATCH_GRACE_S = MAX_POLL_INTERVAL_S
+ADOPT_EVERY_S = 10.0  # how often each replica looks for tasks nobody follows any more
+ADOPT_BATCH = 100
+CredentialsOf = Callable[[str], Awaitable[KlingCredentials | None]]
 Broadcast = Callable[[TaskRecord], Awaitable[None]]
 OnFinished = Callable[[TaskRecord], Awaitable[None]]
 
@@ -57,8 +64,10 @@ class _Watch:
     kling: KlingCredentials
     leases: Leases | None  # set only on the replica that submitted the task
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    adopted: bool = False  # taken over from a replica that stopped following it: runs to the end
     waiters: int = 0
     loop: asyncio.Task[None] | None = None
+    stopping: asyncio.TimerHandle | None = None  # a watch nobody waits on any more, stopped after a grace
 
 
 async def _no_broadcast(_: TaskRecord) -> None:
@@ -75,6 +84,7 @@ class TaskFollower:
         max_follow_s: float = MAX_FOLLOW_S,
         broadcast: Broadcast = _no_broadcast,
         on_finished: OnFinished | None = None,
+        credentials_of: CredentialsOf | None = None,
     ) -> None:
         self._kling = kling
         self._tasks = tasks
@@ -82,6 +92,8 @@ class TaskFollower:
         self._max_follow_s = max_follow_s
         self._broadcast = broadcast
         self._on_finished = on_finished
+        self._credentials_of = credentials_of
+        self._finishing: set[asyncio.Task[None]] = set()  # shielded ends, awaited at shutdown
         self._replica = uuid.uuid4().hex  # who holds a poll lease
         self._watches: dict[str, _Watch] = {}
         # The last state of recently finished tasks, for waiters that arrive just after their loop ended.
@@ -117,15 +129,22 @@ class TaskFollower:
         watch = self._watches.get(record.task_id) or self._start(_Watch(record, kling, None))
         self.heard(record)  # the caller may know a newer state than the loop (a record read just now)
         watch.waiters += 1
+        if watch.stopping is not None:
+            watch.stopping.cancel()
+            watch.stopping = None
         try:
             return await self._wait_on(watch, wait_s, on_progress)
         finally:
             watch.waiters -= 1
-            if watch.waiters == 0 and watch.leases is None and watch.loop is not None:
-                # Nobody here needs the task any more and it was not submitted here: stop watching. Forget
-                # the watch now, so a caller arriving meanwhile starts a fresh one instead of joining a dying one.
-                self._drop(watch)
-                watch.loop.cancel()
+            if watch.waiters == 0 and watch.leases is None and not watch.adopted:
+                # Nobody here needs the task any more and it was not submitted here: stop watching soon.
+                watch.stopping = asyncio.get_running_loop().call_later(WATCH_GRACE_S, self._stop_watch, watch)
+
+    def _stop_watch(self, watch: _Watch) -> None:
+        if watch.waiters == 0 and watch.loop is not None:
+            # Forgotten now, so a caller arriving meanwhile starts a fresh watch instead of joining a dying one.
+            self._drop(watch)
+            watch.loop.cancel()
 
     async def announce(self, record: TaskRecord) -> None:
         """A newer state learnt here (a poll or a Kling callback): wake local waiters, tell every replica."""
@@ -134,6 +153,10 @@ class TaskFollower:
             await self._broadcast(record)
         except (RedisError, OSError):
             logger.warning("could not broadcast the state of task %s; other replicas poll", record.task_id)
+        if record.status.is_terminal and record.task_id not in self._watches:
+            # Learnt here (a callback) while this replica runs no loop on it: its end is handled from here,
+            # once across replicas (the webhook's own claim), in case no loop anywhere sees it.
+            await self._ended(record)
 
     def heard(self, record: TaskRecord) -> None:
         """A state learnt elsewhere (maybe on another replica): wake this task's loop and waiters now."""
@@ -149,6 +172,11 @@ class TaskFollower:
         for loop in loops:
             with contextlib.suppress(asyncio.CancelledError):
                 await loop
+        for watch in list(self._watches.values()):
+            if watch.stopping is not None:
+                watch.stopping.cancel()
+        if self._finishing:
+            await asyncio.gather(*self._finishing, return_exceptions=True)
 
     # --- the loop ---
 
@@ -163,12 +191,19 @@ class TaskFollower:
     async def _run(self, watch: _Watch) -> None:
         started = time.monotonic()
         interval = self._first_interval_s
+        # A task submitted here was just answered by Kling; one watched or adopted may be long overdue.
+        quiet = watch.leases is not None
+        if watch.leases is not None:  # from now on, if this replica stops following it, another adopts it
+            with contextlib.suppress(RedisError):
+                await self._tasks.mark_followed(watch.record.task_id)
         try:
             while not watch.record.status.is_terminal and time.monotonic() - started < self._max_follow_s:
-                with contextlib.suppress(TimeoutError):  # a callback may bring the end before the next turn
-                    async with asyncio.timeout(interval):
-                        await watch.changed.wait()
-                interval = min(interval * 1.5, MAX_POLL_INTERVAL_S)
+                if quiet:
+                    with contextlib.suppress(TimeoutError):  # a callback may bring the end before the next turn
+                        async with asyncio.timeout(interval):
+                            await watch.changed.wait()
+                    interval = min(interval * 1.5, MAX_POLL_INTERVAL_S)
+                quiet = True
                 if not watch.record.status.is_terminal:
                     await self._turn(watch)
                 if watch.leases is not None:
@@ -177,18 +212,24 @@ class TaskFollower:
                 logger.warning("gave up following task %s after %.0f s", watch.record.task_id, self._max_follow_s)
         except asyncio.CancelledError:
             # Shutdown, or the last local waiter left. A submitted task still runs at Kling and holds its
-            # slots there, so its leases are left to lapse by their TTL rather than freed to over-admit.
+            # slots there, so its leases are left to lapse by their TTL rather than freed to over-admit; and
+            # its follow mark goes stale, so another replica adopts it (`adopting`).
             if watch.leases is not None:
                 TASKS_IN_FLIGHT.dec()
             await self._give_up_polling(watch.record.task_id)
             self._drop(watch)
             raise
-        await asyncio.shield(self._finish(watch))
+        finishing = asyncio.ensure_future(self._finish(watch))
+        self._finishing.add(finishing)
+        finishing.add_done_callback(self._finishing.discard)
+        await asyncio.shield(finishing)
 
     async def _turn(self, watch: _Watch) -> None:
         """Query Kling if this replica holds the poll lease; otherwise catch up from the shared record."""
         task_id = watch.record.task_id
         if await self._claim_polling(task_id):
+            with contextlib.suppress(RedisError):
+                await self._tasks.mark_followed(task_id)
             await self._poll(watch)
             return
         try:
@@ -215,8 +256,8 @@ class TaskFollower:
         except KlingFailure as exc:
             logger.warning("could not query task %s: %s", record.task_id, type(exc).__name__)
             return
-        if latest == record:
-            return
+        if latest == watch.record or latest.updated_at_ms < watch.record.updated_at_ms:
+            return  # nothing new, or older than what a callback brought while the query was under way
         try:
             await self._tasks.save(latest)
         except RedisError:
@@ -243,12 +284,70 @@ class TaskFollower:
                 self._finished.popitem(last=False)
             self._drop(watch)
             watch.changed.set()
-        if self._on_finished is not None and record.status.is_terminal:
-            await self._on_finished(record)
+        if record.status.is_terminal:
+            await self._ended(record)
+
+    async def _ended(self, record: TaskRecord) -> None:
+        """The task is over: hand it to `on_finished` (webhooks), then nobody needs to follow it any more."""
+        try:
+            if self._on_finished is not None:
+                await self._on_finished(record)
+            await self._tasks.unmark_followed(record.task_id)
+        except (RedisError, OSError):
+            logger.warning("could not finish the bookkeeping of task %s; another replica will", record.task_id)
 
     def _drop(self, watch: _Watch) -> None:
         if self._watches.get(watch.record.task_id) is watch:
             del self._watches[watch.record.task_id]
+
+    # --- adopting the tasks of replicas that stopped ---
+
+    @contextlib.asynccontextmanager
+    async def adopting(self) -> AsyncIterator[None]:
+        """For the app's lifetime, take over tasks whose follower stopped (a replica shut down or died) so
+        they still end: their waiters on other replicas hear it, their webhooks are delivered."""
+        if self._credentials_of is None:
+            yield
+            return
+        sweeper = asyncio.create_task(self._adopt_forever(), name="adopt tasks", context=contextvars.Context())
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+
+    async def _adopt_forever(self) -> None:
+        while True:
+            await asyncio.sleep(ADOPT_EVERY_S * random.uniform(0.5, 1.5))  # replicas do not sweep in step
+            try:
+                await self.adopt_orphans()
+            except (RedisError, OSError):
+                logger.warning("could not look for tasks to adopt; trying again later")
+
+    async def adopt_orphans(self) -> int:
+        """Adopt the tasks nobody has polled for a poll lease's time; returns how many."""
+        adopted = 0
+        for task_id in await self._tasks.stale_followed(POLL_LEASE_S, ADOPT_BATCH):
+            if task_id in self._watches or not await self._claim_polling(task_id):
+                continue  # followed here already, or some replica polls it
+            record = await self._tasks.get(task_id)
+            if record is None or record.status.is_terminal:
+                if record is not None:
+                    await self._ended(record)
+                else:
+                    await self._tasks.unmark_followed(task_id)
+                continue
+            assert self._credentials_of is not None
+            kling = await self._credentials_of(record.credential_id)
+            if kling is None:  # the credential is gone: nobody can ask Kling about the task any more
+                await self._tasks.unmark_followed(task_id)
+                continue
+            self._start(_Watch(record, kling, None, adopted=True))
+            adopted += 1
+        if adopted:
+            logger.info("adopted %d task(s) whose follower stopped", adopted)
+        return adopted
 
     # --- waiting ---
 

@@ -83,7 +83,10 @@ async def subscribed(
                     async for message in pubsub.listen():
                         if message.get("type") == "message":
                             data = message["data"]
-                            on_message(data.decode() if isinstance(data, bytes) else str(data))
+                            try:
+                                on_message(data.decode() if isinstance(data, bytes) else str(data))
+                            except Exception:  # one bad message (another version's?) must not end listening
+                                logger.exception("could not handle a message on the %s channel", channel)
             except (RedisError, OSError, ValueError):
                 logger.warning("lost the %s channel; resubscribing", channel)
                 await asyncio.sleep(1.0)

@@ -59,6 +59,9 @@ class ReferenceGuard:
             return
         if parts.scheme != "https":
             raise InvalidRequest("webhook_url", "must be an https:// URL")
+        if parts.port not in (None, 443):
+            # Other ports would let a caller probe services behind the gateway, even blind.
+            raise InvalidRequest("webhook_url", "must use the default https port (443)")
         try:
             async with asyncio.timeout(RESOLVE_TIMEOUT_S):
                 addresses = await self._resolver(host)

@@ -94,10 +94,14 @@ def record_to_json(record: TaskRecord) -> str:
 
 
 def record_from_json(raw: str | bytes) -> TaskRecord:
-    fields = json.loads(raw)
+    # Fields a newer replica added are dropped, so replicas of two versions can share records (rolling deploy).
+    fields = {key: value for key, value in json.loads(raw).items() if key in _RECORD_FIELDS}
     fields["status"] = TaskStatus(fields["status"])
     fields["images"] = [tuple(image) for image in fields["images"]]
     return TaskRecord(**fields)
+
+
+_RECORD_FIELDS = frozenset(TaskRecord.__dataclass_fields__)
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,17 @@ class TaskStore(Protocol):
     async def claim_webhook(self, task_id: str) -> bool:
         """True for the first caller only: who delivers the task's webhook."""
 
+    async def release_webhook(self, task_id: str) -> None:
+        """A delivery was cut short (shutdown): let whoever handles the task's end next deliver it."""
+
+    async def mark_followed(self, task_id: str, at: float | None = None) -> None:
+        """Record that a replica follows the task now (`at`, default now): the mark goes stale if it stops."""
+
+    async def unmark_followed(self, task_id: str) -> None: ...
+
+    async def stale_followed(self, older_than_s: float, limit: int) -> list[str]:
+        """Tasks whose follow mark is older than `older_than_s`: their follower stopped before their end."""
+
 
 class MemoryTaskStore:
     """In-process backend, bounded so a long-running demo cannot grow without limit."""
@@ -150,7 +165,8 @@ class MemoryTaskStore:
         self._claims: dict[str, tuple[IdempotencyClaim, float]] = {}
         self._submitting: set[str] = set()
         self._pollers: dict[str, tuple[str, float]] = {}
-        self._webhooks: set[str] = set()
+        self._webhooks: OrderedDict[str, None] = OrderedDict()
+        self._followed: dict[str, float] = {}
         self._max_records = max_records
 
     async def save(self, record: TaskRecord) -> None:
@@ -205,8 +221,23 @@ class MemoryTaskStore:
 
     async def claim_webhook(self, task_id: str) -> bool:
         claimed = task_id not in self._webhooks
-        self._webhooks.add(task_id)
+        self._webhooks[task_id] = None
+        while len(self._webhooks) > self._max_records:
+            self._webhooks.popitem(last=False)
         return claimed
+
+    async def release_webhook(self, task_id: str) -> None:
+        self._webhooks.pop(task_id, None)
+
+    async def mark_followed(self, task_id: str, at: float | None = None) -> None:
+        self._followed[task_id] = time.time() if at is None else at
+
+    async def unmark_followed(self, task_id: str) -> None:
+        self._followed.pop(task_id, None)
+
+    async def stale_followed(self, older_than_s: float, limit: int) -> list[str]:
+        cutoff = time.time() - older_than_s
+        return [task_id for task_id, at in self._followed.items() if at < cutoff][:limit]
 
 
 class RedisTaskStore:
@@ -258,6 +289,20 @@ class RedisTaskStore:
 
     async def claim_webhook(self, task_id: str) -> bool:
         return bool(await self._redis.set(f"{self._ns}:webhook:{task_id}", "1", nx=True, ex=IDEMPOTENCY_TTL_S))
+
+    async def release_webhook(self, task_id: str) -> None:
+        await self._redis.delete(f"{self._ns}:webhook:{task_id}")
+
+    async def mark_followed(self, task_id: str, at: float | None = None) -> None:
+        await self._redis.zadd(f"{self._ns}:followed", {task_id: time.time() if at is None else at})
+
+    async def unmark_followed(self, task_id: str) -> None:
+        await self._redis.zrem(f"{self._ns}:followed", task_id)
+
+    async def stale_followed(self, older_than_s: float, limit: int) -> list[str]:
+        cutoff = time.time() - older_than_s
+        found = await self._redis.zrangebyscore(f"{self._ns}:followed", "-inf", cutoff, start=0, num=limit)
+        return [item.decode() if isinstance(item, bytes) else str(item) for item in found]
 
 
 ProgressCallback = Callable[[TaskRecord, float], Awaitable[None]]

@@ -33,7 +33,8 @@ logger = logging.getLogger(__name__)
 # Seconds before each retry (full jitter up to this): about two minutes in all, then the result stays
 # available from GET /tasks/{id} and the events stream.
 RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
-DELIVERY_TIMEOUT_S = 10.0
+DELIVERY_TIMEOUT_S = 10.0  # one attempt, connect to response headers; the body is never read
+PER_TENANT_DELIVERIES = 4  # one tenant's slow receivers cannot take the whole pool
 SecretOf = Callable[[str], Awaitable[str | None]]
 
 
@@ -75,7 +76,8 @@ class WebhookSender:
         self._secret_of = secret_of
         self._guard = guard
         self._retry_delays_s = retry_delays_s
-        self._pending: set[asyncio.Task[None]] = set()
+        self._pending: dict[asyncio.Task[None], str] = {}  # delivery → its task id
+        self._per_tenant: dict[str, asyncio.Semaphore] = {}
 
     async def task_finished(self, record: TaskRecord) -> None:
         """Start delivering the final result, once per task across replicas."""
@@ -89,11 +91,20 @@ class WebhookSender:
         delivery = asyncio.create_task(
             self._deliver(record, record.webhook_url), name=f"webhook {record.task_id}", context=contextvars.Context()
         )
-        self._pending.add(delivery)
-        delivery.add_done_callback(self._pending.discard)
+        self._pending[delivery] = record.task_id
+        delivery.add_done_callback(self._delivered)
+
+    def _delivered(self, delivery: asyncio.Task[None]) -> None:
+        self._pending.pop(delivery, None)
+        if not delivery.cancelled() and delivery.exception() is not None:
+            logger.error("webhook delivery failed", exc_info=delivery.exception())
 
     async def _deliver(self, record: TaskRecord, url: str) -> None:
-        secret = await self._secret_of(record.tenant_id)
+        try:
+            secret = await self._secret_of(record.tenant_id)
+        except Exception:
+            logger.exception("could not open the webhook secret of tenant %s", record.tenant_id)
+            return
         if secret is None:
             logger.warning("tenant %s has no webhook secret any more; not delivering", record.tenant_id)
             return
@@ -112,21 +123,33 @@ class WebhookSender:
         logger.warning("gave up delivering the webhook of task %s", record.task_id)
 
     async def _attempt(self, url: str, body: str, headers: dict[str, str], record: TaskRecord, attempt: int) -> bool:
-        try:
-            response = await self._http.post(url, content=body, headers=headers, timeout=DELIVERY_TIMEOUT_S)
-        except httpx2.HTTPError as exc:
-            logger.info("webhook of task %s, attempt %d: %s", record.task_id, attempt + 1, type(exc).__name__)
-            return False
-        if response.is_success:
+        semaphore = self._per_tenant.setdefault(record.tenant_id, asyncio.Semaphore(PER_TENANT_DELIVERIES))
+        async with semaphore:
+            try:
+                # Streamed and closed unread: only the status matters, and a receiver's body could be endless.
+                async with (
+                    asyncio.timeout(DELIVERY_TIMEOUT_S),
+                    self._http.stream("POST", url, content=body, headers=headers) as response,
+                ):
+                    status = response.status_code
+            except (httpx2.HTTPError, TimeoutError) as exc:
+                logger.info("webhook of task %s, attempt %d: %s", record.task_id, attempt + 1, type(exc).__name__)
+                return False
+        if 200 <= status < 300:
             return True
-        logger.info("webhook of task %s, attempt %d: HTTP %d", record.task_id, attempt + 1, response.status_code)
+        logger.info("webhook of task %s, attempt %d: HTTP %d", record.task_id, attempt + 1, status)
         return False
 
     async def aclose(self) -> None:
-        """Shutdown: undelivered results stay available from GET /tasks/{id}."""
-        pending = list(self._pending)
+        """Shutdown: deliveries under way are handed back, so another replica's adoption sweep delivers them."""
+        pending = dict(self._pending)
         for delivery in pending:
             delivery.cancel()
-        for delivery in pending:
+        for delivery, task_id in pending.items():
             with contextlib.suppress(asyncio.CancelledError):
                 await delivery
+            try:
+                await self._tasks.release_webhook(task_id)
+                await self._tasks.mark_followed(task_id, at=0.0)  # stale at once: the next sweep takes it
+            except (RedisError, OSError):
+                logger.warning("webhook of task %s is not delivered: could not hand it back", task_id)

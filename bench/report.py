@@ -7,11 +7,16 @@ import platform
 import re
 import subprocess
 import sys
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
-HEADER = "# Benchmarks\n\nEach section is written by the benchmark named in it; rerun it to refresh the numbers.\n"
+HEADER = (
+    "# Benchmarks\n\n`make bench` (a few minutes) or `make bench-quick` (about a minute, fewer repeats) runs them all and\n"
+    "rewrites this file; each section names the command that reruns it alone.\n"
+)
+PACKAGES = ("uvicorn", "uvloop", "httptools", "fastapi", "starlette", "pydantic", "mcp", "httpx2", "httpcore2", "redis",
+            "pyinstrument")  # fmt: skip
 
 
 def machine() -> str:
@@ -28,6 +33,30 @@ def machine() -> str:
         f"Python {sys.version.split()[0]}, redis-server {redis_version}, redis-py {version('redis')}, "
         f"uvicorn {version('uvicorn')}, fastapi {version('fastapi')}, mcp {version('mcp')}"
     )
+
+
+def machine_section(command: str) -> str:
+    """The machine and versions every figure in the file was measured with."""
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
+                            cwd=DOC.parent.parent).stdout.strip() or "?"  # fmt: skip
+    versions = ", ".join(f"{name} {_version(name)}" for name in PACKAGES)
+    return f"""## Machine (`{command}`)
+
+- {machine()}.
+- Packages: {versions}. Commit {commit} (plus any uncommitted changes).
+- Load average when the run started: {load}. **The machine has only {os.cpu_count()} cores**, shared by the client,
+  the simulator, redis-server and the server under test (each server in its own process), and, while these figures
+  were taken, by other work: absolute numbers are lower and noisier than on a dedicated machine. Comparisons are
+  fair, though: each runs its baseline in the same run, alternating, and reports medians over the rounds.
+"""
+
+
+def _version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def write_section(name: str, body: str) -> None:

@@ -1,0 +1,89 @@
+"""Closed-loop load, percentiles, and A/B alternation: the measuring shared by the benchmarks."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import statistics
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from bench.http import Connection, Reply
+
+T = TypeVar("T")
+SERVER_TIMING = re.compile(r"gateway;dur=([0-9.]+)")
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile (`fraction` in 0..1) of a non-empty sample."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(fraction * len(ordered)) - 1))]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One closed-loop run: every request's latency, the wall time, and any `Server-Timing: gateway` values."""
+
+    latencies_s: list[float]
+    elapsed_s: float
+    server_timings_ms: list[float] = field(default_factory=list)
+
+    @property
+    def p50_ms(self) -> float:
+        return percentile(self.latencies_s, 0.50) * 1000
+
+    @property
+    def p99_ms(self) -> float:
+        return percentile(self.latencies_s, 0.99) * 1000
+
+    @property
+    def per_second(self) -> float:
+        return len(self.latencies_s) / self.elapsed_s
+
+
+Send = Callable[[Connection, int], Awaitable[Reply]]
+
+
+async def closed_loop(base_url: str, send: Send, *, clients: int, requests: int, expect: int) -> Run:
+    """`clients` connections, each sending its next request as soon as the last is answered, until `requests`
+    have been sent; `send(connection, index)` sends request `index`. Any status but `expect` fails the run."""
+    latencies: list[float] = []
+    timings: list[float] = []
+    remaining = requests
+
+    async def client() -> None:
+        nonlocal remaining
+        connection = Connection(base_url)
+        try:
+            while remaining > 0:
+                remaining -= 1
+                started = time.perf_counter()
+                reply = await send(connection, remaining)
+                latencies.append(time.perf_counter() - started)
+                if reply.status != expect:
+                    raise RuntimeError(f"{base_url}: HTTP {reply.status} (expected {expect}): {reply.body[:300]!r}")
+                timing = SERVER_TIMING.search(reply.headers.get("server-timing", ""))
+                if timing:
+                    timings.append(float(timing[1]))
+        finally:
+            await connection.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return Run(latencies, time.perf_counter() - started, timings)
+
+
+async def alternating(rounds: int, contenders: dict[str, Callable[[], Awaitable[T]]]) -> dict[str, list[T]]:
+    """Run each contender once per round, in turn (A, B, A, B...), so the shared machine's noise falls on
+    all of them alike; returns each one's results in order."""
+    results: dict[str, list[T]] = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, measure in contenders.items():
+            results[name].append(await measure())
+    return results
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)

@@ -1,0 +1,94 @@
+"""The parts a benchmark runs against: the Kling simulator and gateways in their own processes, and tenants
+created through the admin API with limits high enough that only the machine limits them."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import secrets
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx2
+
+from app.sealing import new_master_key
+from app.simulator import SimAccount
+from bench.serving import Server, served
+from tests.servers import free_port
+
+ADMIN_TOKEN = "bench-admin-" + secrets.token_urlsafe(24)
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+# The admin API's ceilings: nothing but the machine should refuse a benchmark's requests.
+UNLIMITED = {"requests_per_minute": 1_000_000, "concurrent_tasks": 100_000, "images_per_day": 100_000_000}
+ACCOUNT_SLOTS = 1000  # the largest `concurrency` the admin API accepts for one Kling account
+
+
+@dataclass(frozen=True)
+class Simulator:
+    server: Server
+    accounts: tuple[SimAccount, ...]
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    async def stats(self) -> dict[str, int]:
+        async with httpx2.AsyncClient(timeout=30) as http:
+            response = await http.get(f"{self.url}/_sim/stats")
+            response.raise_for_status()
+            return {name: value for name, value in response.json().items() if isinstance(value, int)}
+
+
+def accounts_for(slots: int) -> tuple[SimAccount, ...]:
+    """Enough simulated Kling accounts of ACCOUNT_SLOTS image slots each to hold `slots` images at once."""
+    return tuple(
+        SimAccount(f"bench-ak-{index}-{uuid.uuid4().hex[:6]}", "bench-sk-" + secrets.token_hex(24), ACCOUNT_SLOTS)
+        for index in range(max(1, math.ceil(slots / ACCOUNT_SLOTS)))
+    )
+
+
+@contextlib.asynccontextmanager
+async def simulator(delay_s: float, accounts: tuple[SimAccount, ...]) -> AsyncIterator[Simulator]:
+    env = {"BENCH_SIM_DELAY": str(delay_s),
+           "BENCH_SIM_ACCOUNTS": json.dumps([[a.access_key, a.secret_key, a.concurrency] for a in accounts])}  # fmt: skip
+    async with served("bench.apps:simulator_app", env, ready_path="/_sim/stats") as server:
+        yield Simulator(server, accounts)
+
+
+@contextlib.asynccontextmanager
+async def gateway(
+    kling_url: str,
+    *,
+    redis_url: str | None = None,
+    factory: str = "app.main:create_app",
+    callbacks: bool = False,
+    extra_env: dict[str, str] | None = None,
+) -> AsyncIterator[Server]:
+    """A gateway process on the default settings; `callbacks` sets KGW_PUBLIC_URL to its own address, so
+    the simulator calls it back as Kling would."""
+    port = free_port()
+    env = {"KGW_KLING_BASE_URL": kling_url, "KGW_ADMIN_TOKEN": ADMIN_TOKEN, **(extra_env or {})}
+    if redis_url is not None:
+        env |= {"KGW_REDIS_URL": redis_url, "KGW_KEY_PEPPER": secrets.token_urlsafe(24),
+                "KGW_MASTER_KEY": new_master_key()}  # fmt: skip
+    if callbacks:
+        env["KGW_PUBLIC_URL"] = f"http://127.0.0.1:{port}"
+    async with served(factory, env, port=port, gateway=True) as server:
+        yield server
+
+
+async def api_keys(gateway_url: str, accounts: tuple[SimAccount, ...]) -> list[str]:
+    """One tenant per Kling account, each with UNLIMITED limits; returns a key of each."""
+    keys = []
+    async with httpx2.AsyncClient(timeout=30, headers=ADMIN) as http:
+        for account in accounts:
+            kling = {"access_key": account.access_key, "secret_key": account.secret_key, "concurrency": ACCOUNT_SLOTS}
+            body = {"name": f"bench-{uuid.uuid4().hex[:8]}", "kling": kling, "limits": UNLIMITED}
+            created = await http.post(f"{gateway_url}/admin/tenants", json=body)
+            created.raise_for_status()
+            issued = await http.post(f"{gateway_url}/admin/tenants/{created.json()['id']}/keys", json={})
+            issued.raise_for_status()
+            keys.append(issued.json()["api_key"])
+    return keys

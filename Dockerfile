@@ -10,8 +10,9 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 # Dependencies get their own layer, read from pyproject.toml alone: editing app/ does not reinstall them.
 COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > /tmp/requirements.txt
+# The `otel` extra too: tracing stays off until OTEL_EXPORTER_OTLP_ENDPOINT is set (README, Observability).
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['otel']))" > /tmp/requirements.txt
 RUN --mount=type=cache,target=/root/.cache/pip pip install -r /tmp/requirements.txt
 # The package itself (setuptools reads README.md for the metadata), without touching the dependencies.
 COPY README.md ./

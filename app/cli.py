@@ -19,7 +19,7 @@ from app.config import Settings
 from app.demo import run_demo
 from app.errors import GatewayError
 from app.logs import logging_config
-from app.main import ConfigurationError, Stores, admin_directory, apply_file, create_redis, open_stores
+from app.main import ConfigurationError, Stores, admin_directory, apply_file, open_redis, open_stores
 from app.metrics import prepare_multiprocess_dir
 from app.sealing import SealingError, new_master_key
 from app.simulator import SimAccount, SimulatorConfig, serve_simulator
@@ -40,13 +40,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings()
     try:
         # Build once in the parent so a bad configuration fails here, with a clear message.
-        open_stores(settings, create_redis(settings.redis_url) if settings.redis_url else None)
+        open_stores(settings, open_redis(settings))
     except ConfigurationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if settings.redis_url is None and args.workers > 1:
         print("error: --workers > 1 needs KGW_REDIS_URL (the memory store lives in one process)", file=sys.stderr)
         return 2
+    if args.workers > 1 and settings.legacy_sse:
+        # A legacy SSE session lives in the worker that opened it, and the kernel hands its POSTs to any worker.
+        print("note: the legacy /sse transport is off with --workers > 1 (clients use /mcp); run one worker per "
+              "replica to keep it", file=sys.stderr)  # fmt: skip
+        os.environ["KGW_LEGACY_SSE"] = "false"
     # Workers are spawned, so they see the metrics directory set here before they build their metrics.
     metrics_dir, made_here = prepare_multiprocess_dir() if args.workers > 1 else (None, False)
     try:
@@ -90,8 +95,8 @@ def _with_directory(work: Callable[[TenantDirectory, Stores], Awaitable[int]]) -
         return 2
 
     async def run() -> int:
-        assert settings.redis_url is not None
-        redis = create_redis(settings.redis_url)
+        redis = open_redis(settings)  # through Sentinel too, when KGW_REDIS_SENTINELS is set
+        assert redis is not None
         try:
             directory, stores = admin_directory(settings, redis)
             return await work(directory, stores)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_KLING_BASE_URL = "https://api-singapore.klingai.com"
@@ -24,6 +24,14 @@ class Settings(BaseSettings):
 
     redis_url: str | None = Field(
         default=None, description="Redis for all shared state; unset = in-process memory store (one process)"
+    )
+    redis_sentinels: Annotated[list[tuple[str, int]], NoDecode] = Field(
+        default_factory=list,
+        description="Redis Sentinels (host:port, comma-separated) naming the master, in place of KGW_REDIS_URL's host",
+    )
+    redis_sentinel_service: str = Field(default="mymaster", min_length=1, description="The master's name in Sentinel")
+    redis_sentinel_password: SecretStr | None = Field(
+        default=None, description="The sentinels' own password (their requirepass); the master's is in KGW_REDIS_URL"
     )
     kling_base_url: str = Field(default=DEFAULT_KLING_BASE_URL, description="Kling API base URL")
     public_url: str | None = Field(
@@ -83,6 +91,10 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Hosts that may receive webhook_url results although private or http (comma-separated)",
     )
+    legacy_sse: bool = Field(
+        default=True,
+        description="Serve the legacy HTTP+SSE transport (/sse, /messages/); its sessions live in one process",
+    )
     replicas_hint: int = Field(
         default=2, ge=1, description="Replicas to divide limits by in the 'local' fallback (so N replicas stay within)"
     )
@@ -95,6 +107,22 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("redis_sentinels", mode="before")
+    @classmethod
+    def _sentinel_addresses(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, list):
+            return value
+        return [_host_and_port(item) if isinstance(item, str) else item for item in value]
+
+    @model_validator(mode="after")
+    def _sentinels_need_a_redis_url(self) -> Settings:
+        # KGW_REDIS_URL still turns Redis on and gives the master's password, db and TLS; only its host is replaced.
+        if self.redis_sentinels and urlsplit(self.redis_url or "").scheme not in ("redis", "rediss"):
+            raise ValueError("KGW_REDIS_SENTINELS needs a redis:// or rediss:// KGW_REDIS_URL (its host is ignored)")
+        return self
 
     @field_validator("admin_token", "key_pepper")
     @classmethod
@@ -135,3 +163,11 @@ class Settings(BaseSettings):
 
     def host_check_disabled(self) -> bool:
         return "*" in self.allowed_hosts
+
+
+def _host_and_port(text: str) -> tuple[str, int]:
+    """`host:port`, `[v6 address]:port` -> (host, port); a ValueError names the expected form."""
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r} is not host:port")
+    return host.strip("[]"), int(port)

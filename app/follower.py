@@ -36,11 +36,12 @@ from app.tasks import MAX_POLL_INTERVAL_S, ProgressCallback, TaskRecord, TaskSto
 logger = logging.getLogger(__name__)
 MAX_FOLLOW_S = 3600.0
 FINISHED_KEPT = 1000  # Kling image tasks take seconds to minutes; past this the task is given up on
-# A poll lease outlives a few turns of the slowest interval, so one slow query does not hand polling over.
-POLL_LEASE_S = 3 * MAX_POLL_INTERVAL_S
 # How long a watch outlives its last waiter: callers that wait in short rounds (the events stream, short
 # `wait_seconds`) keep one watch, and its first turn, instead of starting a new one every round.
 WATCH_GRACE_S = MAX_POLL_INTERVAL_S
+# With Kling's callbacks coming, polling is only the fallback for a lost one (Kling does not retry them):
+# it starts late and stays slow, so thousands of waiting tasks cost Kling (and this process) few queries.
+CALLBACK_FALLBACK_POLL_S = 30.0
 ADOPT_EVERY_S = 10.0  # how often each replica looks for tasks nobody follows any more
 ADOPT_BATCH = 100
 CredentialsOf = Callable[[str], Awaitable[KlingCredentials | None]]
@@ -85,10 +86,14 @@ class TaskFollower:
         broadcast: Broadcast = _no_broadcast,
         on_finished: OnFinished | None = None,
         credentials_of: CredentialsOf | None = None,
+        callbacks: bool = False,
     ) -> None:
         self._kling = kling
         self._tasks = tasks
-        self._first_interval_s = first_interval_s
+        self._first_interval_s = max(first_interval_s, MAX_POLL_INTERVAL_S) if callbacks else first_interval_s
+        self._max_interval_s = CALLBACK_FALLBACK_POLL_S if callbacks else MAX_POLL_INTERVAL_S
+        # A poll lease outlives a few turns of the slowest interval, so one slow query does not hand polling over.
+        self._lease_s = 3 * self._max_interval_s
         self._max_follow_s = max_follow_s
         self._broadcast = broadcast
         self._on_finished = on_finished
@@ -198,13 +203,14 @@ class TaskFollower:
                 await self._tasks.mark_followed(watch.record.task_id)
         try:
             while not watch.record.status.is_terminal and time.monotonic() - started < self._max_follow_s:
+                heard = False
                 if quiet:
-                    with contextlib.suppress(TimeoutError):  # a callback may bring the end before the next turn
+                    with contextlib.suppress(TimeoutError):  # a callback may bring news before the next turn
                         async with asyncio.timeout(interval):
-                            await watch.changed.wait()
-                    interval = min(interval * 1.5, MAX_POLL_INTERVAL_S)
+                            heard = await watch.changed.wait()
+                    interval = min(interval * 1.5, self._max_interval_s)
                 quiet = True
-                if not watch.record.status.is_terminal:
+                if not heard and not watch.record.status.is_terminal:  # news just heard needs no query
                     await self._turn(watch)
                 if watch.leases is not None:
                     await watch.leases.refresh()
@@ -241,7 +247,7 @@ class TaskFollower:
 
     async def _claim_polling(self, task_id: str) -> bool:
         try:
-            return await self._tasks.claim_polling(task_id, self._replica, POLL_LEASE_S)
+            return await self._tasks.claim_polling(task_id, self._replica, self._lease_s)
         except RedisError:
             return True  # without Redis nobody can coordinate: each replica keeps its own waiters informed
 
@@ -328,7 +334,7 @@ class TaskFollower:
     async def adopt_orphans(self) -> int:
         """Adopt the tasks nobody has polled for a poll lease's time; returns how many."""
         adopted = 0
-        for task_id in await self._tasks.stale_followed(POLL_LEASE_S, ADOPT_BATCH):
+        for task_id in await self._tasks.stale_followed(self._lease_s, ADOPT_BATCH):
             if task_id in self._watches or not await self._claim_polling(task_id):
                 continue  # followed here already, or some replica polls it
             record = await self._tasks.get(task_id)

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from app.tracing import trace_ids
+
 REQUEST_LOGGER = "app.requests"
 _SECRET_SHAPES = re.compile(
     r"(?i)\bbearer\s+[^\s\"',]+"  # an Authorization header's value
@@ -73,7 +75,14 @@ def redact(text: str) -> str:
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
-    """The record's own fields: the request's (for the request line) or the surrounding request's ids."""
+    """The record's own fields (the request's, for the request line, or the surrounding request's ids),
+    and the current trace's ids when tracing is on."""
+    fields = _request_fields(record)
+    ids = trace_ids()
+    return {**fields, **ids} if ids else fields
+
+
+def _request_fields(record: logging.LogRecord) -> dict[str, Any]:
     given: dict[str, Any] | None = getattr(record, "request", None)
     if given is not None:
         return given
@@ -126,5 +135,11 @@ def logging_config(*, json_lines: bool | None = None, level: str = "INFO") -> di
         "loggers": {
             "uvicorn": {"handlers": [], "propagate": True},
             "uvicorn.access": {"handlers": [], "propagate": False},
+            # One INFO line per outgoing request, with the full URL: a webhook URL can carry its receiver's
+            # secret, and a line per Kling poll would drown the request log (and cost a quarter of the CPU).
+            "httpx2": {"level": "WARNING"},
+            "httpcore2": {"level": "WARNING"},
+            "httpx": {"level": "WARNING"},
+            "httpcore": {"level": "WARNING"},
         },
     }

@@ -8,6 +8,7 @@ import logging
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
@@ -28,7 +29,13 @@ from app.images import ImageService, ServiceTimings
 from app.kling import KlingClient, create_http_client
 from app.lifecycle import Drain
 from app.mcp_server import MESSAGE_PATH, SSE_PATH, McpTransports, build_mcp_server, legacy_sse_app
-from app.metrics import CountingConnectionPool, CountingRetry, forget_this_process, metrics_endpoint
+from app.metrics import (
+    CountingConnectionPool,
+    CountingRetry,
+    forget_dead_workers,
+    forget_this_process,
+    metrics_endpoint,
+)
 from app.oauth import OAuthConfig, OAuthVerifier, protected_resource_metadata
 from app.observability import ObservabilityMiddleware
 from app.previews import PreviewMaker, create_preview_http_client
@@ -44,9 +51,11 @@ from app.ratelimit import (
 )
 from app.references import ReferenceGuard
 from app.sealing import SecretSealer, parse_master_keys
+from app.sentinel import SentinelTarget, following_failovers, sentinel_master
 from app.tasks import MemoryTaskStore, RedisTaskStore, TaskStore
 from app.tenants import KeyFormat, MemoryTenantStore, RedisTenantStore, TenantDirectory, TenantStore
 from app.tenants_file import apply_tenants_file, load_tenants_file
+from app.tracing import Tracing, configure_tracing
 from app.usage import AuditLog, MemoryAuditLog, MemoryUsageStore, RedisAuditLog, RedisUsageStore, UsageStore
 from app.webhooks import WebhookSender
 
@@ -80,19 +89,38 @@ class Gateway:
     app: FastAPI
 
 
-def create_redis(url: str, max_connections: int = 200, retries: int = 1) -> Redis:
+def create_redis(
+    url: str, max_connections: int = 200, retries: int = 1, sentinel: SentinelTarget | None = None
+) -> Redis:
     """One pool per process. Short timeouts and a single retry: a hung Redis must fail a request quickly,
-    not hang it. A blocking pool, because the default one raises instead of waiting once it is full."""
-    pool = CountingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=REDIS_TIMEOUT_S,
-        socket_timeout=REDIS_TIMEOUT_S,
-        socket_connect_timeout=REDIS_TIMEOUT_S,
-        retry=CountingRetry(NoBackoff(), retries),
-        health_check_interval=30,
-    )
-    return Redis.from_pool(pool)
+    not hang it. A blocking pool, because the default one raises instead of waiting once it is full. With
+    `sentinel`, the pool connects to the master the sentinels name instead of `url`'s host."""
+    options: dict[str, Any] = {
+        "max_connections": max_connections,
+        "timeout": REDIS_TIMEOUT_S,
+        "socket_timeout": REDIS_TIMEOUT_S,
+        "socket_connect_timeout": REDIS_TIMEOUT_S,
+        "retry": CountingRetry(NoBackoff(), retries),
+        "health_check_interval": 30,
+    }
+    if sentinel is not None:
+        return sentinel_master(url, sentinel, **options)
+    return Redis.from_pool(CountingConnectionPool.from_url(url, **options))
+
+
+def open_redis(settings: Settings, retries: int = 1) -> Redis | None:
+    """The Redis client these settings describe (direct, or through Sentinel); None without Redis."""
+    if settings.redis_url is None:
+        return None
+    sentinel = None
+    if settings.redis_sentinels:
+        password = settings.redis_sentinel_password
+        sentinel = SentinelTarget(
+            tuple(settings.redis_sentinels),
+            settings.redis_sentinel_service,
+            password.get_secret_value() if password else None,
+        )
+    return create_redis(settings.redis_url, retries=retries, sentinel=sentinel)
 
 
 def open_stores(settings: Settings, redis: Redis | None) -> Stores:
@@ -169,10 +197,13 @@ def admin_directory(settings: Settings, redis: Redis) -> tuple[TenantDirectory, 
     return directory, stores
 
 
-def build_gateway(settings: Settings) -> Gateway:
-    redis = create_redis(settings.redis_url) if settings.redis_url else None
+def build_gateway(settings: Settings, tracing: Tracing | None = None) -> Gateway:
+    """Build and wire every part. Tracing, unless given, is what the `OTEL_*` environment configures."""
+    if tracing is None:
+        tracing = configure_tracing()
+    redis = open_redis(settings)
     # The limiter's own client never retries: a timed-out script may have run, and a retry would charge twice.
-    limits_redis = create_redis(settings.redis_url, retries=0) if settings.redis_url else None
+    limits_redis = open_redis(settings, retries=0)
     stores = open_stores(settings, redis)
     http = create_http_client(settings.kling_max_connections)
     oauth = oauth_config(settings)
@@ -202,6 +233,9 @@ def build_gateway(settings: Settings) -> Gateway:
     follower = TaskFollower(
         kling, stores.tasks, first_interval_s=settings.poll_interval_seconds, broadcast=updates.publish,
         on_finished=webhooks.task_finished,
+        # With Redis, replicas adopt each other's tasks when one stops; alone in memory there is nobody to.
+        credentials_of=directory.kling_credentials_by_id if redis is not None else None,
+        callbacks=settings.public_url is not None,  # Kling calls back: polling is only the slow fallback
     )  # fmt: skip
     timings = ServiceTimings(
         max_wait_s=settings.max_wait_seconds,
@@ -246,14 +280,20 @@ def build_gateway(settings: Settings) -> Gateway:
         max_request_body_size=settings.max_body_bytes,
         transport_security=transport_security,
     )
-    legacy_app = legacy_sse_app(mcp, authenticator, transport_security, settings.max_body_bytes)
+    legacy_app = (
+        legacy_sse_app(mcp, authenticator, transport_security, settings.max_body_bytes) if settings.legacy_sse else None
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
+            if tracing is not None:
+                # First in, last out: spans made while the other parts close are exported too.
+                await stack.enter_async_context(tracing.active())
             for client in (redis, limits_redis):
                 if client is not None:
                     stack.push_async_callback(client.aclose)
+            await stack.enter_async_context(following_failovers(redis, limits_redis))
             stack.push_async_callback(http.aclose)
             stack.push_async_callback(preview_http.aclose)
             stack.push_async_callback(webhook_http.aclose)
@@ -264,8 +304,10 @@ def build_gateway(settings: Settings) -> Gateway:
             if broadcast is not None:
                 await stack.enter_async_context(broadcast.listening(authenticator))
             await stack.enter_async_context(updates.listening(follower.heard))
+            await stack.enter_async_context(follower.adopting())
             await stack.enter_async_context(mcp.session_manager.run())
             stack.enter_context(drain.on_signals())
+            forget_dead_workers()
             stack.callback(forget_this_process)
             try:
                 yield
@@ -277,6 +319,9 @@ def build_gateway(settings: Settings) -> Gateway:
         version=__version__,
         description="Generate images with Kling AI over MCP (`/mcp`) or REST.",
         lifespan=lifespan,
+        # The gateway's own request span (app/tracing.py) covers every request, /mcp included, by route template;
+        # FastAPI's would duplicate it and record raw paths, and callback paths hold a token.
+        telemetry={"tracing": False},
     )
     install_error_handlers(app)
     mcp_paths = ("/mcp", SSE_PATH, MESSAGE_PATH)

@@ -21,6 +21,7 @@ from mcp.server.transport_security import TransportSecurityMiddleware, Transport
 from mcp.types import CallToolResult, ContentBlock, ImageContent, ResourceLink, TextContent, ToolAnnotations
 from pydantic import Field
 from starlette.requests import Request
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app import __version__
@@ -260,9 +261,9 @@ class LegacySessionGuard:
 class McpTransports:
     """Pure ASGI: the legacy SSE paths go to that transport, every other path to streamable HTTP."""
 
-    def __init__(self, streamable: ASGIApp, legacy: ASGIApp) -> None:
+    def __init__(self, streamable: ASGIApp, legacy: ASGIApp | None) -> None:
         self._streamable = streamable
-        self._legacy = legacy
+        self._legacy = legacy or LEGACY_SSE_OFF
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope["path"] if scope["type"] == "http" else ""
@@ -270,3 +271,11 @@ class McpTransports:
             await self._legacy(scope, receive, send)
         else:
             await self._streamable(scope, receive, send)
+
+
+# Sessions of the legacy transport live in one process: with several workers it is off (`KGW_LEGACY_SSE`).
+LEGACY_SSE_OFF = JSONResponse(
+    {"error": {"type": "not_found", "message": "the legacy HTTP+SSE transport is off on this server; "
+               "connect with streamable HTTP at /mcp"}},
+    status_code=404,
+)  # fmt: skip

@@ -108,6 +108,28 @@ def prepare_multiprocess_dir() -> tuple[str, bool]:
     return path, True
 
 
+def forget_dead_workers() -> None:
+    """At a worker's start, drop the live-gauge shares of workers that died without exiting cleanly (killed,
+    out of memory, then respawned by uvicorn): otherwise their last waiters and tasks would count forever."""
+    path = multiprocess_dir()
+    if not path:
+        return
+    for file in Path(path).glob("gauge_live*_*.db"):
+        pid = file.stem.rpartition("_")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            mark_process_dead(int(pid), path)  # type: ignore[no-untyped-call]  # partly untyped, as above
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # a process of another user holds the pid: not ours, but not to be swept either
+    return True
+
+
 def forget_this_process() -> None:
     """At a worker's exit, drop its share of the live gauges (a no-op with one process)."""
     path = multiprocess_dir()

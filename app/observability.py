@@ -33,6 +33,7 @@ from app.metrics import (
     TOOL_CALLS,
     WAITERS,
 )
+from app.tracing import describe_request, end_kling_span, kling_span, request_span
 
 logger = logging.getLogger(REQUEST_LOGGER)
 T = TypeVar("T")
@@ -90,15 +91,18 @@ class ObservabilityMiddleware:
                 request.finished = True
             await send(message)
 
-        try:
-            await self._app(scope, receive, send_observed)
-        except Exception:
-            status = 500 if status == CLIENT_CLOSED else status  # answered by the server's error handler
-            raise
-        finally:
-            request.finished = True
-            current_request.reset(token)
-            self._record(request, scope, status)
+        # The log line is written inside the span, so it carries the trace id.
+        with request_span(scope, untraced=_QUIET_ROUTES) as span:
+            try:
+                await self._app(scope, receive, send_observed)
+            except Exception:
+                status = 500 if status == CLIENT_CLOSED else status  # answered by the server's error handler
+                raise
+            finally:
+                request.finished = True
+                current_request.reset(token)
+                self._record(request, scope, status)
+                describe_request(span, request, status)
 
     @staticmethod
     def _record(request: RequestContext, scope: Scope, status: int) -> None:
@@ -145,8 +149,10 @@ class KlingCall:
 @contextlib.contextmanager
 def kling_call(endpoint: str, failure_code: Callable[[BaseException], str]) -> Iterator[KlingCall]:
     """Time one HTTP call to Kling: counted by endpoint and Kling code (`failure_code` names a failure),
-    booked to the current request's `kling` time, and its task id and code kept for the request's log."""
+    booked to the current request's `kling` time, its task id and code kept for the request's log, and
+    traced as a span when tracing is on."""
     call = KlingCall()
+    span = kling_span(endpoint)
     started = time.perf_counter()
     try:
         yield call
@@ -155,6 +161,7 @@ def kling_call(endpoint: str, failure_code: Callable[[BaseException], str]) -> I
         raise
     finally:
         elapsed = time.perf_counter() - started
+        end_kling_span(span, call.code, call.task_id)
         KLING_REQUESTS.labels(endpoint, call.code).inc()
         KLING_REQUEST_SECONDS.labels(endpoint).observe(elapsed)
         request = current_request.get()

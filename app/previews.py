@@ -61,7 +61,10 @@ class PreviewFailed(Exception):
     """The preview of one image cannot be made; the message says why, for the person reading the result."""
 
 
-def create_preview_http_client(max_connections: int = 16) -> httpx2.AsyncClient:
+MAX_RESULTS_AT_ONCE = 2  # results previewed at once: downloads held in memory stay under 2 x 9 x the cap
+
+
+def create_preview_http_client(max_connections: int = 20) -> httpx2.AsyncClient:
     """The process's pooled client for image downloads: apart from Kling's pool, so slow image hosts never
     take the connections that API calls need."""
     return httpx2.AsyncClient(
@@ -84,9 +87,16 @@ class PreviewMaker:
         # Decoding and encoding are CPU work in threads: a few at a time, so previews never starve the loop's
         # other work of cores, nor hold many decoded images in memory at once.
         self._cpu = anyio.CapacityLimiter(2)
+        # Every image of a result is downloaded at once and held until rendered: bounding the results in the
+        # making bounds the memory (and fits their downloads in the pool, so none waits out a pool timeout).
+        self._results = asyncio.Semaphore(MAX_RESULTS_AT_ONCE)
 
     async def make(self, images: Sequence[ImageView]) -> list[Preview | NoPreview]:
         """One preview (or the reason there is none) per image, in order; never raises for an image."""
+        async with self._results:
+            return await self._make(images)
+
+    async def _make(self, images: Sequence[ImageView]) -> list[Preview | NoPreview]:
         downloads = await asyncio.gather(*(self._download(image.url) for image in images), return_exceptions=True)
         results: list[Preview | NoPreview] = []
         budget = self._limits.budget_bytes

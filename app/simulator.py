@@ -158,6 +158,9 @@ class _State:
     counts: Counter[str] = field(default_factory=Counter)  # the _COUNTERS
 
 
+_TIMER_SLACK_S = 0.005
+
+
 def _envelope(data: Any) -> JSONResponse:
     return JSONResponse({"code": 0, "message": "SUCCEED", "request_id": str(uuid.uuid4()), "data": data})
 
@@ -411,7 +414,9 @@ class _Simulator:
     async def _deliver_callbacks(self, task: _Task) -> None:
         delay, last = self._config.delay, ""
         for offset in (delay * _PROCESSING_AT, delay):
-            await anyio.sleep(max(0.0, task.started + offset - time.monotonic()))
+            # A little past the offset: event-loop timers may fire up to a clock tick early, and the status
+            # read then would still be the old one (the callback lost).
+            await anyio.sleep(max(0.0, task.started + offset - time.monotonic()) + _TIMER_SLACK_S)
             status = task.phase(delay)[0]
             if self._s.tasks.get(task.task_id) is task and status != last:  # skip tasks forgotten by a reset
                 last = status

@@ -497,3 +497,11 @@ def test_every_metric_the_runbook_alerts_on_is_one_the_gateway_exports() -> None
     named = set(re.findall(r"\bkgw_[a-z]+(?:_[a-z]+)*\b", (DEPLOY / "README.md").read_text()))
     assert len(named) >= 8
     assert named <= exported
+
+
+def test_the_ingress_routes_public_paths_only_never_metrics_or_probes() -> None:
+    ingress = find(render(DEPLOY / "kubernetes" / "base"), "Ingress")
+    paths = [path["path"] for rule in ingress["spec"]["rules"] for path in rule["http"]["paths"]]
+    assert "/mcp" in paths
+    assert "/generate" in paths
+    assert not any(path in ("/", "/metrics", "/healthz", "/readyz") for path in paths)

@@ -6,7 +6,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,9 +19,11 @@ import httpx2
 import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
+from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from app.logs import JsonFormatter, TextFormatter, logging_config
+from app.metrics import forget_dead_workers
 from app.observability import MAX_REQUEST_ID_CHARS, request_id_from
 from tests.conftest import ADMIN_TOKEN, PRIMARY, RunningGateway, Simulator, replica_env
 from tests.servers import gateway_process
@@ -255,8 +260,35 @@ async def test_serve_with_two_workers_reports_metrics_summed_over_both(
                         for _ in range(4):
                             group.start_soon(submit)
                     sent += 4
+            # A legacy SSE session would live in one worker while its POSTs reach either: the transport is off.
+            legacy = await http.get(f"{server.url}/sse", headers=bearer(api_key))
+            assert legacy.status_code == 404
+            assert "/mcp" in legacy.json()["error"]["message"]
             for _ in range(6):
                 metrics = (await http.get(f"{server.url}/metrics")).text
                 assert sample(metrics, "kgw_http_requests_total", **generate) == sent
                 assert sample(metrics, "kgw_kling_requests_total", endpoint="create", code="0") == sent
     assert sum(per_worker(metrics_dir, "kgw_http_requests_total", **generate).values()) == sent
+
+
+def test_outgoing_request_lines_are_not_logged_since_urls_may_carry_a_receivers_secret() -> None:
+    # httpx2 logs every request's full URL at INFO: a webhook_url such as /services/T000/B000/SECRET would leak.
+    loggers = logging_config(json_lines=True)["loggers"]
+    assert all(loggers[name]["level"] == "WARNING" for name in ("httpx2", "httpcore2"))
+
+
+def test_a_killed_workers_live_gauges_are_dropped_when_a_worker_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def waiters() -> float | None:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(tmp_path))  # type: ignore[no-untyped-call]
+        return registry.get_sample_value("kgw_waiters")
+
+    # A worker that counted 3 waiters and then died without its clean exit (killed, out of memory).
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", "from app.metrics import WAITERS; WAITERS.inc(3)"], env=env, check=True)
+    assert waiters() == 3
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    forget_dead_workers()  # what every worker does as it starts
+    assert not waiters()  # its share is gone (no worker left to report any)

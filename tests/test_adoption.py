@@ -1,0 +1,101 @@
+"""A task outlives the replica that followed it: another replica adopts it, so its end is still handled
+(waiters woken, webhook delivered) once, and a callback heard where nobody follows the task counts too."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import anyio
+import httpx2
+import pytest
+from redis.asyncio import Redis
+
+from app.follower import Leases, TaskFollower
+from app.kling import KlingClient, KlingCredentials
+from app.models import TaskStatus
+from app.tasks import RedisTaskStore, TaskRecord
+from tests.conftest import PRIMARY, Simulator
+
+pytestmark = pytest.mark.anyio
+CREDENTIALS = KlingCredentials(PRIMARY.access_key, PRIMARY.secret_key, credential_id="c_primary")
+
+
+@pytest.fixture
+async def kling(simulator: Simulator) -> AsyncIterator[KlingClient]:
+    async with httpx2.AsyncClient(timeout=10) as http:
+        yield KlingClient(http, simulator.url, deadline_s=10)
+
+
+async def _submitted(kling: KlingClient, store: RedisTaskStore) -> TaskRecord:
+    task = await kling.create_image_task(CREDENTIALS, {"model_name": "kling-v1", "prompt": "x", "n": 1})
+    record = TaskRecord(
+        task_id=task.task_id, tenant_id="t_1", external_task_id="e_1", model_name="kling-v1", num_images=1,
+        status=TaskStatus.SUBMITTED, created_at_ms=task.created_at, updated_at_ms=task.updated_at,
+        credential_id=CREDENTIALS.credential_id, webhook_url="https://hooks.example.com/x",
+    ).updated_from(task)  # fmt: skip
+    await store.save(record)
+    return record
+
+
+async def _no_op() -> None:
+    return None
+
+
+async def _until_marked(redis: Redis, task_id: str) -> None:
+    for _ in range(100):  # the follow marks the task as its loop starts; Redis has no event for it
+        if await redis.zscore("kgw:followed", task_id) is not None:
+            return
+        await anyio.sleep(0.02)
+    raise AssertionError("the follower never marked its task")
+
+
+@pytest.mark.sim_delay(1.0)
+async def test_a_task_whose_replica_stopped_is_adopted_once_and_its_end_handled(
+    kling: KlingClient, redis: Redis
+) -> None:
+    store = RedisTaskStore(redis)
+    record = await _submitted(kling, store)
+    stopped = TaskFollower(kling, store, first_interval_s=0.05)
+    stopped.follow(record, CREDENTIALS, Leases(refresh=_no_op, release=_no_op))
+    await _until_marked(redis, record.task_id)
+    await stopped.aclose()  # the replica stops (or dies) before Kling finishes: nothing follows the task now
+    await store.mark_followed(record.task_id, at=0.0)  # and a poll lease's time has passed since its last turn
+
+    ends: list[TaskRecord] = []
+    ended = anyio.Event()
+
+    async def on_finished(finished: TaskRecord) -> None:
+        ends.append(finished)
+        ended.set()
+
+    async def credentials_of(credential_id: str) -> KlingCredentials | None:
+        return CREDENTIALS if credential_id == CREDENTIALS.credential_id else None
+
+    adopter = TaskFollower(kling, store, first_interval_s=0.05, on_finished=on_finished, credentials_of=credentials_of)
+    latecomer = TaskFollower(kling, store, first_interval_s=0.05, credentials_of=credentials_of)
+    try:
+        assert await adopter.adopt_orphans() == 1
+        assert await latecomer.adopt_orphans() == 0  # the adopter polls it now
+        with anyio.fail_after(10):
+            await ended.wait()
+    finally:
+        await adopter.aclose()
+        await latecomer.aclose()
+    assert [end.status for end in ends] == [TaskStatus.SUCCEEDED]
+    assert (await store.get(record.task_id)) == ends[0]
+    assert await store.stale_followed(-60, 10) == []  # nobody needs to follow it any more
+
+
+async def test_an_end_heard_where_no_loop_follows_the_task_is_still_handled(kling: KlingClient, redis: Redis) -> None:
+    store = RedisTaskStore(redis)
+    record = await _submitted(kling, store)
+    ends: list[TaskRecord] = []
+
+    async def on_finished(finished: TaskRecord) -> None:
+        ends.append(finished)
+
+    elsewhere = TaskFollower(kling, store, first_interval_s=0.05, on_finished=on_finished)
+    # Kling's callback for the end arrives at a replica that neither submitted nor watches the task.
+    done = TaskRecord(**{**vars(record), "status": TaskStatus.SUCCEEDED, "updated_at_ms": record.updated_at_ms + 1})
+    await elsewhere.announce(done)
+    assert ends == [done]

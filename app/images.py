@@ -110,15 +110,18 @@ def external_task_id_for(tenant_id: str, idempotency_key: str | None) -> str:
     return "kgw-" + hashlib.sha256(f"{tenant_id}\0{idempotency_key}".encode()).hexdigest()[:32]
 
 
-def retry_delay(failure: KlingFailure, attempt: int) -> float | None:
+def retry_delay(failure: KlingFailure, attempt: int, *, known_absent: bool = False) -> float | None:
     """Seconds to wait before trying a create again, or None when retrying cannot help.
 
-    Retried: 1302/1303 (busy), 5000-5002 (Kling's side), and connections that never reached Kling. Never:
-    account, billing, permission, parameter or content-policy codes. Full jitter (AWS), at least 1 s for a
-    1303, and at least what Kling's Retry-After says.
+    Retried: 1302/1303 (busy), 5000-5002 (Kling's side), connections that never reached Kling, and
+    connections dropped without an answer when a look-up found no task (`known_absent`): typically a kept-alive
+    connection the server had just closed. Never after a timeout (the create may still be under way at Kling),
+    nor for account, billing, permission, parameter or content-policy codes. Full jitter (AWS), at least 1 s
+    for a 1303, and at least what Kling's Retry-After says.
     """
     if isinstance(failure, KlingTransportError):
-        return random.uniform(0, min(4.0, 0.25 * 2**attempt)) if not failure.sent else None
+        safe = not failure.sent or (known_absent and not failure.timed_out)
+        return random.uniform(0, min(4.0, 0.25 * 2**attempt)) if safe else None
     if not isinstance(failure, KlingError) or failure.code not in _RETRYABLE_CODES:
         return None
     floor = 1.0 if failure.code == _CODE_NO_SLOT else 0.0
@@ -424,11 +427,13 @@ class ImageService:
                 failure = exc
             # The create may have reached Kling although the answer says otherwise or was lost: look it up
             # by the id we chose and adopt it. Never pay twice, never report a task that exists as failed.
+            absent = False
             if _maybe_created(failure):
                 found = await self._find_by_external_id(kling, external_task_id)
                 if found is not None:
                     return found
-            delay = retry_delay(failure, attempt)
+                absent = True
+            delay = retry_delay(failure, attempt, known_absent=absent)
             if delay is None or time.monotonic() + delay >= deadline:
                 raise _create_failed(failure) from failure
             with waiting(waiter=False):

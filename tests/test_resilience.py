@@ -135,6 +135,12 @@ def test_retry_delays_follow_the_policy() -> None:
         assert retry_delay(KlingError(400, never, "no", "r"), 0) is None
     assert retry_delay(KlingTransportError("no connection", timed_out=False, sent=False), 3) is not None
     assert retry_delay(KlingTransportError("read timeout", timed_out=True, sent=True), 0) is None
+    # A connection dropped without an answer (a kept-alive connection the server had just closed): retried
+    # only once a look-up by external_task_id found no task; after a timeout the create may still be under way.
+    dropped = KlingTransportError("server disconnected", timed_out=False, sent=True)
+    assert retry_delay(dropped, 0) is None
+    assert retry_delay(dropped, 0, known_absent=True) is not None
+    assert retry_delay(KlingTransportError("read timeout", timed_out=True, sent=True), 0, known_absent=True) is None
 
 
 async def test_six_simultaneous_submits_with_one_key_over_two_replicas_make_one_task(

@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from mcp.server import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 from redis.asyncio import Redis
 from redis.backoff import NoBackoff
@@ -237,13 +238,6 @@ def build_gateway(settings: Settings, tracing: Tracing | None = None) -> Gateway
         credentials_of=directory.kling_credentials_by_id if redis is not None else None,
         callbacks=settings.public_url is not None,  # Kling calls back: polling is only the slow fallback
     )  # fmt: skip
-    timings = ServiceTimings(
-        max_wait_s=settings.max_wait_seconds,
-        first_poll_interval_s=settings.poll_interval_seconds,
-        queue_timeout_s=settings.queue_timeout_seconds,
-        # Longer than the longest submission: queue wait, create retries, the final create and lookups.
-        claim_ttl_s=2 * settings.queue_timeout_seconds + 4 * settings.kling_timeout_seconds + 30,
-    )
     drain = Drain()
     tokens = CallbackTokens(stores.pepper)
 
@@ -261,28 +255,13 @@ def build_gateway(settings: Settings, tracing: Tracing | None = None) -> Gateway
         limiter,
         governor,
         follower,
-        timings,
+        service_timings(settings),
         drain,
         references,
         callback_url_for,
     )
     preview_http = create_preview_http_client()
     mcp = build_mcp_server(service, default_wait_s=settings.default_wait_seconds, previews=PreviewMaker(preview_http))
-    transport_security = TransportSecuritySettings(
-        enable_dns_rebinding_protection=not settings.host_check_disabled(),
-        allowed_hosts=settings.mcp_allowed_hosts(),
-        allowed_origins=settings.mcp_allowed_origins(),
-    )
-    mcp_app = mcp.streamable_http_app(
-        streamable_http_path="/mcp",
-        stateless_http=True,  # any replica can serve any request
-        json_response=False,  # SSE, so progress notifications reach the client while a tool waits
-        max_request_body_size=settings.max_body_bytes,
-        transport_security=transport_security,
-    )
-    legacy_app = (
-        legacy_sse_app(mcp, authenticator, transport_security, settings.max_body_bytes) if settings.legacy_sse else None
-    )
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -338,8 +317,39 @@ def build_gateway(settings: Settings, tracing: Tracing | None = None) -> Gateway
     if settings.admin_token is not None:
         app.include_router(build_admin_router(directory, stores, settings.admin_token))
     # Mounted last: our own routes match first, and /mcp is served without a 307 redirect.
-    app.mount("/", McpTransports(McpAuthMiddleware(mcp_app, authenticator), legacy_app))
+    app.mount("/", mcp_transports(settings, mcp, authenticator))
     return Gateway(settings=settings, directory=directory, stores=stores, service=service, app=app)
+
+
+def service_timings(settings: Settings) -> ServiceTimings:
+    return ServiceTimings(
+        max_wait_s=settings.max_wait_seconds,
+        first_poll_interval_s=settings.poll_interval_seconds,
+        queue_timeout_s=settings.queue_timeout_seconds,
+        # Longer than the longest submission: queue wait, create retries, the final create and lookups.
+        claim_ttl_s=2 * settings.queue_timeout_seconds + 4 * settings.kling_timeout_seconds + 30,
+    )
+
+
+def mcp_transports(settings: Settings, mcp: MCPServer, authenticator: Authenticator) -> McpTransports:
+    """Streamable HTTP at /mcp and, unless turned off, the legacy HTTP+SSE transport, behind one authentication
+    and one Host/Origin check."""
+    transport_security = TransportSecuritySettings(
+        enable_dns_rebinding_protection=not settings.host_check_disabled(),
+        allowed_hosts=settings.mcp_allowed_hosts(),
+        allowed_origins=settings.mcp_allowed_origins(),
+    )
+    streamable = mcp.streamable_http_app(
+        streamable_http_path="/mcp",
+        stateless_http=True,  # any replica can serve any request
+        json_response=False,  # SSE, so progress notifications reach the client while a tool waits
+        max_request_body_size=settings.max_body_bytes,
+        transport_security=transport_security,
+    )
+    legacy = None
+    if settings.legacy_sse:
+        legacy = legacy_sse_app(mcp, authenticator, transport_security, settings.max_body_bytes)
+    return McpTransports(McpAuthMiddleware(streamable, authenticator), legacy)
 
 
 async def apply_file(directory: TenantDirectory, audit: AuditLog, path: str) -> None:

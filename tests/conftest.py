@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -11,6 +13,7 @@ import pytest
 from redis.asyncio import Redis
 
 from app.config import Settings
+from app.logs import JsonFormatter
 from app.main import Gateway, build_gateway
 from app.sealing import new_master_key
 from app.simulator import SimAccount, SimulatorConfig, create_simulator_app
@@ -26,6 +29,21 @@ SECONDARY = SimAccount(access_key="ak-secondary", secret_key="sk-secondary-" + s
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture
+def log_lines() -> Iterator[io.StringIO]:
+    """Everything logged while the test runs, formatted as the gateway writes it to stdout."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    yield stream
+    root.removeHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

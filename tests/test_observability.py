@@ -10,7 +10,7 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -67,21 +67,6 @@ def sample(metrics: str, name: str, **labels: str) -> float:
         if found and dict(re.findall(r'(\w+)="([^"]*)"', found.group(1) or "")) == labels:
             return float(found.group(2))
     return 0.0
-
-
-@pytest.fixture
-def log_lines() -> Iterator[io.StringIO]:
-    """Everything logged while the test runs, formatted as the gateway writes it to stdout."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    yield stream
-    root.removeHandler(handler)
-    root.setLevel(level)
 
 
 async def test_a_served_gateway_exports_every_metric_family_after_rest_and_mcp_generations(

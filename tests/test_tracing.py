@@ -8,7 +8,7 @@ import io
 import json
 import logging
 import sys
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -31,7 +31,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from app.logs import JsonFormatter
 from app.main import build_gateway
 from app.tracing import Tracing, configure_tracing, gateway_resource, kling_span, trace_ids, tracing_wanted
 from tests.conftest import PRIMARY, RunningGateway, Simulator, gateway_settings, replica_env
@@ -52,21 +51,6 @@ def bearer(api_key: str) -> dict[str, str]:
 def no_otel_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in OTEL_SETTINGS:
         monkeypatch.delenv(name, raising=False)
-
-
-@pytest.fixture
-def log_lines() -> Iterator[io.StringIO]:
-    """Everything logged while the test runs, formatted as the gateway writes it to stdout."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    yield stream
-    root.removeHandler(handler)
-    root.setLevel(level)
 
 
 @dataclass(frozen=True)

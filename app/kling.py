@@ -151,7 +151,7 @@ def create_http_client(max_connections: int = 100) -> httpx2.AsyncClient:
         timeout=httpx2.Timeout(connect=5.0, read=30.0, write=10.0, pool=2.0),
         limits=httpx2.Limits(
             max_connections=max_connections,
-            max_keepalive_connections=max_connections,  # idle connections are reused, never closed for room
+            max_keepalive_connections=max_connections // 2,
             keepalive_expiry=30.0,
         ),
         follow_redirects=False,

@@ -87,6 +87,7 @@ class TaskFollower:
         on_finished: OnFinished | None = None,
         credentials_of: CredentialsOf | None = None,
         callbacks: bool = False,
+        lease_refresh_s: float = MAX_POLL_INTERVAL_S,
     ) -> None:
         self._kling = kling
         self._tasks = tasks
@@ -94,6 +95,7 @@ class TaskFollower:
         self._max_interval_s = CALLBACK_FALLBACK_POLL_S if callbacks else MAX_POLL_INTERVAL_S
         # A poll lease outlives a few turns of the slowest interval, so one slow query does not hand polling over.
         self._lease_s = 3 * self._max_interval_s
+        self._refresh_every_s = lease_refresh_s  # how often a submitted task's leases are renewed while it runs
         self._max_follow_s = max_follow_s
         self._broadcast = broadcast
         self._on_finished = on_finished
@@ -205,9 +207,7 @@ class TaskFollower:
             while not watch.record.status.is_terminal and time.monotonic() - started < self._max_follow_s:
                 heard = False
                 if quiet:
-                    with contextlib.suppress(TimeoutError):  # a callback may bring news before the next turn
-                        async with asyncio.timeout(interval):
-                            heard = await watch.changed.wait()
+                    heard = await self._pause(watch, interval)  # a callback may bring news before the next turn
                     interval = min(interval * 1.5, self._max_interval_s)
                 quiet = True
                 if not heard and not watch.record.status.is_terminal:  # news just heard needs no query
@@ -216,6 +216,8 @@ class TaskFollower:
                     await watch.leases.refresh()
             if not watch.record.status.is_terminal:
                 logger.warning("gave up following task %s after %.0f s", watch.record.task_id, self._max_follow_s)
+                with contextlib.suppress(RedisError):  # given up here: no other replica is to adopt it either
+                    await self._tasks.unmark_followed(watch.record.task_id)
         except asyncio.CancelledError:
             # Shutdown, or the last local waiter left. A submitted task still runs at Kling and holds its
             # slots there, so its leases are left to lapse by their TTL rather than freed to over-admit; and
@@ -229,6 +231,19 @@ class TaskFollower:
         self._finishing.add(finishing)
         finishing.add_done_callback(self._finishing.discard)
         await asyncio.shield(finishing)
+
+    async def _pause(self, watch: _Watch, seconds: float) -> bool:
+        """Sleep up to `seconds`, refreshing a submitted task's leases on their own schedule meanwhile (a pause
+        can outlast a lease's TTL); True when news arrived."""
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            step = remaining if watch.leases is None else min(remaining, self._refresh_every_s)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(step):
+                    return await watch.changed.wait()
+            if watch.leases is not None and deadline - time.monotonic() > 0:
+                await watch.leases.refresh()
+        return False
 
     async def _turn(self, watch: _Watch) -> None:
         """Query Kling if this replica holds the poll lease; otherwise catch up from the shared record."""
@@ -330,30 +345,49 @@ class TaskFollower:
                 await self.adopt_orphans()
             except (RedisError, OSError):
                 logger.warning("could not look for tasks to adopt; trying again later")
+            except Exception:  # the sweep must go on: it is how every replica's orphans still end
+                logger.exception("looking for tasks to adopt failed; trying again later")
 
     async def adopt_orphans(self) -> int:
         """Adopt the tasks nobody has polled for a poll lease's time; returns how many."""
         adopted = 0
         for task_id in await self._tasks.stale_followed(self._lease_s, ADOPT_BATCH):
-            if task_id in self._watches or not await self._claim_polling(task_id):
-                continue  # followed here already, or some replica polls it
-            record = await self._tasks.get(task_id)
-            if record is None or record.status.is_terminal:
-                if record is not None:
-                    await self._ended(record)
-                else:
-                    await self._tasks.unmark_followed(task_id)
-                continue
-            assert self._credentials_of is not None
-            kling = await self._credentials_of(record.credential_id)
-            if kling is None:  # the credential is gone: nobody can ask Kling about the task any more
-                await self._tasks.unmark_followed(task_id)
-                continue
-            self._start(_Watch(record, kling, None, adopted=True))
-            adopted += 1
+            try:
+                adopted += await self._adopt(task_id)
+            except (RedisError, OSError):
+                raise
+            except Exception:
+                # One task that cannot be adopted (a credential sealed under a retired master key, a damaged
+                # record) must not stop the others: it is tried again a lease's time later.
+                logger.exception("could not adopt task %s", task_id)
+                await self._tasks.mark_followed(task_id)
         if adopted:
             logger.info("adopted %d task(s) whose follower stopped", adopted)
         return adopted
+
+    async def _adopt(self, task_id: str) -> int:
+        if task_id in self._watches or not await self._claim_polling(task_id):
+            return 0  # followed here already, or some replica polls it
+        record = await self._tasks.get(task_id)
+        if record is not None and record.status.is_terminal:  # ended (a webhook handed back at shutdown, say)
+            await self._ended(record)
+            return 0
+        too_old = record is not None and time.time() * 1000 - record.created_at_ms > self._max_follow_s * 1000
+        if record is None or too_old:  # gone, or given up on: nobody is to follow it any more
+            await self._tasks.unmark_followed(task_id)
+            return 0
+        assert self._credentials_of is not None
+        kling = await self._credentials_of(record.credential_id)
+        if kling is None:  # the credential is gone: nobody can ask Kling about the task any more
+            await self._tasks.unmark_followed(task_id)
+            return 0
+        watch = self._watches.get(task_id)  # a caller here may have started watching it meanwhile
+        if watch is not None:
+            watch.adopted = True
+            return 0
+        await self._tasks.mark_followed(task_id)
+        self._start(_Watch(record, kling, None, adopted=True))
+        return 1
 
     # --- waiting ---
 

@@ -237,6 +237,7 @@ def build_gateway(settings: Settings, tracing: Tracing | None = None) -> Gateway
         # With Redis, replicas adopt each other's tasks when one stops; alone in memory there is nobody to.
         credentials_of=directory.kling_credentials_by_id if redis is not None else None,
         callbacks=settings.public_url is not None,  # Kling calls back: polling is only the slow fallback
+        lease_refresh_s=settings.lease_ttl_seconds / 3,
     )  # fmt: skip
     drain = Drain()
     tokens = CallbackTokens(stores.pepper)

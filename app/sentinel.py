@@ -78,7 +78,10 @@ class SentinelPool(SentinelConnectionPool, CountingConnectionPool):
     async def master_switched(self, master: Address, announcer: Address) -> None:
         """Follow a switch that the sentinel at `announcer` announced."""
         # Ask that sentinel first from now on: the others learn of the switch up to seconds later.
-        self.sentinel_manager.sentinels.sort(key=lambda sentinel: sentinel_address(sentinel) != announcer)
+        # A new list, not a sort in place: redis-py may be iterating the old one in a look-up right now.
+        self.sentinel_manager.sentinels = sorted(
+            self.sentinel_manager.sentinels, key=lambda sentinel: sentinel_address(sentinel) != announcer
+        )
         if self.master_address in (None, master):
             return  # nothing connected yet, or already moved (another sentinel announced it first)
         # In use or not: a command in flight on the old master fails as on a dropped connection, and is retried

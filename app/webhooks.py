@@ -148,6 +148,8 @@ class WebhookSender:
         for delivery, task_id in pending.items():
             with contextlib.suppress(asyncio.CancelledError):
                 await delivery
+            if not delivery.cancelled():
+                continue  # it had just finished (delivered, or given up): nothing to hand back
             try:
                 await self._tasks.release_webhook(task_id)
                 await self._tasks.mark_followed(task_id, at=0.0)  # stale at once: the next sweep takes it

@@ -99,3 +99,41 @@ async def test_an_end_heard_where_no_loop_follows_the_task_is_still_handled(klin
     done = TaskRecord(**{**vars(record), "status": TaskStatus.SUCCEEDED, "updated_at_ms": record.updated_at_ms + 1})
     await elsewhere.announce(done)
     assert ends == [done]
+
+
+@pytest.mark.sim_delay(1.0)
+async def test_a_task_that_cannot_be_adopted_does_not_stop_the_others(kling: KlingClient, redis: Redis) -> None:
+    store = RedisTaskStore(redis)
+    good = await _submitted(kling, store)
+    await redis.set("kgw:task:damaged", "{not json")  # a record no replica can read
+    await store.mark_followed("damaged", at=0.0)
+    await store.mark_followed(good.task_id, at=1.0)
+
+    async def credentials_of(credential_id: str) -> KlingCredentials | None:
+        return CREDENTIALS
+
+    adopter = TaskFollower(kling, store, first_interval_s=0.05, credentials_of=credentials_of)
+    try:
+        assert await adopter.adopt_orphans() == 1  # the damaged one first, then the good one all the same
+        assert adopter.following(good.task_id)
+    finally:
+        await adopter.aclose()
+    assert await store.stale_followed(1, 10) == []  # the damaged one is tried again later, not every sweep
+
+
+async def test_a_task_given_up_on_is_not_adopted_again(kling: KlingClient, redis: Redis) -> None:
+    store = RedisTaskStore(redis)
+    record = await _submitted(kling, store)
+    old = TaskRecord(**{**vars(record), "created_at_ms": record.created_at_ms - 2 * 3600 * 1000})
+    await store.save(old)
+    await store.mark_followed(old.task_id, at=0.0)
+
+    async def credentials_of(credential_id: str) -> KlingCredentials | None:
+        return CREDENTIALS
+
+    adopter = TaskFollower(kling, store, first_interval_s=0.05, credentials_of=credentials_of)
+    try:
+        assert await adopter.adopt_orphans() == 0
+    finally:
+        await adopter.aclose()
+    assert await store.stale_followed(-60, 10) == []

@@ -315,3 +315,21 @@ async def test_a_rest_caller_hanging_up_frees_its_lease_and_queue_place_at_once(
         while await redis.zcard(queue) or await redis.zcard(leases) != 1:  # noqa: ASYNC110
             await anyio.sleep(0.02)
     assert (await simulator.stats())["creates"] == 1
+
+
+@pytest.mark.sim_delay(4.0)
+async def test_a_running_tasks_lease_is_renewed_while_its_follower_waits_for_callbacks(
+    redis_gateway: RunningGateway, redis_url: str, simulator: Simulator
+) -> None:
+    api_key = await redis_gateway.new_api_key("acme")
+    await set_limits(redis_gateway, concurrent_tasks=1)
+    # With a public URL Kling calls back and polling waits 5 s and more between turns: longer than this 1 s lease.
+    env = replica_env(redis_url, simulator.url, lease_ttl_seconds="1", public_url="http://127.0.0.1:9")
+    async with gateway_process(env) as replica:
+        held = await redis_gateway.http.post(f"{replica.url}/generate", json={"prompt": "x"}, headers=bearer(api_key))
+        assert held.status_code == 202, held.text
+        await anyio.sleep(2.5)  # two lease lifetimes pass while the task runs at Kling (4 s)
+        refused = await redis_gateway.http.post(f"{replica.url}/generate", json={"prompt": "y"},
+                                                headers=bearer(api_key))  # fmt: skip
+    assert refused.status_code == 429
+    assert refused.json()["error"]["limit"] == "concurrent_tasks"

@@ -50,13 +50,17 @@ class ReferenceGuard:
         # Receivers the operator vouches for (in-cluster services): private addresses and http allowed.
         self._webhook_hosts = frozenset(host.lower() for host in webhook_hosts)
 
-    async def check_webhook(self, url: str) -> None:
+    async def check_webhook(self, url: str) -> str | None:
         """Raises InvalidRequest naming `webhook_url` when the gateway must not post results there. Unlike a
-        reference image, the gateway itself sends to this URL, so a name that does not resolve is refused."""
+        reference image, the gateway itself sends to this URL, so a name that does not resolve is refused.
+
+        Returns the checked address to connect to (None for a host the operator allows as it is): connecting
+        to it, rather than resolving the name again, is what keeps a name from switching to a private address
+        between the check and the connection (DNS rebinding)."""
         parts = urlsplit(url)
         host = (parts.hostname or "").lower()
         if host in self._webhook_hosts:
-            return
+            return None
         if parts.scheme != "https":
             raise InvalidRequest("webhook_url", "must be an https:// URL")
         if parts.port not in (None, 443):
@@ -69,6 +73,7 @@ class ReferenceGuard:
             raise InvalidRequest("webhook_url", f"host {host!r} does not resolve") from exc
         if not addresses or not all(is_public_address(address) for address in addresses):
             raise InvalidRequest("webhook_url", f"host {host!r} resolves to a non-public address")
+        return addresses[0]
 
     async def check(self, reference: str | None) -> None:
         """Raises InvalidRequest naming `ref_image_url` when the URL must not be handed to Kling."""

@@ -19,6 +19,7 @@ import logging
 import random
 import secrets
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import httpx2
@@ -60,6 +61,22 @@ def webhook_body(record: TaskRecord, at: datetime) -> str:
             "data": record.view().model_dump(mode="json", exclude_none=True),
         }
     )
+
+
+@dataclass(frozen=True)
+class Pinning:
+    headers: dict[str, str]
+    extensions: dict[str, str]
+
+
+def pinned(url: str, address: str | None) -> tuple[str, Pinning]:
+    """The URL to connect to the checked `address` instead of resolving the name again, with the Host header
+    and TLS server name (SNI, and so the certificate check) still those of the name."""
+    if address is None:
+        return url, Pinning({}, {})
+    target = httpx2.URL(url)
+    host = target.host
+    return str(target.copy_with(host=address)), Pinning({"host": host}, {"sni_hostname": host})
 
 
 class WebhookSender:
@@ -112,24 +129,28 @@ class WebhookSender:
         for attempt, delay in enumerate((0.0, *self._retry_delays_s)):
             await asyncio.sleep(random.uniform(0, delay))  # full jitter: receivers recovering are not stampeded
             try:
-                await self._guard.check_webhook(url)
+                address = await self._guard.check_webhook(url)
             except InvalidRequest as exc:
                 logger.warning("not delivering the webhook of task %s: %s", record.task_id, exc.message)
                 return
             at = datetime.now(UTC)
             body = webhook_body(record, at)
-            if await self._attempt(url, body, signed_headers(secret, message_id, body, at), record, attempt):
+            target, pinning = pinned(url, address)
+            headers = signed_headers(secret, message_id, body, at) | pinning.headers
+            if await self._attempt(target, body, headers, pinning.extensions, record, attempt):
                 return
         logger.warning("gave up delivering the webhook of task %s", record.task_id)
 
-    async def _attempt(self, url: str, body: str, headers: dict[str, str], record: TaskRecord, attempt: int) -> bool:
+    async def _attempt(
+        self, url: str, body: str, headers: dict[str, str], extensions: dict[str, str], record: TaskRecord, attempt: int
+    ) -> bool:
         semaphore = self._per_tenant.setdefault(record.tenant_id, asyncio.Semaphore(PER_TENANT_DELIVERIES))
         async with semaphore:
             try:
                 # Streamed and closed unread: only the status matters, and a receiver's body could be endless.
                 async with (
                     asyncio.timeout(DELIVERY_TIMEOUT_S),
-                    self._http.stream("POST", url, content=body, headers=headers) as response,
+                    self._http.stream("POST", url, content=body, headers=headers, extensions=extensions) as response,
                 ):
                     status = response.status_code
             except (httpx2.HTTPError, TimeoutError) as exc:

@@ -15,7 +15,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from app.errors import InvalidRequest
 from app.main import build_gateway
+from app.references import ReferenceGuard
+from app.webhooks import Pinning, pinned
 from tests.conftest import ADMIN_TOKEN, RunningGateway, Simulator, gateway_settings
 from tests.servers import serve
 
@@ -106,3 +109,23 @@ async def test_private_or_plain_webhook_urls_are_refused_before_anything_is_sent
     assert response.status_code == 422, response.text
     assert response.json()["error"]["field"] == "webhook_url"
     assert (await simulator.stats())["creates"] == 0
+
+
+async def test_a_receiver_is_reached_at_the_address_that_was_checked_not_by_resolving_again() -> None:
+    answers = {"hooks.example.com": ["93.184.216.34"], "rebound.example.com": ["10.0.0.7"]}
+
+    async def resolver(host: str) -> list[str]:  # what DNS answers at the moment of the check
+        return answers[host]
+
+    guard = ReferenceGuard(resolver=resolver, webhook_hosts=frozenset({"hooks.internal"}))
+    address = await guard.check_webhook("https://hooks.example.com/x")
+    assert address == "93.184.216.34"
+    target, pinning = pinned("https://hooks.example.com/x?token=1", address)
+    # Connect to the checked address; the Host header and TLS name (so the certificate check) stay the name's.
+    assert target == "https://93.184.216.34/x?token=1"
+    assert pinning.headers == {"host": "hooks.example.com"}
+    assert pinning.extensions == {"sni_hostname": "hooks.example.com"}
+    with pytest.raises(InvalidRequest):
+        await guard.check_webhook("https://rebound.example.com/x")
+    assert await guard.check_webhook("http://hooks.internal:8080/x") is None  # the operator's own receiver
+    assert pinned("http://hooks.internal:8080/x", None) == ("http://hooks.internal:8080/x", Pinning({}, {}))

@@ -211,7 +211,9 @@ class ImageService:
             outcome = await self._submit(principal, request)
         else:
             outcome = await self._submit_once(principal, request, request.idempotency_key)
-        if on_progress is not None:
+        if on_progress is not None and wait_s > 0 and not outcome.record.status.is_terminal:
+            # Only when a wait follows: a notification turns an MCP answer into an SSE stream, which an
+            # immediate answer does not need (the MCP SDK then answers with plain JSON, at less cost).
             await on_progress(outcome.record, 0.0)
         return replace(outcome, record=await self._wait(principal, outcome.record, wait_s, on_progress))
 

@@ -31,10 +31,11 @@ from redis.exceptions import RedisError
 
 from app.kling import KlingClient, KlingCredentials, KlingFailure
 from app.metrics import TASKS_IN_FLIGHT
-from app.tasks import MAX_POLL_INTERVAL_S, ProgressCallback, TaskRecord, TaskStore
+from app.tasks import ProgressCallback, TaskRecord, TaskStore
 
 logger = logging.getLogger(__name__)
 MAX_FOLLOW_S = 3600.0
+MAX_POLL_INTERVAL_S = 5.0  # also the longest silence between progress reports while waiting
 FINISHED_KEPT = 1000  # Kling image tasks take seconds to minutes; past this the task is given up on
 # How long a watch outlives its last waiter: callers that wait in short rounds (the events stream, short
 # `wait_seconds`) keep one watch, and its first turn, instead of starting a new one every round.

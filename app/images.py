@@ -159,7 +159,6 @@ class UncertainCreate(Exception):
 @dataclass(frozen=True)
 class ServiceTimings:
     max_wait_s: int
-    first_poll_interval_s: float
     queue_timeout_s: float  # longest wait for free slots on a Kling account
     claim_ttl_s: float  # how long an unfinished idempotency claim blocks its key
 

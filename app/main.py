@@ -325,7 +325,6 @@ def build_gateway(settings: Settings, tracing: Tracing | None = None) -> Gateway
 def service_timings(settings: Settings) -> ServiceTimings:
     return ServiceTimings(
         max_wait_s=settings.max_wait_seconds,
-        first_poll_interval_s=settings.poll_interval_seconds,
         queue_timeout_s=settings.queue_timeout_seconds,
         # Longer than the longest submission: queue wait, create retries, the final create and lookups.
         claim_ttl_s=2 * settings.queue_timeout_seconds + 4 * settings.kling_timeout_seconds + 30,

@@ -40,7 +40,6 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 IDEMPOTENCY_TTL_S = 86_400
-MAX_POLL_INTERVAL_S = 5.0  # also the longest silence between progress reports while waiting
 
 _KLING_STATUS = {
     "submitted": TaskStatus.SUBMITTED,

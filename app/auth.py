@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -23,7 +22,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.errors import KNOWN_ERRORS, Forbidden, GatewayError, Unauthorized, gateway_error_from
+from app.errors import KNOWN_ERRORS, Forbidden, Unauthorized, error_response, gateway_error_from
 from app.images import Principal
 from app.lifecycle import subscribed
 from app.logs import bind_tenant
@@ -201,7 +200,7 @@ class McpAuthMiddleware:
         except KNOWN_ERRORS as exc:
             error = gateway_error_from(exc)
             assert error is not None
-            await send_error(send, error)
+            await error_response(error)(scope, receive, send)
             return
         bind_tenant(principal.tenant.id)
         token = current_principal.set(principal)
@@ -209,11 +208,3 @@ class McpAuthMiddleware:
             await self._app(scope, receive, send)
         finally:
             current_principal.reset(token)
-
-
-async def send_error(send: Send, error: GatewayError) -> None:
-    body = json.dumps(error.to_json()).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(name.lower().encode(), value.encode()) for name, value in error.http_headers().items()]
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})

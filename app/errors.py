@@ -27,6 +27,7 @@ from typing import Any
 from mcp.types import CallToolResult, TextContent
 from pydantic import ValidationError
 from redis.exceptions import RedisError
+from starlette.responses import JSONResponse
 
 from app.kling import KlingCircuitOpen, KlingError, KlingProtocolError, KlingTransportError
 from app.models import FieldProblem
@@ -235,3 +236,8 @@ def gateway_error_from(exc: Exception) -> GatewayError | None:
         logger.error("a Kling secret cannot be opened: %s", exc)
         return CredentialsUnavailable()
     return None
+
+
+def error_response(error: GatewayError) -> JSONResponse:
+    """The error as REST answers it (also a plain ASGI app, for middleware that answers before any route)."""
+    return JSONResponse(error.to_json(), status_code=error.status, headers=error.http_headers())

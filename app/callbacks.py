@@ -103,7 +103,7 @@ def build_callback_router(
             # Not (yet) recorded, or not the task this token was made for: polling will catch up.
             return JSONResponse({"ok": True, "recorded": False})
         latest = record.updated_from(task)
-        if latest != record and latest.updated_at_ms >= record.updated_at_ms:
+        if latest.supersedes(record):
             await tasks.save(latest)
             await announce(latest)
         return JSONResponse({"ok": True, "recorded": True})

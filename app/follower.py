@@ -70,6 +70,7 @@ class _Watch:
     waiters: int = 0
     loop: asyncio.Task[None] | None = None
     stopping: asyncio.TimerHandle | None = None  # a watch nobody waits on any more, stopped after a grace
+    refresh_at: float = 0.0  # monotonic time the leases are due to be renewed
 
 
 async def _no_broadcast(_: TaskRecord) -> None:
@@ -112,11 +113,12 @@ class TaskFollower:
     def follow(self, record: TaskRecord, kling: KlingCredentials, leases: Leases) -> None:
         """Follow a task just submitted here to its end, then release its leases."""
         TASKS_IN_FLIGHT.inc()
+        refresh_at = time.monotonic() + self._refresh_every_s  # the leases were taken just now
         watch = self._watches.get(record.task_id)
         if watch is None:
-            self._start(_Watch(record, kling, leases))
+            self._start(_Watch(record, kling, leases, refresh_at=refresh_at))
         else:  # a caller here was already watching it (an idempotent replay racing the submission)
-            watch.leases = leases
+            watch.leases, watch.refresh_at = leases, refresh_at
 
     def following(self, task_id: str) -> bool:
         """Whether a loop on this replica keeps the task's state current (a follow or a watch)."""
@@ -149,7 +151,8 @@ class TaskFollower:
                 watch.stopping = asyncio.get_running_loop().call_later(WATCH_GRACE_S, self._stop_watch, watch)
 
     def _stop_watch(self, watch: _Watch) -> None:
-        if watch.waiters == 0 and watch.loop is not None:
+        # Re-checked: the task may have been submitted here or adopted since the stop was scheduled.
+        if watch.waiters == 0 and watch.leases is None and not watch.adopted and watch.loop is not None:
             # Forgotten now, so a caller arriving meanwhile starts a fresh watch instead of joining a dying one.
             self._drop(watch)
             watch.loop.cancel()
@@ -169,7 +172,7 @@ class TaskFollower:
     def heard(self, record: TaskRecord) -> None:
         """A state learnt elsewhere (maybe on another replica): wake this task's loop and waiters now."""
         watch = self._watches.get(record.task_id)
-        if watch is not None and record != watch.record and record.updated_at_ms >= watch.record.updated_at_ms:
+        if watch is not None and record.supersedes(watch.record):
             self._publish(watch, record)
 
     async def aclose(self) -> None:
@@ -213,8 +216,7 @@ class TaskFollower:
                 quiet = True
                 if not heard and not watch.record.status.is_terminal:  # news just heard needs no query
                     await self._turn(watch)
-                if watch.leases is not None:
-                    await watch.leases.refresh()
+                await self._refresh_leases_if_due(watch)
             if not watch.record.status.is_terminal:
                 logger.warning("gave up following task %s after %.0f s", watch.record.task_id, self._max_follow_s)
                 with contextlib.suppress(RedisError):  # given up here: no other replica is to adopt it either
@@ -234,17 +236,22 @@ class TaskFollower:
         await asyncio.shield(finishing)
 
     async def _pause(self, watch: _Watch, seconds: float) -> bool:
-        """Sleep up to `seconds`, refreshing a submitted task's leases on their own schedule meanwhile (a pause
-        can outlast a lease's TTL); True when news arrived."""
+        """Sleep up to `seconds`, renewing a submitted task's leases when they are due (a pause can outlast a
+        lease's TTL); True when news arrived."""
         deadline = time.monotonic() + seconds
         while (remaining := deadline - time.monotonic()) > 0:
-            step = remaining if watch.leases is None else min(remaining, self._refresh_every_s)
+            if watch.leases is not None:
+                remaining = max(0.0, min(remaining, watch.refresh_at - time.monotonic()))
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(step):
+                async with asyncio.timeout(remaining):
                     return await watch.changed.wait()
-            if watch.leases is not None and deadline - time.monotonic() > 0:
-                await watch.leases.refresh()
+            await self._refresh_leases_if_due(watch)
         return False
+
+    async def _refresh_leases_if_due(self, watch: _Watch) -> None:
+        if watch.leases is not None and time.monotonic() >= watch.refresh_at:
+            watch.refresh_at = time.monotonic() + self._refresh_every_s
+            await watch.leases.refresh()
 
     async def _turn(self, watch: _Watch) -> None:
         """Query Kling if this replica holds the poll lease; otherwise catch up from the shared record."""
@@ -272,19 +279,26 @@ class TaskFollower:
             await self._tasks.release_polling(task_id, self._replica)
 
     async def _poll(self, watch: _Watch) -> None:
-        record = watch.record
+        await self.refresh(watch.record, watch.kling)
+
+    async def refresh(self, record: TaskRecord, kling: KlingCredentials) -> TaskRecord:
+        """Ask Kling for the task now; a newer state is recorded and announced. Returns the latest known state
+        (the one given when the query failed: a failed query is "no news", not a failure)."""
         try:
-            latest = record.updated_from(await self._kling.get_image_task(watch.kling, record.task_id))
+            latest = record.updated_from(await self._kling.get_image_task(kling, record.task_id))
         except KlingFailure as exc:
             logger.warning("could not query task %s: %s", record.task_id, type(exc).__name__)
-            return
-        if latest == watch.record or latest.updated_at_ms < watch.record.updated_at_ms:
-            return  # nothing new, or older than what a callback brought while the query was under way
+            return record
+        current = self._watches.get(record.task_id)
+        known = current.record if current is not None else record
+        if not latest.supersedes(known):
+            return known  # nothing new, or older than what a callback brought while the query was under way
         try:
             await self._tasks.save(latest)
         except RedisError:
             logger.warning("could not record the state of task %s", record.task_id)
         await self.announce(latest)
+        return latest
 
     def _publish(self, watch: _Watch, record: TaskRecord) -> None:
         watch.record = record

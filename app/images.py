@@ -235,7 +235,7 @@ class ImageService:
         if record is None or record.tenant_id != principal.tenant.id:
             raise NotFound(f"no task {task_id!r} for this API key")
         if wait_s <= 0 and not record.status.is_terminal and not await self._kept_current(task_id):
-            record = await self._refresh(principal, record)
+            record = await self._follower.refresh(record, await self._kling_of(principal, record))
         return Outcome(await self._wait(principal, record, max(wait_s, 0), on_progress), remaining)
 
     async def updates(
@@ -253,7 +253,12 @@ class ImageService:
     async def _wait(
         self, principal: Principal, record: TaskRecord, wait_s: int, on_progress: ProgressCallback | None
     ) -> TaskRecord:
-        """Wait as `_wait_for_end` does, but answer at once with the task as it stands when draining starts."""
+        """Wait for the task's end, up to `wait_s` (capped by policy); never fails once the task exists. Answers
+        at once with the task as it stands when draining starts."""
+        policy_max = principal.tenant.policy.max_wait_seconds
+        wait_s = min(wait_s, self._timings.max_wait_s, self._timings.max_wait_s if policy_max is None else policy_max)
+        if wait_s <= 0 or record.status.is_terminal:
+            return record  # nothing to wait for: no waiter counted, no drain watch
         latest = record
         async with anyio.create_task_group() as group:
 
@@ -263,8 +268,10 @@ class ImageService:
 
             group.start_soon(stop_when_draining)
             try:
+                # However many callers wait, here or on other replicas, the task costs one stream of queries.
+                kling = await self._kling_of(principal, record)
                 with waiting():
-                    latest = await self._wait_for_end(principal, record, wait_s, on_progress)
+                    latest = await self._follower.wait(record, kling, wait_s, on_progress)
             except (RedisError, OSError, SealingError):
                 # The task exists: the caller gets its id rather than an error that invites paying again.
                 logger.warning("waiting on task %s failed; answering with its last known state", record.task_id)
@@ -272,17 +279,6 @@ class ImageService:
         if self._drain.draining and not latest.status.is_terminal:
             latest = self._follower.latest(record.task_id) or latest
         return latest
-
-    async def _wait_for_end(
-        self, principal: Principal, record: TaskRecord, wait_s: int, on_progress: ProgressCallback | None
-    ) -> TaskRecord:
-        """Wait for the task's end, up to `wait_s` (capped by policy); never fails once the task exists."""
-        policy_max = principal.tenant.policy.max_wait_seconds
-        wait_s = min(wait_s, self._timings.max_wait_s, self._timings.max_wait_s if policy_max is None else policy_max)
-        if wait_s <= 0 or record.status.is_terminal:
-            return record
-        # However many callers wait, here or on other replicas, the task costs one stream of queries.
-        return await self._follower.wait(record, await self._kling_of(principal, record), wait_s, on_progress)
 
     async def _kept_current(self, task_id: str) -> bool:
         """Whether a replica polls the task now, so its record is at most one poll interval old."""
@@ -292,17 +288,6 @@ class ImageService:
             return await self._tasks.is_polled(task_id)
         except RedisError:
             return False
-
-    async def _refresh(self, principal: Principal, record: TaskRecord) -> TaskRecord:
-        try:
-            latest = record.updated_from(await self._kling.get_image_task(await self._kling_of(principal, record),
-                                                                          record.task_id))  # fmt: skip
-        except KlingFailure as exc:
-            logger.warning("could not query task %s: %s", record.task_id, type(exc).__name__)
-            return record
-        if latest != record:
-            await self._save_quietly(latest)
-        return latest
 
     async def _save_quietly(self, record: TaskRecord) -> None:
         try:
@@ -331,6 +316,8 @@ class ImageService:
         tenant, images = principal.tenant, request.num_images
         admission = await self._limiter.admit_task(tenant.id, principal.key_id, tenant.limits, images)
         await self._record_usage(principal, requests=1)
+        # Only a key-derived id can have been sent before (a retry of the same key): a fresh one needs no marker.
+        create = self._create_once if external_task_id is not None else self._create
         external_task_id = external_task_id or external_task_id_for(tenant.id, None)
         try:
             account_lease = await self._governor.acquire(
@@ -343,7 +330,7 @@ class ImageService:
             try:
                 callback_url = self._callback_url_for(external_task_id)
                 body = build_generation_body(request, external_task_id=external_task_id, callback_url=callback_url)
-                task = await self._create_once(principal.kling, body, external_task_id)
+                task = await create(principal.kling, body, external_task_id)
             except UncertainCreate as exc:
                 logger.warning("task %s may exist at Kling; its slots lapse by themselves", external_task_id)
                 raise exc.error from exc

@@ -64,6 +64,10 @@ class TaskRecord:
     credential_id: str = ""  # the Kling account the task runs on
     webhook_url: str | None = None  # where the caller wants the final result delivered
 
+    def supersedes(self, other: TaskRecord) -> bool:
+        """Whether this state replaces `other`: it differs and is no older (Kling's updated_at)."""
+        return self != other and self.updated_at_ms >= other.updated_at_ms
+
     def updated_from(self, task: KlingTask) -> TaskRecord:
         return replace(
             self,

@@ -11,6 +11,7 @@ built: `serve` sets it before uvicorn spawns the workers) and any worker's `/met
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator
@@ -147,8 +148,17 @@ def _redis_failure_kind(exc: BaseException) -> str | None:
     return "response" if isinstance(exc, RedisError) else None
 
 
+# Set while a failure is being counted further out: the pool's connect runs inside a command's retry (and
+# a reconnect inside another retry), and one failure must count once, by the outermost of them.
+_counting = contextvars.ContextVar("kgw_counting_redis_errors", default=False)
+
+
 @contextlib.contextmanager
 def _counting_redis_errors() -> Iterator[None]:
+    if _counting.get():
+        yield
+        return
+    token = _counting.set(True)
     try:
         yield
     except BaseException as exc:
@@ -156,6 +166,8 @@ def _counting_redis_errors() -> Iterator[None]:
         if kind is not None:
             REDIS_ERRORS.labels(kind).inc()
         raise
+    finally:
+        _counting.reset(token)
 
 
 class CountingRetry(Retry):

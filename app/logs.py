@@ -37,7 +37,6 @@ class RequestContext:
 
     request_id: str
     method: str
-    path: str
     started: float = field(default_factory=time.perf_counter)
     route: str | None = None
     tenant_id: str | None = None

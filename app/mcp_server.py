@@ -44,7 +44,7 @@ from app.models import (
     TaskStatus,
     WaitSeconds,
 )
-from app.observability import tool_call
+from app.observability import tool_call, waiting
 from app.previews import NoPreview, Preview, PreviewMaker
 from app.tasks import ProgressCallback, TaskRecord
 
@@ -132,18 +132,20 @@ def _caller() -> Principal:
     return principal
 
 
-async def _run_tool(work: Callable[[], Awaitable[Outcome]], previews: PreviewMaker | None) -> CallToolResult:
+async def _run_tool(tool: str, work: Callable[[], Awaitable[Outcome]], previews: PreviewMaker | None) -> CallToolResult:
     """Run a tool body, turning every failure a model can act on into an `isError` result; with a preview
     maker, a finished task's images are also shown inline."""
     try:
-        outcome = await tool_call(work)  # counted, timed and named on the request's log line
+        outcome = await tool_call(tool, work)  # counted, timed and named on the request's log line
     except KNOWN_ERRORS as exc:
         error = gateway_error_from(exc)
         assert error is not None
         return tool_error_result(error)
     if previews is None or outcome.record.status is not TaskStatus.SUCCEEDED:
         return task_result(outcome)
-    return task_result(outcome, preview_blocks(await previews.make(outcome.view().images)))
+    with waiting(waiter=False):  # downloading images is time spent on others' servers, not the gateway's work
+        made = await previews.make(outcome.view().images)
+    return task_result(outcome, preview_blocks(made))
 
 
 def build_mcp_server(service: ImageService, *, default_wait_s: int, previews: PreviewMaker) -> MCPServer:
@@ -194,7 +196,7 @@ def build_mcp_server(service: ImageService, *, default_wait_s: int, previews: Pr
             wait_s = default_wait_s if request.wait_seconds is None else request.wait_seconds
             return await service.generate(_caller(), request, wait_s=wait_s, on_progress=progress_reporter(ctx))
 
-        return await _run_tool(work, previews if include_preview else None)
+        return await _run_tool("generate_image", work, previews if include_preview else None)
 
     @mcp.tool(
         title="Check a Kling image task",
@@ -214,7 +216,7 @@ def build_mcp_server(service: ImageService, *, default_wait_s: int, previews: Pr
             wait_s = default_wait_s if wait_seconds is None else wait_seconds
             return await service.status(_caller(), task_id, wait_s=wait_s, on_progress=progress_reporter(ctx))
 
-        return await _run_tool(work, previews if include_preview else None)
+        return await _run_tool("check_image_status", work, previews if include_preview else None)
 
     return mcp
 

@@ -18,7 +18,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -76,7 +76,7 @@ class ObservabilityMiddleware:
         if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
-        request = RequestContext(request_id_from(scope["headers"]), scope["method"], scope["path"])
+        request = RequestContext(request_id_from(scope["headers"]), scope["method"])
         token = current_request.set(request)
         status = CLIENT_CLOSED
 
@@ -189,17 +189,9 @@ def waiting(*, waiter: bool = True) -> Iterator[None]:
             request.add_wait_time(time.perf_counter() - started)
 
 
-def tool_name(work: Callable[..., Any]) -> str:
-    """The MCP tool whose body `work` is: tool bodies are closures defined inside the tool function, so
-    the name is the enclosing function's (`build_mcp_server.<locals>.generate_image.<locals>.work`)."""
-    scopes = work.__qualname__.split(".<locals>.")
-    return scopes[-2] if len(scopes) >= 2 else scopes[-1]
-
-
-async def tool_call(work: Callable[[], Awaitable[T]]) -> T:
-    """Run an MCP tool's body: counted by tool and outcome (the task's status, or the error's type),
+async def tool_call(tool: str, work: Callable[[], Awaitable[T]]) -> T:
+    """Run the body of MCP tool `tool`: counted by tool and outcome (the task's status, or the error's type),
     timed, and the tool named on the request's log line."""
-    tool = tool_name(work)
     request = current_request.get()
     if request is not None:
         request.tool = tool

@@ -97,8 +97,7 @@ def new_lease_id(day: str) -> str:
 
 
 def day_of_lease(lease_id: str) -> str:
-    day, dot, _ = lease_id.removeprefix(LOCAL_PREFIX).partition(".")
-    return day if dot else utc_day()
+    return lease_id.partition(".")[0]
 
 
 class Limiter(Protocol):

@@ -469,13 +469,25 @@ class RedisTenantStore:
         self._redis = redis
         self._ns = namespace
 
-    async def _claim(self, index: str, value: str, what: str) -> None:
+    async def _claim(self, index: str, record_key: str, value: str, what: str) -> None:
+        """Claim a unique index for a record written just before: whoever finds the index then finds the
+        record too (a replica applying the same tenants file meanwhile gets Conflict, then the record)."""
         if not await self._redis.set(f"{self._ns}:{index}", value, nx=True):
+            await self._redis.delete(record_key)
             raise Conflict(f"{what} already exists")
 
+    async def _get_all(self, kind: str, ids: list[str]) -> list[bytes | str | None]:
+        # A non-transactional pipeline rather than MGET: the keys may live in different Cluster slots.
+        pipeline = self._redis.pipeline(transaction=False)
+        for record_id in ids:
+            pipeline.get(f"{self._ns}:{kind}:{record_id}")
+        values: list[bytes | str | None] = await pipeline.execute()
+        return values
+
     async def add_tenant(self, tenant: Tenant) -> None:
-        await self._claim(f"tenant-name:{tenant.name}", tenant.id, f"a tenant named {tenant.name!r}")
         await self.save_tenant(tenant)
+        record_key = f"{self._ns}:tenant:{tenant.id}"
+        await self._claim(f"tenant-name:{tenant.name}", record_key, tenant.id, f"a tenant named {tenant.name!r}")
         await self._redis.sadd(f"{self._ns}:tenants", tenant.id)
 
     async def save_tenant(self, tenant: Tenant) -> None:
@@ -490,14 +502,15 @@ class RedisTenantStore:
         return await self.get_tenant(_text(tenant_id)) if tenant_id is not None else None
 
     async def list_tenants(self) -> list[Tenant]:
-        ids = sorted(_text(member) for member in await self._redis.smembers(f"{self._ns}:tenants"))
-        tenants = [await self.get_tenant(tenant_id) for tenant_id in ids]
-        return sorted((tenant for tenant in tenants if tenant), key=lambda tenant: tenant.created_at)
+        ids = [_text(member) for member in await self._redis.smembers(f"{self._ns}:tenants")]
+        tenants = [_tenant_from_json(raw) for raw in await self._get_all("tenant", ids) if raw is not None]
+        return sorted(tenants, key=lambda tenant: tenant.created_at)
 
     async def add_credential(self, credential: Credential) -> None:
-        what = f"a credential for access key {credential.access_key!r}"
-        await self._claim(f"credential-ak:{credential.access_key}", credential.id, what)
         await self.save_credential(credential)
+        what = f"a credential for access key {credential.access_key!r}"
+        record_key = f"{self._ns}:credential:{credential.id}"
+        await self._claim(f"credential-ak:{credential.access_key}", record_key, credential.id, what)
         await self._redis.sadd(f"{self._ns}:credentials", credential.id)
 
     async def save_credential(self, credential: Credential) -> None:
@@ -513,8 +526,8 @@ class RedisTenantStore:
 
     async def list_credentials(self) -> list[Credential]:
         ids = [_text(member) for member in await self._redis.smembers(f"{self._ns}:credentials")]
-        credentials = [await self.get_credential(credential_id) for credential_id in ids]
-        return sorted((c for c in credentials if c), key=lambda credential: credential.created_at)
+        credentials = [Credential(**json.loads(raw)) for raw in await self._get_all("credential", ids) if raw]
+        return sorted(credentials, key=lambda credential: credential.created_at)
 
     async def save_key(self, record: ApiKeyRecord) -> None:
         await self._redis.set(f"{self._ns}:key:{record.key_id}", json.dumps(asdict(record)))
@@ -525,9 +538,9 @@ class RedisTenantStore:
         return ApiKeyRecord(**json.loads(raw)) if raw is not None else None
 
     async def list_keys(self, tenant_id: str) -> list[ApiKeyRecord]:
-        key_ids = await self._redis.smembers(f"{self._ns}:tenant-keys:{tenant_id}")
-        records = [await self.get_key(_text(key_id)) for key_id in key_ids]
-        return sorted((record for record in records if record), key=lambda record: record.created_at)
+        key_ids = [_text(member) for member in await self._redis.smembers(f"{self._ns}:tenant-keys:{tenant_id}")]
+        records = [ApiKeyRecord(**json.loads(raw)) for raw in await self._get_all("key", key_ids) if raw]
+        return sorted(records, key=lambda record: record.created_at)
 
     async def touch_key(self, key_id: str, at: float) -> None:
         await self._redis.set(f"{self._ns}:key-used:{key_id}", repr(at))
@@ -535,11 +548,7 @@ class RedisTenantStore:
     async def last_used(self, key_ids: list[str]) -> dict[str, float]:
         if not key_ids:
             return {}
-        # A non-transactional pipeline rather than MGET: the keys may live in different Cluster slots.
-        pipeline = self._redis.pipeline(transaction=False)
-        for key_id in key_ids:
-            pipeline.get(f"{self._ns}:key-used:{key_id}")
-        values = await pipeline.execute()
+        values = await self._get_all("key-used", key_ids)
         return {key_id: float(_text(value)) for key_id, value in zip(key_ids, values, strict=True) if value}
 
     async def ping(self) -> None:

@@ -18,7 +18,6 @@ twice changes nothing; a changed file updates what it names and leaves everythin
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import os
 import tomllib
@@ -153,8 +152,7 @@ async def _apply_credential(
         except Conflict:
             if not retry:
                 raise
-            # Another replica applying the same file at the same moment created it first.
-            await asyncio.sleep(0.2)
+            # Another replica applying the same file at the same moment created it first: its record is there.
             return await _apply_credential(directory, entry, secret, applied, retry=False)
         applied.created.append(f"credential {entry.access_key}")
         return created.id
@@ -181,8 +179,7 @@ async def _apply_tenant(
         except Conflict:
             if not retry:
                 raise
-            # Another replica applying the same file at the same moment created it first.
-            await asyncio.sleep(0.2)
+            # Another replica applying the same file at the same moment created it first: its record is there.
             await _apply_tenant(directory, entry, credential_ids, applied, retry=False)
             return
         applied.created.append(f"tenant {entry.name}")

@@ -120,7 +120,7 @@ class Authenticator:
         tenant = tenant or await self._directory.store.find_tenant(identity.tenant_ref)
         if tenant is None:
             raise self._unauthorized("the token names no known tenant")
-        credential = await self._directory.store.get_credential(tenant.credential_ids[0])
+        credential = await self._directory.account_of(tenant)
         if credential is None:
             raise self._unauthorized("the tenant has no Kling credential")
         kling = self._directory.kling_credentials(credential)

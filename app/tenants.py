@@ -365,10 +365,14 @@ class TenantDirectory:
         tenant = await self.store.get_tenant(record.tenant_id)
         if tenant is None:
             return None
-        credential = await self.store.get_credential(tenant.credential_ids[0])
+        credential = await self.account_of(tenant)
         if credential is None:
             return None
         return Caller(record, tenant, credential.id, self.kling_credentials(credential), credential.concurrency)
+
+    async def account_of(self, tenant: Tenant) -> Credential | None:
+        """The Kling account the tenant's tasks run on (its first credential)."""
+        return await self.store.get_credential(tenant.credential_ids[0])
 
     async def _key_changed(self, key_id: str) -> None:
         if self._on_key_changed is not None:

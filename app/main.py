@@ -85,8 +85,6 @@ class Gateway:
 
     settings: Settings
     directory: TenantDirectory
-    stores: Stores
-    service: ImageService
     app: FastAPI
 
 
@@ -319,7 +317,7 @@ def build_gateway(settings: Settings, tracing: Tracing | None = None) -> Gateway
         app.include_router(build_admin_router(directory, stores, settings.admin_token))
     # Mounted last: our own routes match first, and /mcp is served without a 307 redirect.
     app.mount("/", mcp_transports(settings, mcp, authenticator))
-    return Gateway(settings=settings, directory=directory, stores=stores, service=service, app=app)
+    return Gateway(settings=settings, directory=directory, app=app)
 
 
 def service_timings(settings: Settings) -> ServiceTimings:

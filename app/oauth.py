@@ -116,13 +116,11 @@ class OAuthVerifier:
         http: httpx2.AsyncClient,
         *,
         min_refetch_interval_s: float = MIN_REFETCH_INTERVAL_S,
-        retry_after_failure_s: float = RETRY_AFTER_FAILURE_S,
     ) -> None:
         self._config = config
         self._http = http
         self._issuer = _strip_slash(config.issuer)
         self._min_refetch_interval_s = min_refetch_interval_s
-        self._retry_after_failure_s = retry_after_failure_s
         self._jwks_url = config.jwks_url
         self._keys: tuple[_Key, ...] = ()
         self._loaded_at = 0.0
@@ -232,7 +230,7 @@ class OAuthVerifier:
         if self._last_attempt is None:
             return True
         if not self._last_ok:
-            return now - self._last_attempt >= self._retry_after_failure_s
+            return now - self._last_attempt >= RETRY_AFTER_FAILURE_S
         if not self._fresh():
             return True  # the cache expired: an ordinary refresh
         if kid is None:

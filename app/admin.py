@@ -13,12 +13,11 @@ from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter, Depends, Query, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from app.errors import Forbidden, InvalidRequest, Unauthorized
-from app.models import canonical_model_name
-from app.ratelimit import TenantLimits
-from app.tenants import ApiKeyRecord, Credential, KeyFormat, Tenant, TenantDirectory, TenantPolicy
+from app.tenant_schemas import LimitsIn, PolicyIn, TenantName
+from app.tenants import ApiKeyRecord, Credential, KeyFormat, Tenant, TenantDirectory
 from app.usage import AuditEntry, DailyUsage
 from app.webhooks import new_webhook_secret
 
@@ -48,42 +47,9 @@ class CredentialOut(BaseModel):
                    created_at=credential.created_at)  # fmt: skip
 
 
-class PolicyIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    allowed_models: list[str] | None = Field(default=None, description="None: every image model")
-    default_model: str | None = None
-    max_images_per_request: Annotated[int, Field(ge=1, le=9)] = 9
-    max_wait_seconds: Annotated[int | None, Field(ge=0)] = None
-
-    @field_validator("allowed_models")
-    @classmethod
-    def _models(cls, value: list[str] | None) -> list[str] | None:
-        return None if value is None else [canonical_model_name(model) for model in value]
-
-    @field_validator("default_model")
-    @classmethod
-    def _model(cls, value: str | None) -> str | None:
-        return None if value is None else canonical_model_name(value)
-
-    def policy(self) -> TenantPolicy:
-        models = tuple(self.allowed_models) if self.allowed_models is not None else None
-        return TenantPolicy(models, self.default_model, self.max_images_per_request, self.max_wait_seconds)
-
-
-class LimitsIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    requests_per_minute: Annotated[int, Field(ge=1, le=1_000_000)] = 60
-    requests_per_minute_per_key: Annotated[int | None, Field(ge=1, le=1_000_000)] = None
-    concurrent_tasks: Annotated[int, Field(ge=1, le=100_000)] = 10
-    images_per_day: Annotated[int, Field(ge=1, le=100_000_000)] = 1000
-
-    def limits(self) -> TenantLimits:
-        return TenantLimits(**self.model_dump())
-
-
 class TenantIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$")]
+    name: TenantName
     kling: CredentialIn | None = Field(default=None, description="A Kling account (reused if its access key exists)")
     credential_ids: list[str] | None = Field(default=None, description="Existing credentials; the first runs tasks")
     policy: PolicyIn = Field(default_factory=PolicyIn)

@@ -29,8 +29,8 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from app.errors import Conflict
-from app.ratelimit import TenantLimits
-from app.tenants import TenantDirectory, TenantPolicy
+from app.tenant_schemas import LimitsIn, PolicyIn, TenantName
+from app.tenants import TenantDirectory
 
 
 class TenantsFileError(Exception):
@@ -51,28 +51,12 @@ class CredentialEntry(BaseModel):
         return self
 
 
-class PolicyEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    allowed_models: list[str] | None = None
-    default_model: str | None = None
-    max_images_per_request: Annotated[int, Field(ge=1, le=9)] = 9
-    max_wait_seconds: Annotated[int | None, Field(ge=0)] = None
-
-
-class LimitsEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    requests_per_minute: Annotated[int, Field(ge=1)] = 60
-    requests_per_minute_per_key: Annotated[int | None, Field(ge=1)] = None
-    concurrent_tasks: Annotated[int, Field(ge=1)] = 10
-    images_per_day: Annotated[int, Field(ge=1)] = 1000
-
-
 class TenantEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: Annotated[str, Field(min_length=1, max_length=100)]
+    name: TenantName
     credentials: Annotated[list[str], Field(min_length=1)]
-    policy: PolicyEntry = Field(default_factory=PolicyEntry)
-    limits: LimitsEntry = Field(default_factory=LimitsEntry)
+    policy: PolicyIn = Field(default_factory=PolicyIn)
+    limits: LimitsIn = Field(default_factory=LimitsIn)
 
 
 class TenantsFile(BaseModel):
@@ -107,19 +91,6 @@ def _secret_of(entry: CredentialEntry, environ: Mapping[str, str]) -> str:
         return Path(entry.secret_key_file).read_text().strip()
     except OSError as exc:
         raise TenantsFileError(f"credential {entry.access_key}: cannot read {entry.secret_key_file}") from exc
-
-
-def _policy_of(entry: TenantEntry) -> TenantPolicy:
-    policy = entry.policy
-    try:
-        return TenantPolicy(
-            allowed_models=tuple(policy.allowed_models) if policy.allowed_models is not None else None,
-            default_model=policy.default_model,
-            max_images_per_request=policy.max_images_per_request,
-            max_wait_seconds=policy.max_wait_seconds,
-        )
-    except ValueError as exc:
-        raise TenantsFileError(f"tenant {entry.name}: {exc}") from exc
 
 
 async def apply_tenants_file(
@@ -171,7 +142,7 @@ async def _apply_tenant(
     *,
     retry: bool = True,
 ) -> None:
-    policy, limits = _policy_of(entry), TenantLimits(**entry.limits.model_dump())
+    policy, limits = entry.policy.policy(), entry.limits.limits()
     existing = await directory.store.find_tenant(entry.name)
     if existing is None:
         try:

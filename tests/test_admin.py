@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import httpx2
 import pytest
 
-from app.main import build_gateway
-from tests.conftest import ADMIN_TOKEN, PRIMARY, RunningGateway, Simulator, gateway_settings
-from tests.servers import serve
+from tests.conftest import ADMIN, PRIMARY, RunningGateway, Simulator, bearer, gateway_settings, running_gateway
 
 pytestmark = pytest.mark.anyio
-ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 async def test_a_tenant_key_cannot_use_the_admin_api(gateway: RunningGateway) -> None:
     api_key = await gateway.new_api_key("acme")
-    response = await gateway.http.get(f"{gateway.url}/admin/tenants", headers={"Authorization": f"Bearer {api_key}"})
+    response = await gateway.http.get(f"{gateway.url}/admin/tenants", headers=bearer(api_key))
     assert response.status_code == 403
 
 
@@ -50,7 +46,6 @@ async def test_issuing_for_an_unknown_tenant_is_404(gateway: RunningGateway) -> 
 
 
 async def test_without_an_admin_token_the_admin_api_does_not_exist(simulator: Simulator) -> None:
-    built = build_gateway(gateway_settings(simulator, admin_token=None))
-    async with serve(built.app) as url, httpx2.AsyncClient() as http:
-        response = await http.get(f"{url}/admin/tenants", headers=ADMIN)
+    async with running_gateway(gateway_settings(simulator, admin_token=None)) as running:
+        response = await running.http.get(f"{running.url}/admin/tenants", headers=ADMIN)
     assert response.status_code == 404

@@ -8,14 +8,12 @@ import hmac
 import time
 
 import anyio
-import httpx2
 import pytest
 from redis.asyncio import Redis
 
 from app.callbacks import CallbackTokens, verify_standard_webhook
-from app.main import build_gateway
-from tests.conftest import KEY_PEPPER, MASTER_KEY, RunningGateway, Simulator, gateway_settings, replica_env
-from tests.servers import gateway_process, serve
+from tests.conftest import RunningGateway, Simulator, bearer, redis_gateway_settings, replica_env, running_gateway
+from tests.servers import gateway_process
 
 pytestmark = pytest.mark.anyio
 
@@ -26,15 +24,14 @@ async def test_a_wait_on_one_replica_ends_from_a_callback_received_by_another(
 ) -> None:
     async with gateway_process(replica_env(redis_url, simulator.url)) as receiver:
         # This replica polls only every 10 s: only a callback can end its wait within a second or so.
-        settings = gateway_settings(simulator, redis_url=redis_url, key_pepper=KEY_PEPPER, master_key=MASTER_KEY,
-                                    public_url=receiver.url, poll_interval_seconds=10)  # fmt: skip
-        built = build_gateway(settings)
-        async with serve(built.app) as url, httpx2.AsyncClient(timeout=30) as http:
-            waiter = RunningGateway(url=url, gateway=built, http=http)
-            headers = {"Authorization": f"Bearer {await waiter.new_api_key('acme')}"}
+        settings = redis_gateway_settings(simulator, redis_url, public_url=receiver.url, poll_interval_seconds=10)
+        async with running_gateway(settings) as waiter:
+            headers = bearer(await waiter.new_api_key("acme"))
             started = time.monotonic()
             with anyio.fail_after(8):
-                response = await http.post(f"{url}/generate", json={"prompt": "x", "wait_seconds": 15}, headers=headers)
+                response = await waiter.http.post(
+                    f"{waiter.url}/generate", json={"prompt": "x", "wait_seconds": 15}, headers=headers
+                )
             elapsed = time.monotonic() - started
     assert response.json()["status"] == "succeeded"
     assert elapsed < 2.5  # Kling (the simulator) takes 1 s; the callback brings the result over at once

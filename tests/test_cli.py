@@ -8,7 +8,6 @@ import pty
 import re
 import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,32 +15,25 @@ from pathlib import Path
 import anyio
 import httpx2
 import pytest
-from mcp import Client
-from mcp.client.streamable_http import streamable_http_client
 from mcp.types import ResourceLink
 from PIL import Image
 from redis.asyncio import Redis
 
-from tests.conftest import KEY_PEPPER, MASTER_KEY, PRIMARY, RunningGateway, Simulator
+from tests.conftest import (
+    CLI,
+    KEY_PEPPER,
+    MASTER_KEY,
+    PRIMARY,
+    RunningGateway,
+    Simulator,
+    bearer,
+    cli_env,
+    mcp_client,
+    run_cli,
+)
 from tests.servers import free_port
 
 pytestmark = pytest.mark.anyio
-CLI = [sys.executable, "-m", "app.cli"]
-
-
-def cli_env(**settings: str) -> dict[str, str]:
-    env = {name: value for name, value in os.environ.items() if not name.startswith("KGW_")}
-    return env | settings
-
-
-async def run_cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        *CLI, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    with anyio.fail_after(60):
-        stdout, stderr = await process.communicate()
-    assert process.returncode is not None
-    return process.returncode, stdout.decode(), stderr.decode()
 
 
 async def test_tenants_and_keys_administered_from_the_cli_work_on_the_gateway(
@@ -62,7 +54,7 @@ async def test_tenants_and_keys_administered_from_the_cli_work_on_the_gateway(
     api_key = api_key.strip()
     assert code == 0
     assert api_key.startswith("kgw_")
-    headers = {"Authorization": f"Bearer {api_key}"}
+    headers = bearer(api_key)
     accepted = await redis_gateway.http.post(f"{redis_gateway.url}/generate", json={"prompt": "x"}, headers=headers)
     assert accepted.status_code == 202
 
@@ -224,13 +216,12 @@ async def running_demo(port: int) -> AsyncIterator[tuple[str, str]]:
 
 async def test_the_demo_serves_mcp_and_an_mcp_client_generates_an_image_through_it() -> None:
     async with running_demo(free_port()) as (mcp_url, api_key):
-        headers = {"Authorization": f"Bearer {api_key}"}
-        async with httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=120)) as http:
-            async with Client(streamable_http_client(mcp_url, http_client=http)) as client:
-                with anyio.fail_after(60):
-                    result = await client.call_tool("generate_image", {"prompt": "a lighthouse"})
-            assert not result.is_error
-            [link] = [block for block in result.content if isinstance(block, ResourceLink)]
+        async with mcp_client(mcp_url.removesuffix("/mcp"), api_key) as client:
+            with anyio.fail_after(60):
+                result = await client.call_tool("generate_image", {"prompt": "a lighthouse"})
+        assert not result.is_error
+        [link] = [block for block in result.content if isinstance(block, ResourceLink)]
+        async with httpx2.AsyncClient(headers=bearer(api_key), timeout=30) as http:
             image = await http.get(str(link.uri))
     assert image.headers["content-type"] == "image/png"
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import time
 from typing import Any
 
@@ -27,6 +26,7 @@ from app.kling import (
 )
 from app.models import GenerateRequest
 from tests.conftest import PRIMARY, SECONDARY, Simulator
+from tests.servers import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -43,13 +43,6 @@ def png_base64(width: int = 400, height: int = 400) -> str:
 
 
 PNG = png_base64()
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 async def wait_for_terminal(client: KlingClient, credentials: KlingCredentials, task_id: str) -> KlingTask:
@@ -314,7 +307,7 @@ async def test_an_answer_slower_than_the_deadline_raises_a_timed_out_transport_e
 
 async def test_a_refused_connection_raises_a_transport_error_that_did_not_time_out_seen_as_502() -> None:
     async with create_http_client() as http:
-        client = KlingClient(http, f"http://127.0.0.1:{closed_port()}")
+        client = KlingClient(http, f"http://127.0.0.1:{free_port()}")
         with anyio.fail_after(10), pytest.raises(KlingTransportError) as caught:
             await client.create_image_task(CREDENTIALS, BODY)
 

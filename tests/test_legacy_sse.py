@@ -14,8 +14,7 @@ from mcp import Client
 from mcp.client.sse import sse_client
 from mcp.types import ResourceLink
 
-from tests.conftest import RunningGateway
-from tests.test_mcp_server import text_of
+from tests.conftest import RunningGateway, bearer, text_of
 
 pytestmark = pytest.mark.anyio
 INITIALIZE = {
@@ -29,7 +28,7 @@ INITIALIZE = {
 @asynccontextmanager
 async def sse_session(gateway: RunningGateway, api_key: str) -> AsyncIterator[tuple[str, AsyncIterator[str]]]:
     """Open `GET /sse` by hand; yield the message URL it announces and the stream's remaining lines."""
-    headers = {"Authorization": f"Bearer {api_key}", "Accept": "text/event-stream"}
+    headers = bearer(api_key) | {"Accept": "text/event-stream"}
     async with (
         httpx2.AsyncClient(timeout=httpx2.Timeout(10, read=30)) as http,
         http.stream("GET", f"{gateway.url}/sse", headers=headers) as response,
@@ -60,7 +59,7 @@ async def test_the_sdk_sse_client_lists_tools_and_generates_an_image_with_progre
     async def on_progress(progress: float, total: float | None, message: str | None) -> None:
         reports.append(message)
 
-    async with Client(sse_client(f"{gateway.url}/sse", headers={"Authorization": f"Bearer {api_key}"})) as client:
+    async with Client(sse_client(f"{gateway.url}/sse", headers=bearer(api_key))) as client:
         with anyio.fail_after(30):
             tools = {tool.name for tool in (await client.list_tools()).tools}
             result = await client.call_tool(
@@ -76,13 +75,13 @@ async def test_the_sdk_sse_client_lists_tools_and_generates_an_image_with_progre
 
 async def test_a_task_started_over_sse_belongs_to_the_callers_tenant(gateway: RunningGateway) -> None:
     acme, globex = await gateway.new_api_key("acme"), await gateway.new_api_key("globex")
-    async with Client(sse_client(f"{gateway.url}/sse", headers={"Authorization": f"Bearer {acme}"})) as client:
+    async with Client(sse_client(f"{gateway.url}/sse", headers=bearer(acme))) as client:
         with anyio.fail_after(30):
             result = await client.call_tool("generate_image", {"prompt": "a fox", "wait_seconds": 0})
     assert isinstance(result.structured_content, dict)
     task_url = f"{gateway.url}/tasks/{result.structured_content['task_id']}"
-    assert (await gateway.http.get(task_url, headers={"Authorization": f"Bearer {acme}"})).status_code == 200
-    assert (await gateway.http.get(task_url, headers={"Authorization": f"Bearer {globex}"})).status_code == 404
+    assert (await gateway.http.get(task_url, headers=bearer(acme))).status_code == 200
+    assert (await gateway.http.get(task_url, headers=bearer(globex))).status_code == 404
 
 
 @pytest.mark.parametrize("authorization", [None, "Bearer nonsense"])
@@ -98,11 +97,11 @@ async def test_sse_without_a_valid_key_gets_401(gateway: RunningGateway, authori
 async def test_another_tenant_or_no_key_cannot_post_to_a_session(gateway: RunningGateway) -> None:
     acme, globex = await gateway.new_api_key("acme"), await gateway.new_api_key("globex")
     async with sse_session(gateway, acme) as (message_url, lines):
-        foreign = await gateway.http.post(message_url, json=INITIALIZE, headers={"Authorization": f"Bearer {globex}"})
+        foreign = await gateway.http.post(message_url, json=INITIALIZE, headers=bearer(globex))
         assert foreign.status_code == 404  # as if the session did not exist
         assert (await gateway.http.post(message_url, json=INITIALIZE)).status_code == 401
 
-        owned = await gateway.http.post(message_url, json=INITIALIZE, headers={"Authorization": f"Bearer {acme}"})
+        owned = await gateway.http.post(message_url, json=INITIALIZE, headers=bearer(acme))
         assert owned.status_code == 202
         answer = await next_message(lines)
     assert answer["id"] == 1
@@ -115,11 +114,11 @@ async def test_a_session_refuses_another_key_of_the_same_tenant(gateway: Running
     assert tenant is not None
     second = (await gateway.gateway.directory.issue_key(tenant.id, "second", None)).api_key
     async with sse_session(gateway, first) as (message_url, _):
-        other = await gateway.http.post(message_url, json=INITIALIZE, headers={"Authorization": f"Bearer {second}"})
+        other = await gateway.http.post(message_url, json=INITIALIZE, headers=bearer(second))
     assert other.status_code == 404
 
 
 async def test_a_foreign_host_header_is_refused_on_sse(gateway: RunningGateway) -> None:
     api_key = await gateway.new_api_key("acme")
-    headers = {"Authorization": f"Bearer {api_key}", "Host": "evil.example"}
+    headers = bearer(api_key) | {"Host": "evil.example"}
     assert (await gateway.http.get(f"{gateway.url}/sse", headers=headers)).status_code == 421

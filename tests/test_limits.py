@@ -13,26 +13,21 @@ import httpx2
 import pytest
 from redis.asyncio import Redis
 
-from app.main import build_gateway
 from tests.conftest import (
-    ADMIN_TOKEN,
-    KEY_PEPPER,
-    MASTER_KEY,
+    ADMIN,
     RunningGateway,
     Simulator,
+    bearer,
     gateway_settings,
+    mcp_client,
+    redis_gateway_settings,
     replica_env,
+    running_gateway,
 )
-from tests.servers import RedisProcess, gateway_process, serve
-from tests.test_mcp_server import mcp_client
+from tests.servers import RedisProcess, gateway_process
 
 pytestmark = pytest.mark.anyio
-ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 SHARED_ACCOUNT = {"access_key": "ak-shared", "secret_key": "sk-shared-" + "z" * 32}
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 async def set_limits(gateway: RunningGateway, **limits: int) -> None:
@@ -185,17 +180,25 @@ async def test_a_cancelled_call_frees_its_lease_and_queue_place_at_once(
     redis_gateway: RunningGateway, simulator: Simulator, redis: Redis
 ) -> None:
     tenant, api_key = await tenant_holding_the_only_slot(redis_gateway, simulator)
+    queue = f"kgw:gov:{{c:{tenant['credential_ids'][0]}}}:queue"
     leases = f"kgw:rl:{{t:{tenant['id']}}}:leases"
 
-    async with mcp_client(redis_gateway, api_key) as client:
-        with anyio.move_on_after(1.0):
+    async with mcp_client(redis_gateway, api_key) as client, anyio.create_task_group() as group:
+
+        async def queued_call() -> None:
             await client.call_tool("generate_image", {"prompt": "queued", "wait_seconds": 0})
             pytest.fail("the call should have been waiting for a slot")
+
+        group.start_soon(queued_call)
+        with anyio.fail_after(5):
+            while await redis.zcard(queue) != 1:  # noqa: ASYNC110 - Redis state is the observation
+                await anyio.sleep(0.02)
+        assert await redis.zcard(leases) == 2
+        group.cancel_scope.cancel()  # the client gives the call up
     with anyio.fail_after(2):
-        while await redis.zcard(leases) != 1:  # noqa: ASYNC110 - Redis state is the observation
+        while await redis.zcard(queue) or await redis.zcard(leases) != 1:  # noqa: ASYNC110
             await anyio.sleep(0.02)
-    queue = f"kgw:gov:{{c:{tenant['credential_ids'][0]}}}:queue"
-    assert await redis.zcard(queue) == 0
+    assert (await simulator.stats())["creates"] == 1
 
 
 @pytest.fixture
@@ -212,11 +215,8 @@ def restartable_redis() -> Iterator[RedisProcess]:
 async def test_while_redis_is_away_generation_gets_503_and_service_resumes_by_itself(
     simulator: Simulator, restartable_redis: RedisProcess
 ) -> None:
-    settings = gateway_settings(simulator, redis_url=restartable_redis.url, key_pepper=KEY_PEPPER,
-                                master_key=MASTER_KEY)  # fmt: skip
-    built = build_gateway(settings)
-    async with serve(built.app) as url, httpx2.AsyncClient(timeout=10) as http:
-        running = RunningGateway(url=url, gateway=built, http=http)
+    async with running_gateway(redis_gateway_settings(simulator, restartable_redis.url)) as running:
+        url, http = running.url, running.http
         headers = bearer(await running.new_api_key("acme"))
         assert (await http.post(f"{url}/generate", json={"prompt": "x"}, headers=headers)).status_code == 202
 
@@ -268,11 +268,9 @@ async def test_a_failed_status_query_after_the_create_still_returns_the_task(
 
 async def test_a_create_whose_answer_times_out_is_found_and_adopted_not_paid_twice(simulator: Simulator) -> None:
     await simulator.control("slow", {"seconds": 2.0, "times": 1, "path": "create"})
-    built = build_gateway(gateway_settings(simulator, kling_timeout_seconds=0.5))
-    async with serve(built.app) as url, httpx2.AsyncClient(timeout=20) as http:
-        running = RunningGateway(url=url, gateway=built, http=http)
+    async with running_gateway(gateway_settings(simulator, kling_timeout_seconds=0.5)) as running:
         api_key = await running.new_api_key("acme")
-        response = await http.post(f"{url}/generate", json={"prompt": "x"}, headers=bearer(api_key))
+        response = await running.http.post(f"{running.url}/generate", json={"prompt": "x"}, headers=bearer(api_key))
     # The adopted task may already have finished while its lost answer was awaited: 200 is fine too.
     assert response.status_code in (200, 202)
     assert response.json()["task_id"]

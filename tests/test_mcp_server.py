@@ -3,42 +3,26 @@
 from __future__ import annotations
 
 import io
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-import httpx2
 import pytest
-from mcp import Client
-from mcp.client.streamable_http import streamable_http_client
-from mcp.types import CallToolResult, ResourceLink, TextContent
+from mcp.types import ResourceLink
 from PIL import Image
 
-from app.main import build_gateway
-from tests.conftest import RunningGateway, Simulator, gateway_settings
-from tests.servers import serve
+from tests.conftest import (
+    RunningGateway,
+    Simulator,
+    bearer,
+    gateway_settings,
+    mcp_client,
+    running_gateway,
+    structured,
+    text_of,
+)
 
 pytestmark = pytest.mark.anyio
 ERAS = ["legacy", "auto"]  # 2025-11-25 (initialize handshake) and 2026-07-28 (sessionless)
-
-
-@asynccontextmanager
-async def mcp_client(gateway: RunningGateway, api_key: str, mode: str = "auto") -> AsyncIterator[Client]:
-    headers = {"Authorization": f"Bearer {api_key}"}
-    async with httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=120)) as http:
-        transport = streamable_http_client(f"{gateway.url}/mcp", http_client=http)
-        async with Client(transport, mode=mode) as client:
-            yield client
-
-
-def text_of(result: CallToolResult) -> str:
-    return "\n".join(block.text for block in result.content if isinstance(block, TextContent))
-
-
-def structured(result: CallToolResult) -> dict[str, Any]:
-    assert isinstance(result.structured_content, dict)
-    return result.structured_content
 
 
 @pytest.mark.parametrize("mode", ERAS)
@@ -184,11 +168,7 @@ async def test_mcp_without_a_valid_key_gets_401_with_www_authenticate(
 
 async def test_a_foreign_host_header_is_refused_but_loopback_is_served(gateway: RunningGateway) -> None:
     api_key = await gateway.new_api_key("acme")
-    headers = {
-        "Authorization": f"Bearer {api_key}",
-        "Accept": "application/json, text/event-stream",
-        "Content-Type": "application/json",
-    }
+    headers = bearer(api_key) | {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
     body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}}
     rebinding = await gateway.http.post(f"{gateway.url}/mcp", json=body, headers={**headers, "Host": "evil.example"})
     assert rebinding.status_code == 421
@@ -197,13 +177,9 @@ async def test_a_foreign_host_header_is_refused_but_loopback_is_served(gateway: 
 
 
 async def test_the_public_hostname_is_served_without_421(simulator: Simulator) -> None:
-    settings = gateway_settings(simulator, public_url="https://mcp.example.com")
-    built = build_gateway(settings)
-    async with serve(built.app) as url, httpx2.AsyncClient(timeout=10) as http:
-        running = RunningGateway(url=url, gateway=built, http=http)
-        api_key = await running.new_api_key("acme")
-        headers = {
-            "Authorization": f"Bearer {api_key}",
+    async with running_gateway(gateway_settings(simulator, public_url="https://mcp.example.com")) as running:
+        url, http = running.url, running.http
+        headers = bearer(await running.new_api_key("acme")) | {
             "Accept": "application/json, text/event-stream",
             "Content-Type": "application/json",
             "MCP-Protocol-Version": "2025-11-25",

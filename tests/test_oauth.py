@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import json
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-import httpx2
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from jwt.algorithms import ECAlgorithm, RSAAlgorithm
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from jwt.algorithms import ECAlgorithm
 
 from app.oauth import (
     InsufficientScope,
@@ -33,116 +22,30 @@ from app.oauth import (
     protected_resource_metadata,
     www_authenticate,
 )
+from tests.conftest import (
+    AUDIENCE,
+    DROP,
+    RSA_KEY,
+    Issuer,
+    IssuerState,
+    b64url,
+    hand_made,
+    issuer_app,
+    rsa_jwk,
+)
 from tests.servers import serve
 
 pytestmark = pytest.mark.anyio
 
-AUDIENCE = "https://mcp.example.com/mcp"
-RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 ROTATED_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 OTHER_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 EC_KEY = ec.generate_private_key(ec.SECP256R1())
-DROP = object()
-
-
-def rsa_jwk(key: rsa.RSAPrivateKey, kid: str, alg: str | None = "RS256") -> dict[str, Any]:
-    jwk: dict[str, Any] = RSAAlgorithm.to_jwk(key.public_key(), as_dict=True)
-    jwk.update(kid=kid, use="sig")
-    if alg is not None:
-        jwk["alg"] = alg
-    return jwk
 
 
 def ec_jwk(key: ec.EllipticCurvePrivateKey, kid: str) -> dict[str, Any]:
     jwk: dict[str, Any] = ECAlgorithm.to_jwk(key.public_key(), as_dict=True)
     jwk.update(kid=kid, use="sig", alg="ES256")
     return jwk
-
-
-@dataclass
-class IssuerState:
-    jwks: dict[str, Any] = field(default_factory=lambda: {"keys": [rsa_jwk(RSA_KEY, "k1")]})
-    jwks_fetches: int = 0
-    discovery_fetches: int = 0
-    jwks_down: bool = False
-    openid_configuration: bool = True
-
-
-def issuer_app(state: IssuerState) -> Starlette:
-    def metadata(request: Request) -> dict[str, str]:
-        base = str(request.base_url).rstrip("/")
-        return {"issuer": base, "jwks_uri": f"{base}/jwks.json"}
-
-    async def openid_configuration(request: Request) -> Response:
-        state.discovery_fetches += 1
-        if not state.openid_configuration:
-            return JSONResponse({"error": "not found"}, status_code=404)
-        return JSONResponse(metadata(request))
-
-    async def oauth_authorization_server(request: Request) -> Response:
-        state.discovery_fetches += 1
-        return JSONResponse(metadata(request))
-
-    async def jwks(request: Request) -> Response:
-        state.jwks_fetches += 1
-        if state.jwks_down:
-            return JSONResponse({"error": "unavailable"}, status_code=503)
-        return JSONResponse(state.jwks)
-
-    return Starlette(
-        routes=[
-            Route("/.well-known/openid-configuration", openid_configuration),
-            Route("/.well-known/oauth-authorization-server", oauth_authorization_server),
-            Route("/jwks.json", jwks),
-        ]
-    )
-
-
-@dataclass
-class Issuer:
-    url: str
-    state: IssuerState
-    http: httpx2.AsyncClient
-
-    def verifier(self, *, min_refetch_interval_s: float = 30.0, **config: Any) -> OAuthVerifier:
-        settings: dict[str, Any] = {"issuer": self.url, "audience": AUDIENCE, **config}
-        return OAuthVerifier(OAuthConfig(**settings), self.http, min_refetch_interval_s=min_refetch_interval_s)
-
-    def claims(self, **overrides: object) -> dict[str, object]:
-        now = int(time.time())
-        values: dict[str, object] = {
-            "iss": self.url,
-            "aud": AUDIENCE,
-            "sub": "user-1",
-            "tenant": "acme",
-            "scope": "images:generate images:read",
-            "iat": now,
-            "exp": now + 300,
-            **overrides,
-        }
-        return {name: value for name, value in values.items() if value is not DROP}
-
-    def mint(self, key: Any = RSA_KEY, kid: str | None = "k1", algorithm: str = "RS256", **overrides: object) -> str:
-        headers = {"kid": kid} if kid is not None else None
-        return jwt.encode(self.claims(**overrides), key, algorithm=algorithm, headers=headers)
-
-
-@pytest.fixture
-async def issuer() -> AsyncIterator[Issuer]:
-    state = IssuerState()
-    async with serve(issuer_app(state)) as url, httpx2.AsyncClient(timeout=5) as http:
-        yield Issuer(url=url, state=state, http=http)
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def hand_made(header: dict[str, object], payload: dict[str, object], sign: bytes | None = None) -> str:
-    """A token built without pyjwt; `sign` is the HMAC secret (HS256), or None for an empty signature."""
-    signing_input = f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(payload).encode())}"
-    signature = b"" if sign is None else hmac.new(sign, signing_input.encode(), hashlib.sha256).digest()
-    return f"{signing_input}.{b64url(signature)}"
 
 
 async def refused(verifier: OAuthVerifier, token: str, description: str) -> None:

@@ -10,22 +10,18 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
 import httpx2
 import pytest
-from mcp import Client
-from mcp.client.streamable_http import streamable_http_client
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from app.logs import JsonFormatter, TextFormatter, logging_config
 from app.metrics import forget_dead_workers
 from app.observability import MAX_REQUEST_ID_CHARS, request_id_from
-from tests.conftest import ADMIN_TOKEN, PRIMARY, RunningGateway, Simulator, replica_env
+from tests.conftest import ADMIN, PRIMARY, RunningGateway, Simulator, bearer, mcp_client, replica_env
 from tests.servers import gateway_process
 
 pytestmark = pytest.mark.anyio
@@ -43,21 +39,7 @@ FAMILIES = (
     "kgw_redis_errors_total",
     "kgw_breaker_open",
 )
-ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 SERVER_TIMING = re.compile(r"^gateway;dur=([\d.]+), kling;dur=([\d.]+), wait;dur=([\d.]+)$")
-
-
-def bearer(api_key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {api_key}"}
-
-
-@asynccontextmanager
-async def mcp_client(url: str, api_key: str, mode: str = "auto") -> AsyncIterator[Client]:
-    async with (
-        httpx2.AsyncClient(headers=bearer(api_key), timeout=httpx2.Timeout(30, read=60)) as http,
-        Client(streamable_http_client(f"{url}/mcp", http_client=http), mode=mode) as client,
-    ):
-        yield client
 
 
 def sample(metrics: str, name: str, **labels: str) -> float:

@@ -22,9 +22,8 @@ from starlette.routing import Route
 
 from app.models import ImageView
 from app.previews import NoPreview, Preview, PreviewLimits, PreviewMaker, create_preview_http_client, encoded_size
-from tests.conftest import ADMIN_TOKEN, PRIMARY, RunningGateway, Simulator
+from tests.conftest import ADMIN, PRIMARY, RunningGateway, Simulator, mcp_client, text_of
 from tests.servers import serve
-from tests.test_mcp_server import mcp_client, text_of
 
 pytestmark = pytest.mark.anyio
 PREVIEW_CAP = 512 * 1024
@@ -82,13 +81,12 @@ async def test_no_preview_is_sent_unless_asked_for(gateway: RunningGateway) -> N
 
 async def nine_image_key(gateway: RunningGateway) -> str:
     """A key of a tenant whose Kling account runs nine images at once (the default account runs five)."""
-    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     kling = {"access_key": PRIMARY.access_key, "secret_key": PRIMARY.secret_key, "concurrency": 9}
     created = await gateway.http.post(
-        f"{gateway.url}/admin/tenants", json={"name": "big", "kling": kling}, headers=admin
+        f"{gateway.url}/admin/tenants", json={"name": "big", "kling": kling}, headers=ADMIN
     )
     assert created.status_code == 201, created.text
-    issued = await gateway.http.post(f"{gateway.url}/admin/tenants/{created.json()['id']}/keys", json={}, headers=admin)
+    issued = await gateway.http.post(f"{gateway.url}/admin/tenants/{created.json()['id']}/keys", json={}, headers=ADMIN)
     assert issued.status_code == 201, issued.text
     api_key: str = issued.json()["api_key"]
     return api_key

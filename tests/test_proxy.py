@@ -16,17 +16,11 @@ from contextlib import AsyncExitStack
 import anyio
 import httpx2
 import pytest
-from mcp import Client
-from mcp.client.streamable_http import streamable_http_client
 
-from tests.conftest import RunningGateway, Simulator, replica_env
+from tests.conftest import RunningGateway, Simulator, bearer, mcp_client, replica_env
 from tests.servers import Replica, gateway_process, nginx_proxy
 
 pytestmark = pytest.mark.anyio
-
-
-def bearer(api_key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {api_key}"}
 
 
 def counted(metrics: str, method: str, route: str, status: str) -> float:
@@ -70,10 +64,7 @@ async def test_generations_over_rest_and_mcp_through_nginx_succeed_on_both_repli
             untagged = await http.get(f"{proxy}/tasks/{response.json()['task_id']}", headers=bearer(api_key))
             assert re.fullmatch(r"[0-9a-f]{32}", untagged.headers["x-request-id"])  # nginx's own $request_id
             for mode in ("legacy", "auto"):
-                async with (
-                    httpx2.AsyncClient(headers=bearer(api_key), timeout=httpx2.Timeout(30, read=60)) as mcp_http,
-                    Client(streamable_http_client(f"{proxy}/mcp", http_client=mcp_http), mode=mode) as client,
-                ):
+                async with mcp_client(proxy, api_key, mode) as client:
                     result = await client.call_tool("generate_image", {"prompt": "owl", "wait_seconds": 20},
                                                     progress_callback=on_progress)  # fmt: skip
                 assert not result.is_error

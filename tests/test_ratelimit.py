@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from app.ratelimit import (
     Remaining,
     TenantLimits,
 )
+from tests.servers import free_port
 
 pytestmark = pytest.mark.anyio
 T = TypeVar("T")
@@ -94,10 +94,7 @@ async def redis_client(redis_url: str) -> AsyncIterator[Redis]:
 @pytest.fixture
 async def dead_redis() -> AsyncIterator[Redis]:
     """A client for a loopback port nothing listens on: every command fails with a connection error."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    async with production_client(f"redis://127.0.0.1:{port}") as client:
+    async with production_client(f"redis://127.0.0.1:{free_port()}") as client:
         yield client
 
 
@@ -327,11 +324,6 @@ async def test_a_lease_that_is_not_refreshed_expires_and_a_refreshed_one_survive
     await limiter.admit_task(TENANT, "k1", limits, 1)
 
 
-@pytest.mark.parametrize(
-    "backend",
-    ["memory", "redis"],
-    indirect=True,
-)
 async def test_refreshing_a_lease_past_its_expiry_fails_even_before_anything_purges_it(backend: Backend) -> None:
     limiter = backend.limiter(lease_ttl_s=0.3)
     limits = TenantLimits(requests_per_minute=HIGH, concurrent_tasks=2)
@@ -451,12 +443,23 @@ async def test_two_replicas_on_one_redis_share_the_account_queue(redis_url: str)
     async with production_client(redis_url) as first, production_client(redis_url) as second:
         await first.flushdb()
         one, two = RedisAccountGovernor(first, lease_ttl_s=60), RedisAccountGovernor(second, lease_ttl_s=60)
+        backend = Backend("redis", first)
         held = await one.acquire(CREDENTIAL, 3, 4, 0)
         await refused_by("kling_account", two.acquire(CREDENTIAL, 2, 4, 0.1))
         async with anyio.create_task_group() as group:
-            waiter = start_waiter(group, two, slots=2)
-            await two.release(CREDENTIAL, held)
-            await completes(waiter)
+            head = start_waiter(group, two, slots=4)
+            await until_queued(backend, two, 1)
+            behind = start_waiter(group, one, slots=1)  # would fit beside the holder, but waits behind the head
+            await until_queued(backend, one, 2)
+            assert not head.done.is_set()
+            assert not behind.done.is_set()
+
+            await two.release(CREDENTIAL, held)  # taken on one replica, released on the other
+            head_lease = await completes(head)
+            assert not behind.done.is_set()
+            await one.release(CREDENTIAL, head_lease)
+            await completes(behind)
+        assert await backend.queued(one) == 0
 
 
 # --- When Redis fails -----------------------------------------------------------------------------------

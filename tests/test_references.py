@@ -7,10 +7,8 @@ import socket
 import pytest
 
 from app.errors import InvalidRequest
-from app.main import build_gateway
 from app.references import ReferenceGuard, is_public_address
-from tests.conftest import RunningGateway, Simulator, gateway_settings
-from tests.servers import serve
+from tests.conftest import RunningGateway, Simulator, bearer, gateway_settings, running_gateway
 
 pytestmark = pytest.mark.anyio
 
@@ -53,15 +51,13 @@ async def test_inline_image_data_needs_no_lookup() -> None:
 async def test_http_references_are_refused_unless_the_operator_allows_them(
     gateway: RunningGateway, simulator: Simulator
 ) -> None:
-    headers = {"Authorization": f"Bearer {await gateway.new_api_key('acme')}"}
+    headers = bearer(await gateway.new_api_key("acme"))
     body = {"prompt": "a cat", "ref_image_url": "http://images.example.com/cat.png"}
     refused = await gateway.http.post(f"{gateway.url}/generate", json=body, headers=headers)
     assert (refused.status_code, refused.json()["error"]["field"]) == (422, "ref_image_url")
     assert (await simulator.stats())["create_attempts"] == 0
 
-    allowing = build_gateway(gateway_settings(simulator, allow_http_references=True))
-    async with serve(allowing.app) as url:
-        running = RunningGateway(url=url, gateway=allowing, http=gateway.http)
-        headers = {"Authorization": f"Bearer {await running.new_api_key('acme')}"}
-        accepted = await gateway.http.post(f"{url}/generate", json=body, headers=headers)
+    async with running_gateway(gateway_settings(simulator, allow_http_references=True)) as allowing:
+        headers = bearer(await allowing.new_api_key("acme"))
+        accepted = await allowing.http.post(f"{allowing.url}/generate", json=body, headers=headers)
     assert accepted.status_code == 202, accepted.text

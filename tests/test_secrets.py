@@ -10,8 +10,7 @@ import pytest
 from mcp import Client
 
 from app.kling import JwtCache, KlingCredentials
-from tests.conftest import ADMIN_TOKEN, PRIMARY, RunningGateway, Simulator
-from tests.test_mcp_server import mcp_client
+from tests.conftest import ADMIN_TOKEN, PRIMARY, RunningGateway, Simulator, bearer, mcp_client
 
 pytestmark = pytest.mark.anyio
 JWT_RE = re.compile(r"eyJ[\w-]+\.eyJ[\w-]+\.[\w-]+")
@@ -22,7 +21,7 @@ async def test_a_full_run_logs_no_secret(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     api_key = await gateway.new_api_key("acme")
-    headers = {"Authorization": f"Bearer {api_key}"}
+    headers = bearer(api_key)
     seen: list[str] = []
     with anyio.fail_after(30):
         rest = await gateway.http.post(

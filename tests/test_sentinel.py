@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
-import httpx2
 import pytest
 from prometheus_client import REGISTRY
 from pydantic import ValidationError
@@ -22,11 +21,22 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from app.config import Settings
-from app.main import build_gateway, create_redis
+from app.main import create_redis
 from app.sentinel import SentinelTarget
-from tests.conftest import ADMIN_TOKEN, KEY_PEPPER, MASTER_KEY, PRIMARY, RunningGateway, Simulator, gateway_settings
-from tests.servers import _wait_for_port, free_port, serve
-from tests.test_cli import cli_env, run_cli
+from tests.conftest import (
+    ADMIN,
+    KEY_PEPPER,
+    MASTER_KEY,
+    PRIMARY,
+    RunningGateway,
+    Simulator,
+    bearer,
+    cli_env,
+    redis_gateway_settings,
+    run_cli,
+    running_gateway,
+)
+from tests.servers import _wait_for_port, free_port
 
 pytestmark = pytest.mark.anyio
 SERVICE = "kgw-primary"  # not the default name, so the setting is what finds it
@@ -135,9 +145,8 @@ def heard_in_log(logger: str, text: str) -> Iterator[asyncio.Event]:
 
 async def generate(gateway: RunningGateway, api_key: str, prompt: str) -> str:
     response = await gateway.http.post(
-        f"{gateway.url}/generate", json={"prompt": prompt, "wait_seconds": 10},
-        headers={"Authorization": f"Bearer {api_key}"},
-    )  # fmt: skip
+        f"{gateway.url}/generate", json={"prompt": prompt, "wait_seconds": 10}, headers=bearer(api_key)
+    )
     assert response.status_code == 200, response.text
     assert response.json()["status"] == "succeeded"
     task_id: str = response.json()["task_id"]
@@ -151,13 +160,11 @@ async def holds(address: Address, text: str) -> bool:
 
 async def test_the_gateway_follows_the_master_through_a_sentinel_failover(simulator: Simulator) -> None:
     with sentinel_group() as group:
-        settings = gateway_settings(
-            simulator, redis_url=URL, redis_sentinels=[group.sentinel], redis_sentinel_service=SERVICE,
-            key_pepper=KEY_PEPPER, master_key=MASTER_KEY,
-        )  # fmt: skip
-        built = build_gateway(settings)
-        async with serve(built.app) as url, httpx2.AsyncClient(timeout=30) as http:
-            gateway = RunningGateway(url=url, gateway=built, http=http)
+        settings = redis_gateway_settings(
+            simulator, URL, redis_sentinels=[group.sentinel], redis_sentinel_service=SERVICE
+        )
+        async with running_gateway(settings) as gateway:
+            url, http = gateway.url, gateway.http
             first_key = await gateway.new_api_key("acme")
             first_task = await generate(gateway, first_key, "a lighthouse at dawn")
             assert await holds(group.master, first_task)
@@ -173,13 +180,12 @@ async def test_the_gateway_follows_the_master_through_a_sentinel_failover(simula
             second_task = await generate(gateway, first_key, "a lighthouse at dusk")
             assert await holds(new_master, second_task)
             assert not await holds(group.master, second_task)
-            shown = await http.get(f"{url}/tasks/{first_task}", headers={"Authorization": f"Bearer {first_key}"})
+            shown = await http.get(f"{url}/tasks/{first_task}", headers=bearer(first_key))
             assert shown.status_code == 200, shown.text
 
             # The CLI's admin verbs find the new master too: a key it issues works on the gateway at once.
-            admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
             body = {"name": "globex", "kling": {"access_key": PRIMARY.access_key, "secret_key": PRIMARY.secret_key}}
-            tenant = (await http.post(f"{url}/admin/tenants", json=body, headers=admin)).json()["id"]
+            tenant = (await http.post(f"{url}/admin/tenants", json=body, headers=ADMIN)).json()["id"]
             env = cli_env(
                 KGW_REDIS_URL=URL, KGW_REDIS_SENTINELS=f"{group.sentinel[0]}:{group.sentinel[1]}",
                 KGW_REDIS_SENTINEL_SERVICE=SERVICE, KGW_KEY_PEPPER=KEY_PEPPER, KGW_MASTER_KEY=MASTER_KEY,

@@ -12,36 +12,32 @@ import anyio
 import httpx2
 import jwt
 import pytest
-from mcp import Client
-from mcp.client.streamable_http import streamable_http_client
-from mcp.types import TextContent
 from redis.asyncio import Redis
 
-from app.main import build_gateway
 from app.tenants import KeyFormat
 from app.tenants_file import TenantsFileError, apply_tenants_file, load_tenants_file
 from tests.conftest import (
+    ADMIN,
     ADMIN_TOKEN,
     KEY_PEPPER,
     MASTER_KEY,
     PRIMARY,
+    RSA_KEY,
     SECONDARY,
+    Issuer,
     RunningGateway,
     Simulator,
+    bearer,
+    gateway_settings,
+    hand_made,
+    mcp_client,
     replica_env,
+    running_gateway,
+    text_of,
 )
-from tests.conftest import gateway_settings as settings_for
-from tests.servers import gateway_process, serve
-from tests.test_mcp_server import mcp_client
-from tests.test_oauth import RSA_KEY, Issuer, hand_made, issuer
+from tests.servers import gateway_process
 
 pytestmark = pytest.mark.anyio
-ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-__all__ = ["issuer"]  # the fixture, imported for the OAuth tests below
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 @pytest.fixture
@@ -216,15 +212,15 @@ credentials = ["{PRIMARY.access_key}"]
 max_images_per_request = 2
 """
     )
-    built = build_gateway(settings_for(simulator, tenants_file=str(tenants_file)))
-    async with serve(built.app) as url, httpx2.AsyncClient() as http:
+    async with running_gateway(gateway_settings(simulator, tenants_file=str(tenants_file))) as running:
+        url, http = running.url, running.http
         [tenant] = (await http.get(f"{url}/admin/tenants", headers=ADMIN)).json()
         assert tenant["policy"]["max_images_per_request"] == 2
         issued = (await http.post(f"{url}/admin/tenants/{tenant['id']}/keys", json={}, headers=ADMIN)).json()
         response = await http.post(f"{url}/generate", json={"prompt": "x"}, headers=bearer(issued["api_key"]))
         assert response.status_code == 202
     # Applying the same file to the same store again changes nothing.
-    applied = await apply_tenants_file(built.directory, load_tenants_file(str(tenants_file)))
+    applied = await apply_tenants_file(running.gateway.directory, load_tenants_file(str(tenants_file)))
     assert (applied.created, applied.updated) == ([], [])
 
 
@@ -240,10 +236,9 @@ async def test_a_tenants_file_with_an_inline_secret_is_refused(tmp_path: Path) -
 
 @pytest.fixture
 async def oauth_gateway(simulator: Simulator, issuer: Issuer) -> AsyncIterator[RunningGateway]:
-    settings = settings_for(simulator, public_url="https://mcp.example.com", oidc_issuer=issuer.url)
-    built = build_gateway(settings)
-    async with serve(built.app) as url, httpx2.AsyncClient(timeout=30) as http:
-        yield RunningGateway(url=url, gateway=built, http=http)
+    settings = gateway_settings(simulator, public_url="https://mcp.example.com", oidc_issuer=issuer.url)
+    async with running_gateway(settings) as running:
+        yield running
 
 
 def token_for(issuer: Issuer, **claims: object) -> str:
@@ -253,13 +248,10 @@ def token_for(issuer: Issuer, **claims: object) -> str:
 
 async def test_an_oauth_token_for_a_tenant_generates_over_mcp(oauth_gateway: RunningGateway, issuer: Issuer) -> None:
     await oauth_gateway.new_api_key("acme")
-    headers = bearer(token_for(issuer))
-    async with httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=60)) as http:
-        transport = streamable_http_client(f"{oauth_gateway.url}/mcp", http_client=http)
-        async with Client(transport) as client:
-            with anyio.fail_after(30):
-                result = await client.call_tool("generate_image", {"prompt": "a fox"})
-    assert not result.is_error, [b.text for b in result.content if isinstance(b, TextContent)]
+    async with mcp_client(oauth_gateway, token_for(issuer)) as client:
+        with anyio.fail_after(30):
+            result = await client.call_tool("generate_image", {"prompt": "a fox"})
+    assert not result.is_error, text_of(result)
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 import anyio
 import httpx2
 import pytest
-from mcp import Client
-from mcp.client.streamable_http import streamable_http_client
 from opentelemetry import trace
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
@@ -31,9 +29,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from app.main import build_gateway
 from app.tracing import Tracing, configure_tracing, gateway_resource, kling_span, trace_ids, tracing_wanted
-from tests.conftest import PRIMARY, RunningGateway, Simulator, gateway_settings, replica_env
+from tests.conftest import (
+    PRIMARY,
+    RunningGateway,
+    Simulator,
+    bearer,
+    gateway_settings,
+    mcp_client,
+    replica_env,
+    running_gateway,
+)
 from tests.servers import gateway_process, serve
 
 pytestmark = pytest.mark.anyio
@@ -41,10 +47,6 @@ OTEL_SETTINGS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPO
                  "OTEL_SDK_DISABLED", "OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES")  # fmt: skip
 CALLER_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN_ID = "00f067aa0ba902b7"
-
-
-def bearer(api_key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {api_key}"}
 
 
 @pytest.fixture
@@ -125,12 +127,10 @@ def test_tracing_is_wanted_only_when_an_otlp_exporter_is_configured() -> None:
 
 async def test_without_an_exporter_configured_nothing_is_set_up(no_otel_env: None, simulator: Simulator) -> None:
     assert configure_tracing() is None
-    built = build_gateway(gateway_settings(simulator))
-    async with serve(built.app) as url, httpx2.AsyncClient(timeout=30) as http:
-        running = RunningGateway(url=url, gateway=built, http=http)
+    async with running_gateway(gateway_settings(simulator)) as running:
         api_key = await running.new_api_key("acme")
         with anyio.fail_after(30):
-            response = await http.post(f"{url}/generate", json={"prompt": "x"}, headers=bearer(api_key))
+            response = await running.http.post(f"{running.url}/generate", json={"prompt": "x"}, headers=bearer(api_key))
         assert response.status_code == 202, response.text
         assert kling_span("create") is None
         assert not trace_ids()
@@ -168,12 +168,14 @@ async def test_a_traced_request_and_its_kling_call_share_the_callers_trace_and_t
     exporter = InMemorySpanExporter()
     provider = TracerProvider(resource=gateway_resource(), shutdown_on_exit=False)
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    built = build_gateway(gateway_settings(simulator), Tracing(provider, shutdown=provider.shutdown))
+    tracing = Tracing(provider, shutdown=provider.shutdown)
     headers = {"X-Request-ID": "traced-1", "traceparent": f"00-{CALLER_TRACE_ID}-{CALLER_SPAN_ID}-01"}
-    async with serve(built.app) as url, httpx2.AsyncClient(timeout=30) as http:
-        api_key = await RunningGateway(url=url, gateway=built, http=http).new_api_key("acme")
+    async with running_gateway(gateway_settings(simulator), tracing) as running:
+        api_key = await running.new_api_key("acme")
         with anyio.fail_after(30):
-            response = await http.post(f"{url}/generate", json={"prompt": "x"}, headers=bearer(api_key) | headers)
+            response = await running.http.post(
+                f"{running.url}/generate", json={"prompt": "x"}, headers=bearer(api_key) | headers
+            )
     assert response.status_code == 202, response.text
 
     spans = exporter.get_finished_spans()
@@ -202,15 +204,6 @@ def assert_no_secret_in(spans: Sequence[ReadableSpan], api_key: str) -> None:
     values = " ".join(str(value) for span in spans for value in (span.attributes or {}).values())
     for secret in (api_key, PRIMARY.access_key, PRIMARY.secret_key, "Bearer", "eyJ"):
         assert secret not in values
-
-
-@asynccontextmanager
-async def mcp_client(url: str, api_key: str) -> AsyncIterator[Client]:
-    async with (
-        httpx2.AsyncClient(headers=bearer(api_key), timeout=httpx2.Timeout(30, read=60)) as http,
-        Client(streamable_http_client(f"{url}/mcp", http_client=http)) as client,
-    ):
-        yield client
 
 
 async def test_a_gateway_with_an_otlp_endpoint_exports_rest_and_mcp_generations_as_traces_when_it_stops(

@@ -11,10 +11,17 @@ import httpx2
 import pytest
 from redis.asyncio import Redis
 
-from app.main import build_gateway
-from tests.conftest import KEY_PEPPER, MASTER_KEY, RunningGateway, Simulator, gateway_settings, replica_env
-from tests.servers import Replica, gateway_process, serve
-from tests.test_mcp_server import mcp_client, text_of
+from tests.conftest import (
+    RunningGateway,
+    Simulator,
+    bearer,
+    mcp_client,
+    redis_gateway_settings,
+    replica_env,
+    running_gateway,
+    text_of,
+)
+from tests.servers import Replica, gateway_process
 
 pytestmark = pytest.mark.anyio
 POLL_S = 0.5
@@ -38,12 +45,10 @@ async def test_thirty_waiters_on_two_replicas_cost_one_poll_per_interval(
     simulator: Simulator, redis: Redis, redis_url: str
 ) -> None:
     env = replica_env(redis_url, simulator.url, poll_interval_seconds=str(POLL_S))
-    settings = gateway_settings(simulator, redis_url=redis_url, key_pepper=KEY_PEPPER, master_key=MASTER_KEY,
-                                poll_interval_seconds=POLL_S)  # fmt: skip
-    built = build_gateway(settings)
-    async with gateway_process(env) as other, serve(built.app) as url, httpx2.AsyncClient(timeout=30) as http:
-        submitter = RunningGateway(url=url, gateway=built, http=http)
-        headers = {"Authorization": f"Bearer {await submitter.new_api_key('acme')}"}
+    settings = redis_gateway_settings(simulator, redis_url, poll_interval_seconds=POLL_S)
+    async with gateway_process(env) as other, running_gateway(settings) as submitter:
+        url, http = submitter.url, submitter.http
+        headers = bearer(await submitter.new_api_key("acme"))
         created = await http.post(f"{url}/generate", json={"prompt": "a lighthouse"}, headers=headers)
         assert created.status_code == 202, created.text
         task_id = created.json()["task_id"]
@@ -71,13 +76,11 @@ async def test_thirty_waiters_on_two_replicas_cost_one_poll_per_interval(
 async def test_a_waiter_gets_the_result_after_the_submitting_replica_stops(
     simulator: Simulator, redis: Redis, redis_url: str
 ) -> None:
-    settings = gateway_settings(simulator, redis_url=redis_url, key_pepper=KEY_PEPPER, master_key=MASTER_KEY,
-                                poll_interval_seconds=POLL_S)  # fmt: skip
-    built = build_gateway(settings)
+    settings = redis_gateway_settings(simulator, redis_url, poll_interval_seconds=POLL_S)
     env = replica_env(redis_url, simulator.url, poll_interval_seconds=str(POLL_S))
-    async with serve(built.app) as url, httpx2.AsyncClient(timeout=30) as http:
-        waiter = RunningGateway(url=url, gateway=built, http=http)
-        headers = {"Authorization": f"Bearer {await waiter.new_api_key('acme')}"}
+    async with running_gateway(settings) as waiter:
+        url, http = waiter.url, waiter.http
+        headers = bearer(await waiter.new_api_key("acme"))
         async with gateway_process(env) as submitter:
             created = await http.post(f"{submitter.url}/generate", json={"prompt": "x"}, headers=headers)
             assert created.status_code == 202, created.text

@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import anyio
-import httpx2
 import pytest
 from standardwebhooks.webhooks import Webhook
 from starlette.applications import Starlette
@@ -16,14 +15,12 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from app.errors import InvalidRequest
-from app.main import build_gateway
 from app.references import ReferenceGuard
 from app.webhooks import Pinning, pinned
-from tests.conftest import ADMIN_TOKEN, RunningGateway, Simulator, gateway_settings
+from tests.conftest import ADMIN, RunningGateway, Simulator, bearer, gateway_settings, running_gateway
 from tests.servers import serve
 
 pytestmark = pytest.mark.anyio
-ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 @dataclass
@@ -54,9 +51,8 @@ async def receiver() -> AsyncIterator[Receiver]:
 @pytest.fixture
 async def hooked_gateway(simulator: Simulator) -> AsyncIterator[RunningGateway]:
     """A gateway whose operator lets webhooks reach loopback (where the test receiver listens)."""
-    built = build_gateway(gateway_settings(simulator, webhook_allowed_hosts=["127.0.0.1"]))
-    async with serve(built.app) as url, httpx2.AsyncClient(timeout=30) as http:
-        yield RunningGateway(url=url, gateway=built, http=http)
+    async with running_gateway(gateway_settings(simulator, webhook_allowed_hosts=["127.0.0.1"])) as running:
+        yield running
 
 
 async def _tenant_with_secret(gateway: RunningGateway) -> tuple[dict[str, str], str]:
@@ -65,7 +61,7 @@ async def _tenant_with_secret(gateway: RunningGateway) -> tuple[dict[str, str], 
     tenant_id = next(tenant["id"] for tenant in tenants if tenant["name"] == "acme")
     created = await gateway.http.post(f"{gateway.url}/admin/tenants/{tenant_id}/webhook-secret", headers=ADMIN)
     assert created.status_code == 201, created.text
-    return {"Authorization": f"Bearer {api_key}"}, created.json()["webhook_secret"]
+    return bearer(api_key), created.json()["webhook_secret"]
 
 
 async def test_the_final_result_reaches_the_webhook_signed_and_retried(
@@ -89,7 +85,7 @@ async def test_the_final_result_reaches_the_webhook_signed_and_retried(
 async def test_a_webhook_url_needs_the_tenants_secret_and_nothing_is_created_without(
     hooked_gateway: RunningGateway, receiver: Receiver, simulator: Simulator
 ) -> None:
-    headers = {"Authorization": f"Bearer {await hooked_gateway.new_api_key('acme')}"}
+    headers = bearer(await hooked_gateway.new_api_key("acme"))
     body = {"prompt": "x", "webhook_url": receiver.url}
     response = await hooked_gateway.http.post(f"{hooked_gateway.url}/generate", json=body, headers=headers)
     assert response.status_code == 422

@@ -129,6 +129,16 @@ async def test_a_revoked_key_is_refused_at_once(gateway: RunningGateway) -> None
     assert response.status_code == 401
 
 
+async def test_a_malformed_idempotency_key_header_is_refused_by_name(
+    gateway: RunningGateway, simulator: Simulator
+) -> None:
+    headers = {**bearer(await gateway.new_api_key("acme")), "Idempotency-Key": "has spaces"}
+    response = await gateway.http.post(f"{gateway.url}/generate", json={"prompt": "a fox"}, headers=headers)
+    assert response.status_code == 422
+    assert response.json()["error"]["field"] == "Idempotency-Key"
+    assert (await simulator.stats())["creates"] == 0
+
+
 async def test_the_same_idempotency_key_replays_the_same_task(gateway: RunningGateway, simulator: Simulator) -> None:
     headers = {**bearer(await gateway.new_api_key("acme")), "Idempotency-Key": "order-42"}
     first = await gateway.http.post(f"{gateway.url}/generate", json={"prompt": "a fox"}, headers=headers)

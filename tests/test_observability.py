@@ -15,14 +15,16 @@ from pathlib import Path
 import anyio
 import httpx2
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from app.logs import JsonFormatter, TextFormatter, logging_config
+from app.main import create_redis
 from app.metrics import forget_dead_workers
 from app.observability import MAX_REQUEST_ID_CHARS, request_id_from
 from tests.conftest import ADMIN, PRIMARY, RunningGateway, Simulator, bearer, mcp_client, replica_env
-from tests.servers import gateway_process
+from tests.servers import free_port, gateway_process
 
 pytestmark = pytest.mark.anyio
 FAMILIES = (
@@ -259,3 +261,13 @@ def test_a_killed_workers_live_gauges_are_dropped_when_a_worker_starts(
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     forget_dead_workers()  # what every worker does as it starts
     assert not waiters()  # its share is gone (no worker left to report any)
+
+
+async def test_a_failed_redis_connection_is_counted_once() -> None:
+    # The pool's connect runs inside the command's retry: both wrap it, and only one may count.
+    client = create_redis(f"redis://127.0.0.1:{free_port()}/0")
+    before = REGISTRY.get_sample_value("kgw_redis_errors_total", {"kind": "connection"}) or 0.0
+    with pytest.raises(RedisConnectionError):
+        await client.ping()
+    await client.aclose()
+    assert REGISTRY.get_sample_value("kgw_redis_errors_total", {"kind": "connection"}) == before + 1

@@ -3,6 +3,7 @@ the tenants file, and refusals that need no store lookup."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,6 +15,8 @@ import jwt
 import pytest
 from redis.asyncio import Redis
 
+from app.config import Settings
+from app.main import admin_directory
 from app.tenants import KeyFormat
 from app.tenants_file import TenantsFileError, apply_tenants_file, load_tenants_file
 from tests.conftest import (
@@ -314,3 +317,27 @@ async def test_a_task_is_followed_on_its_own_kling_account_after_the_tenant_move
             f"{gateway.url}/tasks/{task['task_id']}", params={"wait_seconds": 10}, headers=bearer(api_key)
         )
     assert followed.json()["status"] == "succeeded"
+
+
+async def test_two_replicas_applying_the_same_tenants_file_at_once_make_one_tenant(
+    redis: Redis, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ACME_KLING_SECRET", PRIMARY.secret_key)
+    tenants_file = tmp_path / "tenants.toml"
+    tenants_file.write_text(
+        f'[[credentials]]\naccess_key = "{PRIMARY.access_key}"\nsecret_key_env = "ACME_KLING_SECRET"\n\n'
+        f'[[tenants]]\nname = "acme"\ncredentials = ["{PRIMARY.access_key}"]\n'
+    )
+    settings = Settings.model_validate({"redis_url": redis_url, "key_pepper": KEY_PEPPER, "master_key": MASTER_KEY})
+    clients = [Redis.from_url(redis_url) for _ in range(2)]  # two replicas: each its own connections
+    replicas = [admin_directory(settings, client)[0] for client in clients]
+    entries = load_tenants_file(str(tenants_file))
+    try:
+        # Both find nothing and create at the same moment: the loser finds the winner's records, at once.
+        applied = await asyncio.gather(*(apply_tenants_file(directory, entries) for directory in replicas))
+        assert sorted(len(result.created) for result in applied) == [0, 2]
+        assert [tenant.name for tenant in await replicas[0].store.list_tenants()] == ["acme"]
+        assert len(await replicas[1].store.list_credentials()) == 1
+    finally:
+        for client in clients:
+            await client.aclose()

@@ -145,20 +145,6 @@ class JwtCache:
         return token
 
 
-def create_http_client(max_connections: int = 100) -> httpx2.AsyncClient:
-    """The process's pooled client for Kling. Per-phase timeouts here; each call adds an overall deadline."""
-    return httpx2.AsyncClient(
-        timeout=httpx2.Timeout(connect=5.0, read=30.0, write=10.0, pool=2.0),
-        limits=httpx2.Limits(
-            max_connections=max_connections,
-            max_keepalive_connections=max_connections // 2,
-            keepalive_expiry=30.0,
-        ),
-        follow_redirects=False,
-        trust_env=False,
-    )
-
-
 def build_generation_body(
     request: GenerateRequest, *, external_task_id: str | None = None, callback_url: str | None = None
 ) -> dict[str, Any]:

@@ -26,8 +26,9 @@ from app.breaker import Breakers
 from app.callbacks import CALLBACK_PATH, CallbackTokens, TaskUpdates, build_callback_router
 from app.config import Settings
 from app.follower import TaskFollower
+from app.http_pool import create_http_client
 from app.images import ImageService, ServiceTimings
-from app.kling import KlingClient, create_http_client
+from app.kling import KlingClient
 from app.lifecycle import Drain
 from app.mcp_server import MESSAGE_PATH, SSE_PATH, McpTransports, build_mcp_server, legacy_sse_app
 from app.metrics import (

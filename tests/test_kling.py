@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from app.errors import error_from_kling
+from app.http_pool import create_http_client
 from app.kling import (
     JwtCache,
     KlingClient,
@@ -22,7 +23,6 @@ from app.kling import (
     KlingTask,
     KlingTransportError,
     build_generation_body,
-    create_http_client,
 )
 from app.models import GenerateRequest
 from tests.conftest import PRIMARY, SECONDARY, Simulator

@@ -12,6 +12,7 @@ from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from app.breaker import Breakers
+from app.http_pool import create_http_client
 from app.images import retry_delay
 from app.kling import (
     KlingCircuitOpen,
@@ -19,7 +20,6 @@ from app.kling import (
     KlingCredentials,
     KlingError,
     KlingTransportError,
-    create_http_client,
 )
 from app.sealing import new_master_key
 from tests.conftest import (

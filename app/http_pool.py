@@ -1,0 +1,107 @@
+"""The process's pooled outbound HTTP client: httpx2 over httpcore2, with a cheaper idle-connection check.
+
+httpcore2 re-scans every pooled connection each time a request joins or leaves the pool, and asks each idle
+one whether its socket is readable (a server that closed a kept-alive connection makes it readable). Through
+anyio that question rebuilds a dict of the stream's attributes per connection per scan: with a few dozen
+connections to Kling it was a third of a worker's time under load (docs/benchmarks.md, profile). The streams
+here answer it from the socket they keep, with one `poll`; everything else is anyio's, unchanged.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import ssl
+from collections.abc import Iterable
+from typing import Any
+
+import httpcore2
+import httpx2
+
+# A socket whose state cannot be read is treated as closed by the server, as httpcore2 does.
+_GONE = select.POLLIN | select.POLLERR | select.POLLHUP | select.POLLNVAL
+
+
+def socket_has_input(sock: socket.socket | None) -> bool:
+    """Whether a read would return at once: data, or the end a server sends when it drops an idle connection."""
+    if sock is None or sock.fileno() < 0:
+        return True
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return any(events & _GONE for _, events in poller.poll(0))
+
+
+class ProbedStream(httpcore2.AsyncNetworkStream):
+    """An anyio stream that answers `is_readable` from the socket it keeps instead of anyio's attribute lookup."""
+
+    def __init__(self, stream: httpcore2.AsyncNetworkStream, sock: socket.socket | None) -> None:
+        self._stream = stream
+        self._socket = sock
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return await self._stream.read(max_bytes, timeout)
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        await self._stream.write(buffer, timeout)
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+    async def start_tls(
+        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore2.AsyncNetworkStream:
+        # TLS runs over the same TCP socket, so it is still the one to probe.
+        return ProbedStream(await self._stream.start_tls(ssl_context, server_hostname, timeout), self._socket)
+
+    def get_extra_info(self, info: str) -> Any:
+        if info == "is_readable":
+            return socket_has_input(self._socket)
+        return self._stream.get_extra_info(info)
+
+
+class ProbedBackend(httpcore2.AsyncNetworkBackend):
+    """httpcore2's own anyio backend, its streams wrapped in `ProbedStream`."""
+
+    def __init__(self) -> None:
+        self._backend = httpcore2.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore2.SOCKET_OPTION] | None = None,
+    ) -> httpcore2.AsyncNetworkStream:
+        stream = await self._backend.connect_tcp(host, port, timeout, local_address, socket_options)
+        return ProbedStream(stream, stream.get_extra_info("socket"))
+
+    async def sleep(self, seconds: float) -> None:
+        await self._backend.sleep(seconds)
+
+
+class PooledTransport(httpx2.AsyncHTTPTransport):
+    """httpx2's transport with the pool rebuilt on `ProbedBackend`: httpx2 takes no network backend itself."""
+
+    def __init__(self, limits: httpx2.Limits) -> None:
+        super().__init__(limits=limits, trust_env=False)
+        self._pool = httpcore2.AsyncConnectionPool(
+            ssl_context=httpx2.create_ssl_context(trust_env=False),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=ProbedBackend(),
+        )
+
+
+def create_http_client(max_connections: int = 100) -> httpx2.AsyncClient:
+    """A pooled client for Kling or for callers' receivers. Per-phase timeouts here; each call adds a deadline."""
+    limits = httpx2.Limits(
+        max_connections=max_connections, max_keepalive_connections=max_connections // 2, keepalive_expiry=30.0
+    )
+    return httpx2.AsyncClient(
+        timeout=httpx2.Timeout(connect=5.0, read=30.0, write=10.0, pool=2.0),
+        transport=PooledTransport(limits),
+        follow_redirects=False,
+        trust_env=False,
+    )

@@ -118,10 +118,11 @@ class _Task:
     started: float  # monotonic
     created_ms: int
     base_url: str  # of the create request, for the image URLs in callbacks
+    delay: float  # seconds from create to end: the configured delay, unless `POST /_sim/finish` moved the end
 
-    def phase(self, delay: float) -> tuple[str, float]:
+    def phase(self) -> tuple[str, float]:
         """The current status and the offset (s) at which it began."""
-        elapsed = time.monotonic() - self.started
+        elapsed, delay = time.monotonic() - self.started, self.delay
         if elapsed >= delay:
             return self.outcome[0], delay
         if elapsed >= delay * _PROCESSING_AT:
@@ -271,6 +272,7 @@ class _Simulator:
         self._s = _State()
         self._http: httpx2.AsyncClient | None = None
         self._tg: TaskGroup | None = None
+        self._rescheduled = asyncio.Event()  # set (and replaced) when `POST /_sim/finish` moves tasks' ends
 
     @asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
@@ -356,14 +358,14 @@ class _Simulator:
             raise _KlingError(429, 1303, "parallel task over resource pack limit")
         outcome = _take(self._s.outcomes, "create") or ("succeed", "")
         task = _Task(str(uuid.uuid4().int)[:19], access_key, spec, outcome, time.monotonic(),
-                     int(time.time() * 1000), str(request.base_url))  # fmt: skip
+                     int(time.time() * 1000), str(request.base_url), self._config.delay)  # fmt: skip
         self._record(task)
         info = self._task_data(task, task.base_url)
         return _envelope({k: info[k] for k in ("task_id", "task_status", "task_info", "created_at", "updated_at")})
 
     def _slots_used(self, access_key: str) -> int:
         active = self._s.active.setdefault(access_key, {})
-        for task in [t for t in active.values() if t.phase(self._config.delay)[0] in _TERMINAL]:
+        for task in [t for t in active.values() if t.phase()[0] in _TERMINAL]:
             del active[task.task_id]
         return sum(task.spec.n for task in active.values())
 
@@ -395,7 +397,7 @@ class _Simulator:
         return _envelope([self._task_data(task, base_url) for task in mine[(page - 1) * size : page * size]])
 
     def _task_data(self, task: _Task, base_url: str) -> dict[str, Any]:
-        status, since = task.phase(self._config.delay)
+        status, since = task.phase()
         prefix, ext = f"{base_url}images/{task.task_id}", task.spec.external_task_id
         images = [{"index": i, "url": f"{prefix}/{i}.png", "watermark_url": f"{prefix}/{i}-wm.png"}
                   for i in range(task.spec.n)]  # fmt: skip
@@ -412,12 +414,14 @@ class _Simulator:
         }
 
     async def _deliver_callbacks(self, task: _Task) -> None:
-        delay, last = self._config.delay, ""
-        for offset in (delay * _PROCESSING_AT, delay):
-            # A little past the offset: event-loop timers may fire up to a clock tick early, and the status
-            # read then would still be the old one (the callback lost).
-            await anyio.sleep(max(0.0, task.started + offset - time.monotonic()) + _TIMER_SLACK_S)
-            status = task.phase(delay)[0]
+        last = ""
+        for share in (_PROCESSING_AT, 1.0):
+            # Re-read after each wake: `POST /_sim/finish` may have brought the end forward.
+            while (remaining := task.started + task.delay * share - time.monotonic()) > 0:
+                # A little past the offset: event-loop timers may fire up to a clock tick early.
+                with anyio.move_on_after(remaining + _TIMER_SLACK_S):
+                    await self._rescheduled.wait()
+            status = task.phase()[0]
             if self._s.tasks.get(task.task_id) is task and status != last:  # skip tasks forgotten by a reset
                 last = status
                 await self._post_callback(task)
@@ -439,7 +443,7 @@ class _Simulator:
         name = _IMAGE_NAME.fullmatch(request.path_params["name"])
         if task is None or name is None or int(name[1]) >= task.spec.n:
             return PlainTextResponse("Not Found", status_code=404)
-        if task.phase(self._config.delay)[0] != "succeed":
+        if task.phase()[0] != "succeed":
             return PlainTextResponse("Not Found", status_code=404)
         # About 20 ms at 1024 px: too long to hold the event loop under benchmark load.
         args = (*_image_size(task.spec), int(name[1]), task.task_id, bool(name[2]))
@@ -448,7 +452,8 @@ class _Simulator:
     async def control(self, request: Request) -> Response:
         what = request.path_params["what"]
         handler = {"faults": self._add_fault, "slow": self._add_slow, "malformed": self._add_malformed,
-                   "outcomes": self._add_outcome, "accounts": self._set_account}.get(what)  # fmt: skip
+                   "outcomes": self._add_outcome, "accounts": self._set_account,
+                   "finish": self._finish_running}.get(what)  # fmt: skip
         if handler is None:
             return await _spring_404(request)
         body = await _read_object(request)
@@ -481,6 +486,19 @@ class _Simulator:
             raise _BadControl("status must be 'failed' or 'succeed'")
         message = _ctl(body, "message", str, "simulated failure" if status == "failed" else "")
         self._s.outcomes.append(_Rule((status, message), _times_path(body)[0], "create"))
+
+    def _finish_running(self, body: dict[str, Any]) -> None:
+        """End every running task within `within_s` seconds, in creation order at an even pace: a benchmark
+        holds thousands of waiting tasks, then lets them finish without waiting out the whole delay."""
+        within = body.get("within_s", 0.0)
+        if isinstance(within, bool) or not isinstance(within, int | float) or within < 0:
+            raise _BadControl("within_s must be a non-negative number")
+        now = time.monotonic()
+        running = sorted((t for t in self._s.tasks.values() if t.phase()[0] not in _TERMINAL), key=lambda t: t.started)
+        for index, task in enumerate(running, start=1):
+            task.delay = now - task.started + within * index / len(running)
+        self._rescheduled.set()
+        self._rescheduled = asyncio.Event()
 
     def _set_account(self, body: dict[str, Any]) -> None:
         key, secret = _ctl(body, "access_key", str, None), _ctl(body, "secret_key", str, None)

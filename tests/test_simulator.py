@@ -429,3 +429,28 @@ async def test_bad_control_input_answers_400(sim: httpx2.AsyncClient) -> None:
         response = await sim.post(f"/_sim/{what}", json=body)
         assert response.status_code == 400
         assert "error" in response.json()
+
+
+async def test_finish_ends_running_tasks_in_creation_order_and_calls_each_back() -> None:
+    # A simulator whose tasks would take an hour: only `finish` can end them within the test's bound.
+    app = create_simulator_app(SimulatorConfig(accounts=(ACME,), delay=3600))
+    async with (
+        serve(app) as base_url,
+        httpx2.AsyncClient(base_url=base_url) as slow,
+        callback_receiver(until="succeed") as (url, received, done),
+    ):
+        first = (await create(slow, callback_url=url)).json()["data"]["task_id"]
+        second = (await create(slow)).json()["data"]["task_id"]
+        await control(slow, "finish", within_s=0.2)
+        with anyio.fail_after(5):
+            await done.wait()
+            ended = [await wait_terminal(slow, task_id) for task_id in (first, second)]
+    assert [data["task_status"] for data in ended] == ["succeed", "succeed"]
+    assert ended[0]["updated_at"] <= ended[1]["updated_at"]
+    assert [body["task_status"] for body in received] == ["processing", "succeed"]
+
+
+async def test_finish_refuses_a_negative_window(sim: httpx2.AsyncClient) -> None:
+    response = await sim.post("/_sim/finish", json={"within_s": -1})
+    assert response.status_code == 400
+    assert "within_s" in response.json()["error"]

@@ -64,10 +64,13 @@ class KlingError(KlingFailure):
 
 
 class KlingTransportError(KlingFailure):
-    def __init__(self, message: str, *, timed_out: bool, sent: bool = True) -> None:
+    def __init__(self, message: str, *, timed_out: bool, sent: bool = True, congested: bool = False) -> None:
         super().__init__(message)
         self.timed_out = timed_out
         self.sent = sent  # False: the request certainly never reached Kling (no connection), so a retry is safe
+        # True: every pooled connection of this process was busy until the pool's timeout. That is this
+        # process's congestion (a burst of polls, say), not a verdict on the Kling account.
+        self.congested = congested
 
 
 class KlingProtocolError(KlingFailure):
@@ -89,7 +92,9 @@ _UNHEALTHY_CODES = frozenset({1000, 1001, 1002, 1003, 1100, 1101, 1102, 1304, 50
 def is_unhealthy(failure: KlingFailure) -> bool:
     if isinstance(failure, KlingError):
         return failure.code in _UNHEALTHY_CODES or failure.http_status >= 500
-    return isinstance(failure, KlingTransportError | KlingProtocolError)
+    if isinstance(failure, KlingTransportError):
+        return not failure.congested
+    return isinstance(failure, KlingProtocolError)
 
 
 class KlingImage(BaseModel):
@@ -248,7 +253,10 @@ class KlingClient:
                 # httpx2 timeouts are per phase; a slow drip would never trip them, so bound the whole call.
                 async with asyncio.timeout(self._deadline_s):
                     response = await self._http.request(method, self._base_url + path, json=body, headers=headers)
-            except (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.PoolTimeout) as exc:
+            except httpx2.PoolTimeout as exc:
+                raise KlingTransportError(f"{method} {path}: no free connection to Kling in time", timed_out=True,
+                                          sent=False, congested=True) from exc  # fmt: skip
+            except (httpx2.ConnectError, httpx2.ConnectTimeout) as exc:
                 timed_out = not isinstance(exc, httpx2.ConnectError)
                 raise KlingTransportError(f"{method} {path}: no connection ({type(exc).__name__})",
                                           timed_out=timed_out, sent=False) from exc  # fmt: skip

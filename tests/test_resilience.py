@@ -253,6 +253,28 @@ async def test_a_caller_hanging_up_mid_create_still_gets_the_task_recorded_and_i
     assert await redis.zcard(leases) == 1  # the running task keeps its slot: no free task by hanging up
 
 
+async def test_calls_that_found_every_pooled_connection_busy_do_not_open_the_accounts_breaker(
+    simulator: Simulator,
+) -> None:
+    breakers = Breakers(failure_threshold=1, open_s=60)
+    credentials = KlingCredentials(PRIMARY.access_key, PRIMARY.secret_key)
+    async with create_http_client(max_connections=1) as http:
+        client = KlingClient(http, simulator.url, breakers=breakers)
+        await simulator.control("slow", {"seconds": 3.0, "times": 1, "path": "query"})
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as group:
+                group.start_soon(client.get_image_task, credentials, "1")  # holds the one connection for 3 s
+                while (await simulator.stats())["queries"] == 0:  # noqa: ASYNC110 - a counter is all there is
+                    await anyio.sleep(0.01)
+                with pytest.raises(KlingTransportError) as congested:
+                    await client.get_image_task(credentials, "1")  # the pool's 2 s timeout passes first
+                group.cancel_scope.cancel()
+            with pytest.raises(KlingError) as answered:
+                await client.get_image_task(credentials, "1")  # let through: the breaker did not open
+    assert congested.value.congested
+    assert answered.value.code == 1203
+
+
 async def test_a_cancelled_breaker_probe_lets_the_next_call_probe(simulator: Simulator) -> None:
     breakers = Breakers(failure_threshold=1, open_s=0.2)
     credentials = KlingCredentials(PRIMARY.access_key, PRIMARY.secret_key)

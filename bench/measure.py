@@ -1,4 +1,4 @@
-"""Closed-loop load, percentiles, and A/B alternation: the measuring shared by the benchmarks."""
+"""Closed-loop and paced load, percentiles, and A/B alternation: the measuring shared by the benchmarks."""
 
 from __future__ import annotations
 
@@ -49,19 +49,36 @@ Send = Callable[[Connection, int], Awaitable[Reply]]
 async def closed_loop(base_url: str, send: Send, *, clients: int, requests: int, expect: int) -> Run:
     """`clients` connections, each sending its next request as soon as the last is answered, until `requests`
     have been sent; `send(connection, index)` sends request `index`. Any status but `expect` fails the run."""
+    return await _load(base_url, send, clients=clients, requests=requests, expect=expect, per_second=None)
+
+
+async def paced(base_url: str, send: Send, *, clients: int, per_second: float, requests: int, expect: int) -> Run:
+    """`clients` connections sharing one fixed schedule of `per_second` requests in all (request i is due at
+    i / per_second), so the server is measured below its saturation. A latency runs from the request's due
+    time, so a request held back by a busy connection counts its wait (no coordinated omission)."""
+    return await _load(base_url, send, clients=clients, requests=requests, expect=expect, per_second=per_second)
+
+
+async def _load(
+    base_url: str, send: Send, *, clients: int, requests: int, expect: int, per_second: float | None
+) -> Run:
     latencies: list[float] = []
     timings: list[float] = []
-    remaining = requests
+    next_index = 0
+    started = time.perf_counter()
 
     async def client() -> None:
-        nonlocal remaining
+        nonlocal next_index
         connection = Connection(base_url)
         try:
-            while remaining > 0:
-                remaining -= 1
-                started = time.perf_counter()
-                reply = await send(connection, remaining)
-                latencies.append(time.perf_counter() - started)
+            while next_index < requests:
+                index, next_index = next_index, next_index + 1
+                due = time.perf_counter()
+                if per_second is not None:
+                    due = started + index / per_second
+                    await asyncio.sleep(max(0.0, due - time.perf_counter()))
+                reply = await send(connection, index)
+                latencies.append(time.perf_counter() - due)
                 if reply.status != expect:
                     raise RuntimeError(f"{base_url}: HTTP {reply.status} (expected {expect}): {reply.body[:300]!r}")
                 timing = SERVER_TIMING.search(reply.headers.get("server-timing", ""))
@@ -70,7 +87,6 @@ async def closed_loop(base_url: str, send: Send, *, clients: int, requests: int,
         finally:
             await connection.close()
 
-    started = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
     return Run(latencies, time.perf_counter() - started, timings)
 

@@ -1,8 +1,9 @@
 """Waiting capacity: how many generations one gateway worker holds while Kling works on them, and at what cost.
 
-Each waiter is a REST `POST /generate` with a `wait_seconds` longer than the simulated Kling takes, on its own
-connection. The simulator finishes every task `delay` seconds after its create and calls the gateway back
-(KGW_PUBLIC_URL is set, as in production); the gateway's own polling remains the fallback. Measured: RSS of the
+Each waiter is a REST `POST /generate` with a long `wait_seconds`, on its own connection. The waiters ramp up
+to 1,000, 5,000 and 10,000 and are held at each; then the simulator finishes every task (`POST /_sim/finish`)
+and calls the gateway back (KGW_PUBLIC_URL is set, as in production); the gateway's own polling remains the
+fallback. Measured: RSS of the
 gateway process per waiter, the event loop's lag inside it (bench/apps.py LagProbe), a tiny request's latency
 from outside while everyone waits, upstream queries per task, and how soon after Kling finished each caller got
 its images.
@@ -24,34 +25,42 @@ from bench.measure import percentile
 from bench.overhead import PROMPT
 from bench.report import write_section
 from bench.serving import Server, raise_fd_limit
-from bench.stack import Simulator, accounts_for, api_keys, gateway, simulator
+from bench.stack import accounts_for, api_keys, gateway, simulator
 
-HOLD_S = 3.0  # how long all waiters are held while the gateway is measured
+HOLD_S = 3.0  # how long the waiters are held at each milestone while the gateway is measured
 RAMP_BACKLOG = 256  # requests sent but not yet created at Kling: keeps the listen backlog from overflowing
 PROBE_INTERVAL_S = 0.05
-
-
-def delay_for(waiters: int) -> float:
-    """Kling's simulated duration: long enough to submit every waiter (a few hundred per second on a busy
-    two-core machine) and hold them all for HOLD_S before the first finishes."""
-    return 5.0 + waiters / 150 + HOLD_S
+# Kling's simulated duration: longer than any run, so no task ends until the benchmark lets them all finish
+# (`POST /_sim/finish`), each `FINISH_SPACING_S` after the one before, in the order they were created.
+SIM_DELAY_S = 3600.0
+FINISH_SPACING_S = 0.002
+WAIT_S = 300  # the gateway's largest `wait_seconds`: nobody gives up before their task ends
 
 
 @dataclass(frozen=True)
-class Level:
-    waiters: int
-    started: int  # fewer than `waiters` when the first task finished before all were created
-    delay_s: float
-    ramp_s: float
-    held: int  # waiting at once while measured
-    rss_base_mib: float
-    rss_held_mib: float
-    lag_ramp_p99_ms: float
+class Milestone:
+    """The gateway holding `held` waiters at once."""
+
+    held: int
+    ramp_s: float  # from the first request to all `held` created at Kling
+    rss_added_mib: float
+    lag_ramp_p99_ms: float  # while the waiters since the last milestone were coming in
     lag_held_p99_ms: float
     lag_held_max_ms: float
-    lag_end_p99_ms: float
     probe_p50_ms: float
     probe_p99_ms: float
+
+    @property
+    def kib_per_waiter(self) -> float:
+        return self.rss_added_mib * 1024 / max(1, self.held)
+
+
+@dataclass(frozen=True)
+class Ending:
+    """All waiters' tasks finishing, and every caller answered."""
+
+    finish_s: float  # the window the simulator ended the tasks in
+    lag_p99_ms: float
     succeeded: int
     failures: dict[int, int]
     queries: int
@@ -60,17 +69,14 @@ class Level:
     callbacks_failed: int
     delivered_p50_s: float
     delivered_p99_s: float
-
-    @property
-    def kib_per_waiter(self) -> float:
-        return (self.rss_held_mib - self.rss_base_mib) * 1024 / max(1, self.held)
+    first_failure: str  # the body of the first refusal, if any
 
 
-async def waiter(url: str, key: str, wait_s: int) -> tuple[Reply, float]:
+async def waiter(url: str, key: str) -> tuple[Reply, float]:
     """One caller on its own connection; returns the answer and when it arrived (epoch seconds)."""
     connection = Connection(url)
     try:
-        reply = await connection.request("POST", "/generate", {"prompt": PROMPT, "wait_seconds": wait_s},
+        reply = await connection.request("POST", "/generate", {"prompt": PROMPT, "wait_seconds": WAIT_S},
                                          {"Authorization": f"Bearer {key}"})  # fmt: skip
         return reply, time.time()
     finally:
@@ -90,23 +96,20 @@ async def sim_counts(stats: Connection) -> dict[str, int]:
 
 
 async def ramp(
-    gw: Server, sim: Simulator, keys: list[str], waiters: int, wait_s: int
-) -> list[asyncio.Task[tuple[Reply, float]]]:
-    """Start the waiters, keeping at most RAMP_BACKLOG of them not yet created at Kling, until all are created
-    (or one has already finished: the ramp was slower than the simulated Kling)."""
-    stats = Connection(sim.url)
-    base = (await sim_counts(stats))["creates"]
-    started: list[asyncio.Task[tuple[Reply, float]]] = []
-    try:
-        while True:
-            created = (await sim_counts(stats))["creates"] - base
-            if created >= waiters or any(task.done() for task in started):
-                return started
-            for _ in range(min(RAMP_BACKLOG - (len(started) - created), waiters - len(started))):
-                started.append(asyncio.create_task(waiter(gw.url, keys[len(started) % len(keys)], wait_s)))
-            await asyncio.sleep(0.1)  # the simulator's count is all there is to wait on
-    finally:
-        await stats.close()
+    gw: Server, stats: Connection, keys: list[str], started: list[asyncio.Task[tuple[Reply, float]]], target: int
+) -> None:
+    """Start waiters until `target` tasks are created at Kling, keeping at most RAMP_BACKLOG of them not yet
+    created. A waiter answered early was refused (it shows in the end's failures) and is replaced; the ramp
+    gives up when more than 1 % are."""
+    base = (await sim_counts(stats))["creates"] - sum(not task.done() for task in started)
+    while (created := (await sim_counts(stats))["creates"] - base) < target:
+        refused = sum(task.done() for task in started)
+        if refused > target // 100:
+            break
+        pending = len(started) - refused - created  # sent, not yet created at Kling
+        for _ in range(min(RAMP_BACKLOG - pending, target - created - pending)):
+            started.append(asyncio.create_task(waiter(gw.url, keys[len(started) % len(keys)])))
+        await asyncio.sleep(0.1)  # the simulator's count is all there is to wait on
 
 
 async def hold(gw: Server) -> tuple[list[float], float]:
@@ -127,33 +130,53 @@ async def hold(gw: Server) -> tuple[list[float], float]:
     return latencies, rss / 2**20
 
 
-async def one_level(waiters: int) -> Level:
-    delay = delay_for(waiters)
-    accounts = accounts_for(waiters)
-    async with simulator(delay, accounts) as sim, gateway(sim.url, factory="bench.apps:lag_probed_gateway",
-                                                          callbacks=True) as gw:  # fmt: skip
+async def run(milestones: tuple[int, ...]) -> tuple[list[Milestone], Ending]:
+    """One simulator and gateway; the waiters ramp up to each milestone in turn and are held there."""
+    accounts = accounts_for(milestones[-1] * 11 // 10)  # slack: refused waiters are replaced, unevenly over keys
+    async with simulator(SIM_DELAY_S, accounts) as sim, gateway(sim.url, factory="bench.apps:lag_probed_gateway",
+                                                                  callbacks=True) as gw:  # fmt: skip
         keys = await api_keys(gw.url, accounts)
-        control = Connection(gw.url)
-        before = await sim_counts(control_sim := Connection(sim.url))
+        control, stats = Connection(gw.url), Connection(sim.url)
+        before = await sim_counts(stats)
         rss_base = gw.rss_bytes() / 2**20
+        tasks: list[asyncio.Task[tuple[Reply, float]]] = []
+        reached: list[Milestone] = []
         await lags(control, restart=True)
         ramp_started = time.monotonic()
-        tasks = await ramp(gw, sim, keys, waiters, wait_s=int(delay) + 60)
-        ramp_s = time.monotonic() - ramp_started
-        lag_ramp = await lags(control, restart=True)
-        held = (await sim_counts(control_sim))["creates"] - before["creates"] - sum(t.done() for t in tasks)
-        probes, rss_held = await hold(gw)
-        lag_held = await lags(control, restart=True)
+        for target in milestones:
+            await ramp(gw, stats, keys, tasks, target)
+            ramp_s = time.monotonic() - ramp_started
+            lag_ramp = await lags(control, restart=True)
+            held = (await sim_counts(stats))["creates"] - before["creates"] - sum(t.done() for t in tasks)
+            probes, rss_held = await hold(gw)
+            lag_held = await lags(control, restart=True)
+            reached.append(Milestone(
+                held, ramp_s, rss_held - rss_base, _p99_ms(lag_ramp), _p99_ms(lag_held),
+                max(lag_held, default=0) * 1000, percentile(probes, 0.5) * 1000, percentile(probes, 0.99) * 1000,
+            ))  # fmt: skip
+        finish_s = FINISH_SPACING_S * len(tasks)
+        await stats.request("POST", "/_sim/finish", {"within_s": finish_s})
         answers = await asyncio.gather(*tasks, return_exceptions=True)
         lag_end = await lags(control, restart=False)
         await asyncio.sleep(1.0)  # callbacks of the last tasks may still be on their way; nothing signals them
-        after = await sim_counts(control_sim)
+        after = await sim_counts(stats)
         await control.close()
-        await control_sim.close()
-    succeeded, failures, delivered = 0, dict[int, int](), []
+        await stats.close()
+    return reached, ending(answers, finish_s, lag_end, before, after)
+
+
+def ending(
+    answers: list[tuple[Reply, float] | BaseException],
+    finish_s: float,
+    lag_end: list[float],
+    before: dict[str, int],
+    after: dict[str, int],
+) -> Ending:
+    succeeded, failures, delivered, first_failure = 0, dict[int, int](), [], ""
     for answer in answers:
         if isinstance(answer, BaseException):
             failures[0] = failures.get(0, 0) + 1  # no answer: the connection failed
+            first_failure = first_failure or repr(answer)
             continue
         reply, arrived = answer
         if reply.status == 200 and reply.json()["status"] == "succeeded":
@@ -161,13 +184,13 @@ async def one_level(waiters: int) -> Level:
             delivered.append(arrived - datetime.fromisoformat(reply.json()["updated_at"]).timestamp())
         else:
             failures[reply.status] = failures.get(reply.status, 0) + 1
-    return Level(
-        waiters, len(tasks), delay, ramp_s, held, rss_base, rss_held,
-        _p99_ms(lag_ramp), _p99_ms(lag_held), max(lag_held, default=0) * 1000, _p99_ms(lag_end),
-        percentile(probes, 0.5) * 1000, percentile(probes, 0.99) * 1000, succeeded, failures,
+            first_failure = first_failure or reply.body[:300].decode(errors="replace")
+    return Ending(
+        finish_s, _p99_ms(lag_end), succeeded, failures,
         after["queries"] - before["queries"], after["creates"] - before["creates"],
         after["callbacks_sent"] - before["callbacks_sent"], after["callbacks_failed"] - before["callbacks_failed"],
         percentile(delivered, 0.5) if delivered else float("nan"), percentile(delivered, 0.99) if delivered else float("nan"),
+        first_failure,
     )  # fmt: skip
 
 
@@ -177,41 +200,40 @@ def _p99_ms(values: list[float]) -> float:
 
 async def main(quick: bool) -> str:
     raise_fd_limit()
-    levels = [await one_level(waiters) for waiters in ((1000,) if quick else (1000, 5000, 10000))]
+    reached, end = await run((1000,) if quick else (1000, 5000, 10000))
     rows = [
-        f"| {lv.waiters:,} | {lv.started:,} | {lv.held:,} | {lv.ramp_s:.1f} | {lv.rss_held_mib - lv.rss_base_mib:.0f} | "
-        f"**{lv.kib_per_waiter:.1f}** | {lv.lag_ramp_p99_ms:.1f} | **{lv.lag_held_p99_ms:.1f}** ({lv.lag_held_max_ms:.0f}) | "
-        f"{lv.lag_end_p99_ms:.1f} | {lv.probe_p50_ms:.1f} / {lv.probe_p99_ms:.1f} | "
-        f"**{lv.queries / max(1, lv.creates):.2f}** | {lv.callbacks / max(1, lv.creates):.2f}"
-        f"{f' ({lv.callbacks_failed:,} failed)' if lv.callbacks_failed else ''} | "
-        f"{lv.succeeded:,}{_failed(lv.failures)} | {lv.delivered_p50_s:.2f} / {lv.delivered_p99_s:.2f} |"
-        for lv in levels
+        f"| {m.held:,} | {m.ramp_s:.1f} | {m.rss_added_mib:.0f} | **{m.kib_per_waiter:.1f}** | {m.lag_ramp_p99_ms:.1f} | "
+        f"**{m.lag_held_p99_ms:.1f}** ({m.lag_held_max_ms:.0f}) | {m.probe_p50_ms:.1f} / {m.probe_p99_ms:.1f} |"
+        for m in reached
     ]
     command = "python -m bench.waiting" + (" --quick" if quick else "")
     body = f"""## Waiting capacity (`{command}`)
 
 Run {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}. One gateway worker (memory store, `KGW_PUBLIC_URL` set
-so the simulator calls it back) holds N REST callers, each `POST /generate` with a `wait_seconds` longer than the
-simulated Kling takes, each on its own connection. Waiters are started while at most {RAMP_BACKLOG} are not yet
-created at Kling; the simulator finishes each task {", ".join(f"{lv.delay_s:.0f} s" for lv in levels)} (by level)
-after its create, long enough that all are waiting at once for {HOLD_S:g} s ("held"). Each level runs on a fresh
-simulator and gateway. Every tenant's limits are at the admin API's ceiling and each Kling account has 1,000
-slots (one tenant per 1,000 waiters).
+so the simulator calls it back, as in production) takes REST callers, each `POST /generate` with `wait_seconds:
+{WAIT_S}` on its own connection, while at most {RAMP_BACKLOG} are not yet created at Kling. The simulated Kling
+holds every task until the benchmark lets them finish, so the callers pile up: at each milestone the ramp pauses
+and all of them are held at once for {HOLD_S:g} s while the gateway is measured. Every tenant's limits are at the
+admin API's ceiling and each Kling account has 1,000 slots (one tenant per 1,000 waiters).
 
-| waiters | started | held at once | ramp s | RSS added MiB | KiB per waiter | loop lag p99 ms, ramp | loop lag p99 ms, held (max) | loop lag p99 ms, finishing | `GET /healthz` p50 / p99 ms, held | upstream queries per task | callbacks per task | succeeded | result after Kling finished, p50 / p99 s |
-|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
+| held at once | ramp s | RSS added MiB | KiB per waiter | loop lag p99 ms, ramp | loop lag p99 ms, held (max) | `GET /healthz` p50 / p99 ms, held |
+|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-- **started** is below the target when the first task finished before all were created: the worker could not
-  take callers faster than the simulated Kling finished them (its time went to the tasks already waiting); **held
-  at once** is how many were waiting together while measured, and memory per waiter is per held waiter.
-- **RSS added** is the gateway process's resident memory while all are held, minus before the first request:
-  sockets, request state, the waiting coroutines and each task's follower.
+Then the simulator finished all {end.creates:,} tasks within {end.finish_s:.0f} s, in the order they were created:
+
+| loop lag p99 ms, finishing | succeeded | upstream queries per task | callbacks per task | result after Kling finished, p50 / p99 s |
+|---|---|---|---|---|
+| {end.lag_p99_ms:.1f} | {end.succeeded:,}{_failed(end.failures)} | **{end.queries / max(1, end.creates):.2f}** | {end.callbacks / max(1, end.creates):.2f}{f" ({end.callbacks_failed:,} failed)" if end.callbacks_failed else ""} | {end.delivered_p50_s:.2f} / {end.delivered_p99_s:.2f} |
+
+{f"- The first refusal said: `{end.first_failure}`{chr(10)}" if end.first_failure else ""}- **RSS added** is the gateway process's resident memory while the waiters are held, minus before the first
+  request: sockets, request state, the waiting coroutines and each task's follower.
 - **Loop lag** is how late a {1000 * 0.005:g} ms sleep inside the gateway wakes (bench/apps.py `LagProbe`): the
   time any ready request or Kling answer waits for the worker. "finishing" covers the tasks ending and every
   caller being answered.
-- **Upstream queries per task**: the simulator's status queries (`/_sim/stats` `queries`) divided by its creates;
-  callbacks make most of them unnecessary.
+- **Upstream queries per task**: the simulator's status queries (`/_sim/stats` `queries`) divided by its creates.
+  With callbacks, polling is the fallback for a lost one: 5 s after the create, backing off to every 30 s, so
+  a task held for the whole run is queried a few times.
 - **Result after Kling finished**: when the caller got its answer minus the task's `updated_at` (the simulator's
   end time), on the same clock.
 """
@@ -228,5 +250,5 @@ def _failed(failures: dict[int, int]) -> str:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="1,000 waiters only")
+    parser.add_argument("--quick", action="store_true", help="the 1,000 milestone only")
     print(asyncio.run(main(parser.parse_args().quick)))

@@ -1,4 +1,10 @@
-"""The process's pooled outbound HTTP client: httpx2 over httpcore2, with a cheaper idle-connection check.
+"""The process's pooled outbound HTTP connections: httpcore2's pool (httpx2's transport), with a cheaper
+idle-connection check.
+
+Kling calls go straight to the pool (`create_kling_pool`): httpx2's client layer (its request and response
+models, cookies, auth and redirect flows) cost a third of each call's CPU here and gives Kling's small JSON
+calls nothing. Everything else that fetches (webhooks, previews, OAuth keys) uses an httpx2 client over the
+same kind of pool (`create_http_client`).
 
 httpcore2 re-scans every pooled connection each time a request joins or leaves the pool, and asks each idle
 one whether its socket is readable (a server that closed a kept-alive connection makes it readable). Through
@@ -80,28 +86,45 @@ class ProbedBackend(httpcore2.AsyncNetworkBackend):
         await self._backend.sleep(seconds)
 
 
+# Per phase; callers bound each whole call too, since a slow drip of bytes never trips a per-phase timeout.
+TIMEOUTS = {"connect": 5.0, "read": 30.0, "write": 10.0, "pool": 2.0}
+
+
+def _limits(max_connections: int) -> httpx2.Limits:
+    return httpx2.Limits(
+        max_connections=max_connections, max_keepalive_connections=max_connections // 2, keepalive_expiry=30.0
+    )
+
+
+def _probed_pool(limits: httpx2.Limits) -> httpcore2.AsyncConnectionPool:
+    return httpcore2.AsyncConnectionPool(
+        ssl_context=httpx2.create_ssl_context(trust_env=False),
+        max_connections=limits.max_connections,
+        max_keepalive_connections=limits.max_keepalive_connections,
+        keepalive_expiry=limits.keepalive_expiry,
+        network_backend=ProbedBackend(),
+    )
+
+
+def create_kling_pool(max_connections: int = 100) -> httpcore2.AsyncConnectionPool:
+    """The pool Kling calls are sent on (pass `extensions={"timeout": TIMEOUTS}` with each request)."""
+    return _probed_pool(_limits(max_connections))
+
+
 class PooledTransport(httpx2.AsyncHTTPTransport):
     """httpx2's transport with the pool rebuilt on `ProbedBackend`: httpx2 takes no network backend itself."""
 
     def __init__(self, limits: httpx2.Limits) -> None:
         super().__init__(limits=limits, trust_env=False)
-        self._pool = httpcore2.AsyncConnectionPool(
-            ssl_context=httpx2.create_ssl_context(trust_env=False),
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-            network_backend=ProbedBackend(),
-        )
+        self._pool = _probed_pool(limits)
 
 
 def create_http_client(max_connections: int = 100) -> httpx2.AsyncClient:
-    """A pooled client for Kling or for callers' receivers. Per-phase timeouts here; each call adds a deadline."""
-    limits = httpx2.Limits(
-        max_connections=max_connections, max_keepalive_connections=max_connections // 2, keepalive_expiry=30.0
-    )
+    """A pooled client for callers' receivers and other fetches. Per-phase timeouts here; each call adds a
+    deadline of its own."""
     return httpx2.AsyncClient(
-        timeout=httpx2.Timeout(connect=5.0, read=30.0, write=10.0, pool=2.0),
-        transport=PooledTransport(limits),
+        timeout=httpx2.Timeout(**TIMEOUTS),
+        transport=PooledTransport(_limits(max_connections)),
         follow_redirects=False,
         trust_env=False,
     )

@@ -1,7 +1,7 @@
 """KlingClient: the one way the gateway talks to Kling's image API.
 
-One pooled `httpx2.AsyncClient` per process (owned by the app lifespan), one cached HS256 JWT per
-credential, typed errors that keep the HTTP status, Kling code, message and request_id. Facts behind
+One pool of connections per process (httpcore2's, owned by the app lifespan; app/http_pool.py), one cached
+HS256 JWT per credential, typed errors that keep the HTTP status, Kling code, message and request_id. Facts behind
 it: reference/kling-api.md.
 
     KlingFailure
@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import httpx2
+import httpcore2
 import jwt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.breaker import Breakers, CircuitOpen
+from app.http_pool import TIMEOUTS
 from app.metrics import BREAKER_OPEN
 from app.models import IMAGE_MODELS, GenerateRequest
 from app.observability import kling_call
@@ -181,9 +183,14 @@ class KlingClient:
     """Typed calls to Kling's image endpoints over the shared pool."""
 
     def __init__(
-        self, http: httpx2.AsyncClient, base_url: str, *, deadline_s: float = 30.0, breakers: Breakers | None = None
+        self,
+        pool: httpcore2.AsyncConnectionPool,
+        base_url: str,
+        *,
+        deadline_s: float = 30.0,
+        breakers: Breakers | None = None,
     ) -> None:
-        self._http = http
+        self._pool = pool
         self._base_url = base_url.rstrip("/")
         self._deadline_s = deadline_s
         self._jwts = JwtCache()
@@ -247,22 +254,27 @@ class KlingClient:
         force_new_token: bool,
     ) -> KlingTask:
         token = self._jwts.token(credentials, force_new=force_new_token)
-        headers = {"Authorization": f"Bearer {token}"}
+        headers = [(b"Authorization", f"Bearer {token}".encode()), (b"Accept", b"application/json")]
+        content = None
+        if body is not None:
+            content = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+            headers.append((b"Content-Type", b"application/json"))
         with kling_call("create" if method == "POST" else "query", failure_code) as call:
             try:
-                # httpx2 timeouts are per phase; a slow drip would never trip them, so bound the whole call.
+                # The pool's timeouts are per phase; a slow drip would never trip them, so bound the whole call.
                 async with asyncio.timeout(self._deadline_s):
-                    response = await self._http.request(method, self._base_url + path, json=body, headers=headers)
-            except httpx2.PoolTimeout as exc:
+                    response = await self._pool.request(method, self._base_url + path, headers=headers,
+                                                        content=content, extensions={"timeout": TIMEOUTS})  # fmt: skip
+            except httpcore2.PoolTimeout as exc:
                 raise KlingTransportError(f"{method} {path}: no free connection to Kling in time", timed_out=True,
                                           sent=False, congested=True) from exc  # fmt: skip
-            except (httpx2.ConnectError, httpx2.ConnectTimeout) as exc:
-                timed_out = not isinstance(exc, httpx2.ConnectError)
+            except (httpcore2.ConnectError, httpcore2.ConnectTimeout) as exc:
+                timed_out = not isinstance(exc, httpcore2.ConnectError)
                 raise KlingTransportError(f"{method} {path}: no connection ({type(exc).__name__})",
                                           timed_out=timed_out, sent=False) from exc  # fmt: skip
-            except (TimeoutError, httpx2.TimeoutException) as exc:
+            except (TimeoutError, httpcore2.TimeoutException) as exc:
                 raise KlingTransportError(f"{method} {path} timed out", timed_out=True) from exc
-            except httpx2.TransportError as exc:
+            except _TRANSPORT_ERRORS as exc:
                 raise KlingTransportError(f"{method} {path} failed: {type(exc).__name__}", timed_out=False) from exc
             task = parse_envelope(response)
             call.answered(0, task.task_id)
@@ -280,28 +292,33 @@ def failure_code(failure: BaseException) -> str:
     return "cancelled" if isinstance(failure, asyncio.CancelledError) else "error"
 
 
-def parse_envelope(response: httpx2.Response) -> KlingTask:
+# What else can go wrong between sending and a whole answer: the connection breaking, or bytes that are not HTTP.
+_TRANSPORT_ERRORS = (httpcore2.NetworkError, httpcore2.ProtocolError, httpcore2.UnsupportedProtocol)
+
+
+def parse_envelope(response: httpcore2.Response) -> KlingTask:
     """Return the task in a successful answer; raise the matching typed error otherwise."""
+    status = response.status
     try:
-        envelope = response.json()
-    except ValueError as exc:
-        raise KlingProtocolError(f"HTTP {response.status_code} with a body that is not JSON") from exc
+        envelope = json.loads(response.content)
+    except ValueError as exc:  # UnicodeDecodeError is one too
+        raise KlingProtocolError(f"HTTP {status} with a body that is not JSON") from exc
     if not isinstance(envelope, dict) or not isinstance(envelope.get("code"), int):
-        raise KlingProtocolError(f"HTTP {response.status_code} without Kling's envelope")
+        raise KlingProtocolError(f"HTTP {status} without Kling's envelope")
     code: int = envelope["code"]
     request_id = envelope.get("request_id")
-    if code != 0 or response.status_code >= 400:
+    if code != 0 or status >= 400:
         message = str(envelope.get("message") or "no message")
         request_id = request_id if isinstance(request_id, str) else None
-        raise KlingError(response.status_code, code, message, request_id, _retry_after(response))
+        raise KlingError(status, code, message, request_id, _retry_after(response))
     try:
         return KlingTask.model_validate(envelope.get("data"))
     except ValidationError as exc:
         raise KlingProtocolError("a success envelope without a valid task") from exc
 
 
-def _retry_after(response: httpx2.Response) -> float | None:
-    value = response.headers.get("retry-after", "")
+def _retry_after(response: httpcore2.Response) -> float | None:
+    value = next((value for name, value in response.headers if name.lower() == b"retry-after"), b"")
     try:
         return max(0.0, float(value))
     except ValueError:

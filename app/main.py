@@ -26,7 +26,7 @@ from app.breaker import Breakers
 from app.callbacks import CALLBACK_PATH, CallbackTokens, TaskUpdates, build_callback_router
 from app.config import Settings
 from app.follower import TaskFollower
-from app.http_pool import create_http_client
+from app.http_pool import create_http_client, create_kling_pool
 from app.images import ImageService, ServiceTimings
 from app.kling import KlingClient
 from app.lifecycle import Drain
@@ -205,7 +205,7 @@ def build_gateway(settings: Settings, tracing: Tracing | None = None) -> Gateway
     # The limiter's own client never retries: a timed-out script may have run, and a retry would charge twice.
     limits_redis = open_redis(settings, retries=0)
     stores = open_stores(settings, redis)
-    http = create_http_client(settings.kling_max_connections)
+    kling_pool = create_kling_pool(settings.kling_max_connections)
     oauth = oauth_config(settings)
     broadcast = KeyChangeBroadcast(redis) if redis is not None else None
 
@@ -217,12 +217,15 @@ def build_gateway(settings: Settings, tracing: Tracing | None = None) -> Gateway
     directory = TenantDirectory(
         stores.tenants, stores.pepper, stores.sealer, KeyFormat(settings.key_environment), key_changed
     )
-    challenge = None
+    challenge, oauth_http = None, None
     if oauth is not None:
-        challenge = OAuthChallenge(oauth, OAuthVerifier(oauth, http), f"{settings.public_url}{PRM_PATH}/mcp")
+        oauth_http = create_http_client(max_connections=10)  # the issuer's keys and metadata
+        challenge = OAuthChallenge(oauth, OAuthVerifier(oauth, oauth_http), f"{settings.public_url}{PRM_PATH}/mcp")
     authenticator = Authenticator(directory, challenge)
     breakers = Breakers(failure_threshold=settings.breaker_failures, open_s=settings.breaker_open_seconds)
-    kling = KlingClient(http, settings.kling_base_url, deadline_s=settings.kling_timeout_seconds, breakers=breakers)
+    kling = KlingClient(
+        kling_pool, settings.kling_base_url, deadline_s=settings.kling_timeout_seconds, breakers=breakers
+    )
     limiter, governor = open_limits(settings, limits_redis)
     updates = TaskUpdates(redis)
     references = ReferenceGuard(
@@ -273,7 +276,9 @@ def build_gateway(settings: Settings, tracing: Tracing | None = None) -> Gateway
                 if client is not None:
                     stack.push_async_callback(client.aclose)
             await stack.enter_async_context(following_failovers(redis, limits_redis))
-            stack.push_async_callback(http.aclose)
+            stack.push_async_callback(kling_pool.aclose)
+            if oauth_http is not None:
+                stack.push_async_callback(oauth_http.aclose)
             stack.push_async_callback(preview_http.aclose)
             stack.push_async_callback(webhook_http.aclose)
             stack.push_async_callback(webhooks.aclose)

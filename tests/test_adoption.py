@@ -6,11 +6,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import anyio
-import httpx2
 import pytest
 from redis.asyncio import Redis
 
 from app.follower import Leases, TaskFollower
+from app.http_pool import create_kling_pool
 from app.kling import KlingClient, KlingCredentials
 from app.models import TaskStatus
 from app.tasks import RedisTaskStore, TaskRecord
@@ -22,8 +22,8 @@ CREDENTIALS = KlingCredentials(PRIMARY.access_key, PRIMARY.secret_key, credentia
 
 @pytest.fixture
 async def kling(simulator: Simulator) -> AsyncIterator[KlingClient]:
-    async with httpx2.AsyncClient(timeout=10) as http:
-        yield KlingClient(http, simulator.url, deadline_s=10)
+    async with create_kling_pool() as pool:
+        yield KlingClient(pool, simulator.url, deadline_s=10)
 
 
 async def _submitted(kling: KlingClient, store: RedisTaskStore) -> TaskRecord:

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from app.errors import error_from_kling
-from app.http_pool import create_http_client
+from app.http_pool import create_kling_pool
 from app.kling import (
     JwtCache,
     KlingClient,
@@ -102,7 +102,7 @@ async def test_each_kling_error_code_keeps_its_status_message_and_request_id_and
     # Twice for 1004: the client re-signs once, so a second expiry is what reaches the caller.
     await simulator.control("faults", {"code": code, "message": message, "path": "create", "times": 2})
 
-    async with create_http_client() as http:
+    async with create_kling_pool() as http:
         client = KlingClient(http, simulator.url)
         with anyio.fail_after(10), pytest.raises(KlingError) as caught:
             await client.create_image_task(CREDENTIALS, BODY)
@@ -123,7 +123,7 @@ async def test_an_account_at_its_concurrency_limit_gets_1303_which_the_caller_se
         "accounts", {"access_key": busy.access_key, "secret_key": busy.secret_key, "concurrency": 2}
     )
 
-    async with create_http_client() as http:
+    async with create_kling_pool() as http:
         client = KlingClient(http, simulator.url)
         with anyio.fail_after(10):
             await client.create_image_task(busy, {**BODY, "n": 2})
@@ -149,7 +149,7 @@ async def test_an_account_at_its_concurrency_limit_gets_1303_which_the_caller_se
 async def test_a_body_kling_refuses_raises_the_real_code_and_maps_to_invalid_request(
     simulator: Simulator, body: dict[str, Any], http_status: int, code: int
 ) -> None:
-    async with create_http_client() as http:
+    async with create_kling_pool() as http:
         with anyio.fail_after(10), pytest.raises(KlingError) as caught:
             await KlingClient(http, simulator.url).create_image_task(CREDENTIALS, body)
 
@@ -172,7 +172,7 @@ async def test_a_body_kling_refuses_raises_the_real_code_and_maps_to_invalid_req
 async def test_credentials_kling_does_not_recognise_raise_1002_with_http_401(
     simulator: Simulator, credentials: KlingCredentials
 ) -> None:
-    async with create_http_client() as http:
+    async with create_kling_pool() as http:
         with anyio.fail_after(10), pytest.raises(KlingError) as caught:
             await KlingClient(http, simulator.url).create_image_task(credentials, BODY)
 
@@ -183,7 +183,7 @@ async def test_credentials_kling_does_not_recognise_raise_1002_with_http_401(
 
 
 async def test_an_expired_token_on_a_query_is_signed_again_once_and_the_query_succeeds(simulator: Simulator) -> None:
-    async with create_http_client() as http:
+    async with create_kling_pool() as http:
         client = KlingClient(http, simulator.url)
         with anyio.fail_after(10):
             created = await client.create_image_task(CREDENTIALS, BODY)
@@ -197,7 +197,7 @@ async def test_an_expired_token_on_a_query_is_signed_again_once_and_the_query_su
 async def test_an_expired_token_on_a_create_is_signed_again_once_and_creates_one_task(simulator: Simulator) -> None:
     await simulator.control("faults", {"code": 1004, "path": "create", "times": 1})
 
-    async with create_http_client() as http:
+    async with create_kling_pool() as http:
         with anyio.fail_after(10):
             task = await KlingClient(http, simulator.url).create_image_task(CREDENTIALS, BODY)
 
@@ -208,7 +208,7 @@ async def test_an_expired_token_on_a_create_is_signed_again_once_and_creates_one
 async def test_an_invalid_token_error_is_not_retried(simulator: Simulator) -> None:
     await simulator.control("faults", {"code": 1002, "path": "create", "times": 1})
 
-    async with create_http_client() as http:
+    async with create_kling_pool() as http:
         with anyio.fail_after(10), pytest.raises(KlingError) as caught:
             await KlingClient(http, simulator.url).create_image_task(CREDENTIALS, BODY)
 
@@ -268,7 +268,7 @@ async def test_a_malformed_answer_raises_a_protocol_error_that_the_caller_sees_a
 ) -> None:
     await simulator.control("malformed", {"path": path})
 
-    async with create_http_client() as http:
+    async with create_kling_pool() as http:
         client = KlingClient(http, simulator.url)
         with anyio.fail_after(10), pytest.raises(KlingProtocolError) as caught:
             await call(client, path)
@@ -278,7 +278,7 @@ async def test_a_malformed_answer_raises_a_protocol_error_that_the_caller_sees_a
 
 
 async def test_an_unknown_path_answers_an_envelope_less_404_that_raises_a_protocol_error(simulator: Simulator) -> None:
-    async with create_http_client() as http:
+    async with create_kling_pool() as http:
         client = KlingClient(http, f"{simulator.url}/extra")
         with anyio.fail_after(10):
             with pytest.raises(KlingProtocolError) as on_create:
@@ -295,7 +295,7 @@ async def test_an_answer_slower_than_the_deadline_raises_a_timed_out_transport_e
 ) -> None:
     await simulator.control("slow", {"seconds": 2, "path": "create"})
 
-    async with create_http_client() as http:
+    async with create_kling_pool() as http:
         client = KlingClient(http, simulator.url, deadline_s=0.3)
         with anyio.fail_after(1.5), pytest.raises(KlingTransportError) as caught:
             await client.create_image_task(CREDENTIALS, BODY)
@@ -306,7 +306,7 @@ async def test_an_answer_slower_than_the_deadline_raises_a_timed_out_transport_e
 
 
 async def test_a_refused_connection_raises_a_transport_error_that_did_not_time_out_seen_as_502() -> None:
-    async with create_http_client() as http:
+    async with create_kling_pool() as http:
         client = KlingClient(http, f"http://127.0.0.1:{free_port()}")
         with anyio.fail_after(10), pytest.raises(KlingTransportError) as caught:
             await client.create_image_task(CREDENTIALS, BODY)
@@ -325,7 +325,7 @@ def test_error_from_kling_refuses_an_exception_that_is_not_a_kling_failure() -> 
 
 
 async def test_a_created_task_reaches_succeed_with_indexed_absolute_image_urls(simulator: Simulator) -> None:
-    async with create_http_client() as http:
+    async with create_kling_pool() as http:
         client = KlingClient(http, simulator.url)
         with anyio.fail_after(10):
             created = await client.create_image_task(CREDENTIALS, {**BODY, "n": 3})
@@ -342,7 +342,7 @@ async def test_a_created_task_reaches_succeed_with_indexed_absolute_image_urls(s
 
 async def test_a_task_can_be_queried_by_its_external_task_id(simulator: Simulator) -> None:
     external_id = "tenant-1:idem-42"
-    async with create_http_client() as http:
+    async with create_kling_pool() as http:
         client = KlingClient(http, simulator.url)
         with anyio.fail_after(10):
             created = await client.create_image_task(CREDENTIALS, {**BODY, "external_task_id": external_id})
@@ -354,7 +354,7 @@ async def test_a_task_can_be_queried_by_its_external_task_id(simulator: Simulato
 
 
 async def test_a_task_of_another_account_is_not_found(simulator: Simulator) -> None:
-    async with create_http_client() as http:
+    async with create_kling_pool() as http:
         client = KlingClient(http, simulator.url)
         with anyio.fail_after(10):
             created = await client.create_image_task(CREDENTIALS, BODY)
@@ -367,7 +367,7 @@ async def test_a_task_of_another_account_is_not_found(simulator: Simulator) -> N
 async def test_a_task_kling_fails_after_creation_reports_failed_with_its_reason(simulator: Simulator) -> None:
     await simulator.control("outcomes", {"status": "failed", "message": "content risk control"})
 
-    async with create_http_client() as http:
+    async with create_kling_pool() as http:
         client = KlingClient(http, simulator.url)
         with anyio.fail_after(10):
             created = await client.create_image_task(CREDENTIALS, BODY)
@@ -483,7 +483,7 @@ async def test_a_generation_body_uses_klings_field_names_and_is_accepted_by_klin
     assert {key: body.get(key) for key in present} == present
     assert absent.isdisjoint(body)
     assert set(SEED_FIELD_NAMES).isdisjoint(body)
-    async with create_http_client() as http:
+    async with create_kling_pool() as http:
         with anyio.fail_after(10):
             task = await KlingClient(http, simulator.url).create_image_task(CREDENTIALS, body)
     assert task.task_status == "submitted"

@@ -12,7 +12,7 @@ from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from app.breaker import Breakers
-from app.http_pool import create_http_client
+from app.http_pool import create_kling_pool
 from app.images import retry_delay
 from app.kling import (
     KlingCircuitOpen,
@@ -258,7 +258,7 @@ async def test_calls_that_found_every_pooled_connection_busy_do_not_open_the_acc
 ) -> None:
     breakers = Breakers(failure_threshold=1, open_s=60)
     credentials = KlingCredentials(PRIMARY.access_key, PRIMARY.secret_key)
-    async with create_http_client(max_connections=1) as http:
+    async with create_kling_pool(max_connections=1) as http:
         client = KlingClient(http, simulator.url, breakers=breakers)
         await simulator.control("slow", {"seconds": 3.0, "times": 1, "path": "query"})
         with anyio.fail_after(10):
@@ -278,7 +278,7 @@ async def test_calls_that_found_every_pooled_connection_busy_do_not_open_the_acc
 async def test_a_cancelled_breaker_probe_lets_the_next_call_probe(simulator: Simulator) -> None:
     breakers = Breakers(failure_threshold=1, open_s=0.2)
     credentials = KlingCredentials(PRIMARY.access_key, PRIMARY.secret_key)
-    async with create_http_client() as http:
+    async with create_kling_pool() as http:
         client = KlingClient(http, simulator.url, breakers=breakers)
         await simulator.control("faults", {"code": 5001, "http_status": 503, "times": 1, "path": "query"})
         with pytest.raises(KlingError):

@@ -256,9 +256,7 @@ class TaskFollower:
     async def _turn(self, watch: _Watch) -> None:
         """Query Kling if this replica holds the poll lease; otherwise catch up from the shared record."""
         task_id = watch.record.task_id
-        if await self._claim_polling(task_id):
-            with contextlib.suppress(RedisError):
-                await self._tasks.mark_followed(task_id)
+        if await self._claim_polling(task_id):  # which also marks the task followed (by this turn)
             await self._poll(watch)
             return
         try:
@@ -400,8 +398,7 @@ class TaskFollower:
         if watch is not None:
             watch.adopted = True
             return 0
-        await self._tasks.mark_followed(task_id)
-        self._start(_Watch(record, kling, None, adopted=True))
+        self._start(_Watch(record, kling, None, adopted=True))  # the claim above marked it followed
         return 1
 
     # --- waiting ---

@@ -315,7 +315,6 @@ class ImageService:
         """
         tenant, images = principal.tenant, request.num_images
         admission = await self._limiter.admit_task(tenant.id, principal.key_id, tenant.limits, images)
-        await self._record_usage(principal, requests=1)
         # Only a key-derived id can have been sent before (a retry of the same key): a fresh one needs no marker.
         create = self._create_once if external_task_id is not None else self._create
         external_task_id = external_task_id or external_task_id_for(tenant.id, None)
@@ -324,7 +323,7 @@ class ImageService:
                 principal.credential_id, images, principal.concurrency, self._timings.queue_timeout_s
             )
         except BaseException:
-            await asyncio.shield(self._release(principal, admission.lease_id, None, images))
+            await asyncio.shield(self._undo(principal, admission.lease_id, None, images))
             raise
         with anyio.CancelScope(shield=True):
             try:
@@ -333,9 +332,10 @@ class ImageService:
                 task = await create(principal.kling, body, external_task_id)
             except UncertainCreate as exc:
                 logger.warning("task %s may exist at Kling; its slots lapse by themselves", external_task_id)
+                await self._record_usage(principal, requests=1)
                 raise exc.error from exc
             except BaseException:
-                await self._release(principal, admission.lease_id, account_lease, images)
+                await self._undo(principal, admission.lease_id, account_lease, images)
                 raise
             record = TaskRecord(
                 task_id=task.task_id, tenant_id=tenant.id, credential_id=principal.credential_id,
@@ -345,7 +345,8 @@ class ImageService:
             ).updated_from(task)  # fmt: skip
             self._follower.follow(record, principal.kling, self._leases(principal, admission.lease_id, account_lease))
             await self._save_quietly(record)
-            await self._record_usage(principal, tasks=1, images=images)
+            # The request is counted with its task, in one write rather than one on admission and one here.
+            await self._record_usage(principal, requests=1, tasks=1, images=images)
         return Outcome(record, admission.remaining)
 
     async def _record_usage(self, principal: Principal, *, requests: int = 0, tasks: int = 0, images: int = 0) -> None:
@@ -369,6 +370,11 @@ class ImageService:
             await self._release(principal, tenant_lease, account_lease, 0)
 
         return Leases(refresh=refresh, release=release)
+
+    async def _undo(self, principal: Principal, tenant_lease: str, account_lease: str | None, refund: int) -> None:
+        """An admitted submission that created nothing: its slots back; the request still counts as one."""
+        await self._release(principal, tenant_lease, account_lease, refund)
+        await self._record_usage(principal, requests=1)
 
     async def _release(self, principal: Principal, tenant_lease: str, account_lease: str | None, refund: int) -> None:
         """Each release on its own: one failing must not keep the other slot."""

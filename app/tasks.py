@@ -29,10 +29,12 @@ redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[3]))
 return 1
 """
 # Take or renew a task's poll lease: whoever holds it queries Kling for everyone.
+# The claim and the follow mark in one round trip: each poll turn of each followed task makes this call.
 CLAIM_POLLING = """
 local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
 return 1
 """
 RELEASE_POLLING = """
@@ -137,7 +139,8 @@ class TaskStore(Protocol):
     async def confirm_submitted(self, external_task_id: str) -> None: ...
 
     async def claim_polling(self, task_id: str, poller: str, ttl_s: float) -> bool:
-        """Take or renew the task's poll lease for `ttl_s`; False while another poller holds it."""
+        """Take or renew the task's poll lease for `ttl_s`, and mark the task followed as of now (see
+        `mark_followed`); False, and nothing changed, while another poller holds it."""
 
     async def release_polling(self, task_id: str, poller: str) -> None:
         """Give the poll lease up, if `poller` still holds it, so another replica can take over at once."""
@@ -213,6 +216,7 @@ class MemoryTaskStore:
         if holder != poller and until > time.monotonic():
             return False
         self._pollers[task_id] = (poller, time.monotonic() + ttl_s)
+        self._followed[task_id] = time.time()
         return True
 
     async def release_polling(self, task_id: str, poller: str) -> None:
@@ -281,8 +285,8 @@ class RedisTaskStore:
         await self._redis.delete(f"{self._ns}:submitting:{external_task_id}")
 
     async def claim_polling(self, task_id: str, poller: str, ttl_s: float) -> bool:
-        key = f"{self._ns}:poller:{task_id}"
-        return bool(await self._claim_polling(keys=[key], args=[poller, int(ttl_s * 1000)]))
+        keys = [f"{self._ns}:poller:{task_id}", f"{self._ns}:followed"]
+        return bool(await self._claim_polling(keys=keys, args=[poller, int(ttl_s * 1000), time.time(), task_id]))
 
     async def release_polling(self, task_id: str, poller: str) -> None:
         await self._release_polling(keys=[f"{self._ns}:poller:{task_id}"], args=[poller])

@@ -1,5 +1,6 @@
 """Limiter benchmark: decisions per second against real Redis (memory alongside), Redis round trips per
-decision, and admission accuracy with 200 concurrent clients on 2 gateway processes.
+decision and per request (auth cache miss and hit, a generation's whole life), and admission accuracy with 200
+concurrent clients on 2 gateway processes.
 
     python -m bench.limiter [--quick]
 
@@ -14,19 +15,23 @@ import secrets
 import statistics
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import httpx2
 from redis.asyncio import Redis
+from redis.asyncio.client import Monitor
 
 from app.main import create_redis
 from app.ratelimit import Limiter, MemoryLimiter, RedisLimiter, TenantLimits
 from app.sealing import new_master_key
 from app.simulator import SimAccount, SimulatorConfig, create_simulator_app
+from bench.measure import alternating
 from bench.report import machine, write_section
 from tests.servers import gateway_process, redis_server, serve
 
 UNLIMITED = TenantLimits(requests_per_minute=10**9, concurrent_tasks=10**9, images_per_day=10**9)
+UNLIMITED_BODY = {"requests_per_minute": 1_000_000, "concurrent_tasks": 100_000, "images_per_day": 100_000_000}
 
 
 async def decisions_per_second(limiter: Limiter, decisions: int, concurrency: int) -> float:
@@ -60,9 +65,73 @@ async def round_trips_per_decision(redis: Redis, limiter: Limiter, decisions: in
     return (sent_after - sent_before) / decisions, (total_after - total_before) / decisions
 
 
-async def median_of(repeats: int, measure: Callable[[], Awaitable[float]]) -> tuple[float, list[float]]:
-    samples = [await measure() for _ in range(repeats)]
-    return statistics.median(samples), samples
+# Commands from one connection this close together were sent together (a pipeline): no round trip through a
+# Python client on loopback takes less.
+PIPELINED_WITHIN_S = 20e-6
+
+
+@dataclass
+class RoundTrips:
+    """Counts what Redis runs for the gateway (MONITOR), as client round trips: commands a script runs are
+    not sent by anyone, and a pipeline's commands travel together."""
+
+    monitor: Monitor
+    counted: int = 0
+    _last: tuple[str, float] = ("", 0.0)
+
+    async def until(self, done: Callable[[str], bool]) -> int:
+        """Count commands until one for which `done(command)` holds (counted too); returns the count so far."""
+        while True:
+            async with asyncio.timeout(30):
+                command = await self.monitor.next_command()
+            if command["client_type"] == "lua":
+                continue
+            sender = f"{command['client_address']}:{command['client_port']}"
+            if sender != self._last[0] or command["time"] - self._last[1] > PIPELINED_WITHIN_S:
+                self.counted += 1
+            self._last = (sender, command["time"])
+            if done(command["command"]):
+                return self.counted
+
+
+def mentioning(text: str) -> Callable[[str], bool]:
+    return lambda command: text in command
+
+
+def followed_off(task_id: str) -> Callable[[str], bool]:
+    """The follower's last act for a task: taking it off the followed set."""
+    return lambda command: command.startswith("ZREM") and task_id in command
+
+
+async def round_trips_per_request(redis_url: str) -> dict[str, int]:
+    """Round trips one gateway process makes for: a request whose key is not in its cache, the same request
+    again (cached), and a `POST /generate` (wait 0) over its whole life, from the request to the task's end."""
+    account = SimAccount("bench-rt-ak", "bench-sk-" + secrets.token_hex(24), concurrency=100)
+    admin_token = secrets.token_urlsafe(24)
+    counts: dict[str, int] = {}
+    async with serve(create_simulator_app(SimulatorConfig((account,), delay=0.2))) as kling_url:
+        env = {"KGW_REDIS_URL": redis_url, "KGW_KEY_PEPPER": secrets.token_urlsafe(24),
+               "KGW_MASTER_KEY": new_master_key(), "KGW_ADMIN_TOKEN": admin_token, "KGW_KLING_BASE_URL": kling_url}  # fmt: skip
+        async with gateway_process(env) as replica, httpx2.AsyncClient(timeout=30) as http:
+            warm_up = {"Authorization": f"Bearer {await _tenant_key(http, replica.url, admin_token, account)}"}
+            headers = {"Authorization": f"Bearer {await _tenant_key(http, replica.url, admin_token, account)}"}
+            watcher = Redis.from_url(redis_url)
+            async with watcher.monitor() as monitor:
+                trips = RoundTrips(monitor)
+                # Scripts loaded and connections opened first: those happen once per process, not per request.
+                await http.get(f"{replica.url}/tasks/bench-none-warm", headers=warm_up)
+                warmed = await http.post(f"{replica.url}/generate", json={"prompt": "x"}, headers=warm_up)
+                await trips.until(followed_off(warmed.json()["task_id"]))
+                for label in ("auth miss", "auth hit"):  # the task lookup answers 404; its GET ends the request
+                    before, task_key = trips.counted, f"task:bench-none-{label[5:]}"
+                    await http.get(f"{replica.url}/tasks/bench-none-{label[5:]}", headers=headers)
+                    counts[label] = await trips.until(mentioning(task_key)) - before
+                before = trips.counted
+                created = await http.post(f"{replica.url}/generate", json={"prompt": "x", "wait_seconds": 0},
+                                          headers=headers)  # fmt: skip
+                counts["generate"] = await trips.until(followed_off(created.json()["task_id"])) - before
+            await watcher.aclose()
+    return counts
 
 
 async def admission_accuracy(redis_url: str, clients: int, per_minute: int, rounds: int) -> list[int]:
@@ -79,15 +148,22 @@ async def admission_accuracy(redis_url: str, clients: int, per_minute: int, roun
                         for _ in range(rounds)]  # fmt: skip
 
 
+async def _tenant_key(
+    http: httpx2.AsyncClient, url: str, admin_token: str, account: SimAccount, limits: dict[str, int] = UNLIMITED_BODY
+) -> str:
+    """A new tenant on `account` with `limits`, and an API key of it."""
+    admin = {"Authorization": f"Bearer {admin_token}"}
+    kling = {"access_key": account.access_key, "secret_key": account.secret_key, "concurrency": account.concurrency}
+    body = {"name": f"bench-{uuid.uuid4().hex[:8]}", "kling": kling, "limits": limits}
+    tenant = (await http.post(f"{url}/admin/tenants", json=body, headers=admin)).json()
+    key: str = (await http.post(f"{url}/admin/tenants/{tenant['id']}/keys", json={}, headers=admin)).json()["api_key"]
+    return key
+
+
 async def _one_round(http: httpx2.AsyncClient, urls: list[str], admin_token: str, account: SimAccount,
                      clients: int, per_minute: int) -> int:  # fmt: skip
-    admin = {"Authorization": f"Bearer {admin_token}"}
-    kling = {"access_key": account.access_key, "secret_key": account.secret_key, "concurrency": 1000}
     limits = {"requests_per_minute": per_minute, "concurrent_tasks": clients, "images_per_day": 10**6}
-    body = {"name": f"bench-{uuid.uuid4().hex[:8]}", "kling": kling, "limits": limits}
-    tenant = (await http.post(f"{urls[0]}/admin/tenants", json=body, headers=admin)).json()
-    key = (await http.post(f"{urls[0]}/admin/tenants/{tenant['id']}/keys", json={}, headers=admin)).json()["api_key"]
-    headers = {"Authorization": f"Bearer {key}"}
+    headers = {"Authorization": f"Bearer {await _tenant_key(http, urls[0], admin_token, account, limits)}"}
 
     async def submit(index: int) -> int:
         response = await http.post(f"{urls[index % 2]}/generate", json={"prompt": "bench"}, headers=headers)
@@ -107,12 +183,15 @@ async def main(quick: bool) -> None:
         redis_limiter, memory_limiter = RedisLimiter(redis, lease_ttl_s=60), MemoryLimiter(lease_ttl_s=60)
         await decisions_per_second(redis_limiter, 500, 32)  # warm up: connections, script load
         # Alternating, so that the shared machine's noise falls on both alike.
-        redis_rate, redis_samples = await median_of(repeats, lambda: decisions_per_second(redis_limiter, decisions, 64))
-        memory_rate, memory_samples = await median_of(
-            repeats, lambda: decisions_per_second(memory_limiter, decisions, 64)
-        )
+        rates = await alternating(repeats, {
+            "redis": lambda: decisions_per_second(redis_limiter, decisions, 64),
+            "memory": lambda: decisions_per_second(memory_limiter, decisions, 64),
+        })  # fmt: skip
+        redis_samples, memory_samples = rates["redis"], rates["memory"]
+        redis_rate, memory_rate = statistics.median(redis_samples), statistics.median(memory_samples)
         trips, commands = await round_trips_per_decision(redis, redis_limiter, 1000)
         await redis.aclose()
+        per_request = await round_trips_per_request(url)
         admitted = await admission_accuracy(url, clients=200, per_minute=50, rounds=rounds)
     body = f"""## Limiter (`python -m bench.limiter{" --quick" if quick else ""}`)
 
@@ -123,6 +202,9 @@ Machine: {machine()}. Run {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}.
 | rate decisions per second, Redis (`admit_request`, 64 concurrent callers, one process) | **{redis_rate:,.0f}** median of {repeats} (samples {", ".join(f"{s:,.0f}" for s in redis_samples)}) |
 | same decisions per second, memory backend (the ceiling without the network) | {memory_rate:,.0f} median (samples {", ".join(f"{s:,.0f}" for s in memory_samples)}) |
 | Redis round trips per rate decision | {trips:.2f} (one EVALSHA; the script is loaded once), running {commands:.1f} commands inside Redis |
+| Redis round trips per request, key not in the replica's cache (`GET /tasks/{{id}}`) | {per_request["auth miss"]} (key, tenant and Kling account records and the key's last use; the rate decision; the usage count; the task record) |
+| same request, key cached (for up to 1 s, dropped at once on revocation) | {per_request["auth hit"]} |
+| Redis round trips of a `POST /generate` (wait 0) over the task's whole life, key cached | {per_request["generate"]} (limits, account slot, record, usage on the request; the follower's poll lease, record, broadcast and releases after) |
 | admission accuracy: 200 simultaneous submissions over 2 gateway processes against 50/min | admitted {", ".join(map(str, admitted))} in {rounds} rounds (exact = 50) |
 
 Each decision is one Lua script; the rate is clocked by Redis `TIME`, so the replicas' clocks play no part.

@@ -118,15 +118,18 @@ class _Task:
     started: float  # monotonic
     created_ms: int
     base_url: str  # of the create request, for the image URLs in callbacks
-    delay: float  # seconds from create to end: the configured delay, unless `POST /_sim/finish` moved the end
+    # Seconds from create to "processing" and to the end: from the configured delay, unless `POST /_sim/finish`
+    # brought them forward.
+    processing_at: float
+    delay: float
 
     def phase(self) -> tuple[str, float]:
         """The current status and the offset (s) at which it began."""
-        elapsed, delay = time.monotonic() - self.started, self.delay
-        if elapsed >= delay:
-            return self.outcome[0], delay
-        if elapsed >= delay * _PROCESSING_AT:
-            return "processing", delay * _PROCESSING_AT
+        elapsed = time.monotonic() - self.started
+        if elapsed >= self.delay:
+            return self.outcome[0], self.delay
+        if elapsed >= self.processing_at:
+            return "processing", self.processing_at
         return "submitted", 0.0
 
 
@@ -358,7 +361,8 @@ class _Simulator:
             raise _KlingError(429, 1303, "parallel task over resource pack limit")
         outcome = _take(self._s.outcomes, "create") or ("succeed", "")
         task = _Task(str(uuid.uuid4().int)[:19], access_key, spec, outcome, time.monotonic(),
-                     int(time.time() * 1000), str(request.base_url), self._config.delay)  # fmt: skip
+                     int(time.time() * 1000), str(request.base_url), self._config.delay * _PROCESSING_AT,
+                     self._config.delay)  # fmt: skip
         self._record(task)
         info = self._task_data(task, task.base_url)
         return _envelope({k: info[k] for k in ("task_id", "task_status", "task_info", "created_at", "updated_at")})
@@ -415,9 +419,9 @@ class _Simulator:
 
     async def _deliver_callbacks(self, task: _Task) -> None:
         last = ""
-        for share in (_PROCESSING_AT, 1.0):
-            # Re-read after each wake: `POST /_sim/finish` may have brought the end forward.
-            while (remaining := task.started + task.delay * share - time.monotonic()) > 0:
+        for at_end in (False, True):
+            # Re-read after each wake: `POST /_sim/finish` may have brought the offset forward.
+            while (remaining := task.started + (task.delay if at_end else task.processing_at) - time.monotonic()) > 0:
                 # A little past the offset: event-loop timers may fire up to a clock tick early.
                 with anyio.move_on_after(remaining + _TIMER_SLACK_S):
                     await self._rescheduled.wait()
@@ -489,7 +493,9 @@ class _Simulator:
 
     def _finish_running(self, body: dict[str, Any]) -> None:
         """End every running task within `within_s` seconds, in creation order at an even pace: a benchmark
-        holds thousands of waiting tasks, then lets them finish without waiting out the whole delay."""
+        holds thousands of waiting tasks, then lets them finish without waiting out the whole delay. A task
+        still "submitted" goes straight to its end, so its callbacks are one, at its end, not a burst of
+        "processing" callbacks for every task at once."""
         within = body.get("within_s", 0.0)
         if isinstance(within, bool) or not isinstance(within, int | float) or within < 0:
             raise _BadControl("within_s must be a non-negative number")
@@ -497,6 +503,7 @@ class _Simulator:
         running = sorted((t for t in self._s.tasks.values() if t.phase()[0] not in _TERMINAL), key=lambda t: t.started)
         for index, task in enumerate(running, start=1):
             task.delay = now - task.started + within * index / len(running)
+            task.processing_at = min(task.processing_at, task.delay)
         self._rescheduled.set()
         self._rescheduled = asyncio.Event()
 

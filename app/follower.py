@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 
 from redis.exceptions import RedisError
 
-from app.kling import KlingClient, KlingCredentials, KlingFailure
+from app.kling import KlingClient, KlingCredentials, KlingFailure, KlingTask
 from app.metrics import TASKS_IN_FLIGHT
+from app.status_queries import StatusQueries
 from app.tasks import ProgressCallback, TaskRecord, TaskStore
 
 logger = logging.getLogger(__name__)
@@ -90,8 +91,10 @@ class TaskFollower:
         credentials_of: CredentialsOf | None = None,
         callbacks: bool = False,
         lease_refresh_s: float = MAX_POLL_INTERVAL_S,
+        queries: StatusQueries | None = None,
     ) -> None:
         self._kling = kling
+        self._queries = queries  # poll turns read through it, gathered per account; without it, one query each
         self._tasks = tasks
         self._first_interval_s = max(first_interval_s, MAX_POLL_INTERVAL_S) if callbacks else first_interval_s
         self._max_interval_s = CALLBACK_FALLBACK_POLL_S if callbacks else MAX_POLL_INTERVAL_S
@@ -113,6 +116,8 @@ class TaskFollower:
     def follow(self, record: TaskRecord, kling: KlingCredentials, leases: Leases) -> None:
         """Follow a task just submitted here to its end, then release its leases."""
         TASKS_IN_FLIGHT.inc()
+        if self._queries is not None:
+            self._queries.created(kling, record.created_at_ms)
         refresh_at = time.monotonic() + self._refresh_every_s  # the leases were taken just now
         watch = self._watches.get(record.task_id)
         if watch is None:
@@ -277,13 +282,20 @@ class TaskFollower:
             await self._tasks.release_polling(task_id, self._replica)
 
     async def _poll(self, watch: _Watch) -> None:
-        await self.refresh(watch.record, watch.kling)
+        record, queries = watch.record, self._queries
+        if queries is None:
+            await self.refresh(record, watch.kling)
+        else:
+            await self._refreshed(record, queries.status(watch.kling, record.task_id, record.created_at_ms))
 
     async def refresh(self, record: TaskRecord, kling: KlingCredentials) -> TaskRecord:
         """Ask Kling for the task now; a newer state is recorded and announced. Returns the latest known state
         (the one given when the query failed: a failed query is "no news", not a failure)."""
+        return await self._refreshed(record, self._kling.get_image_task(kling, record.task_id))
+
+    async def _refreshed(self, record: TaskRecord, query: Awaitable[KlingTask]) -> TaskRecord:
         try:
-            latest = record.updated_from(await self._kling.get_image_task(kling, record.task_id))
+            latest = record.updated_from(await query)
         except KlingFailure as exc:
             logger.warning("could not query task %s: %s", record.task_id, type(exc).__name__)
             return record

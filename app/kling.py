@@ -16,8 +16,9 @@ import asyncio
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpcore2
 import jwt
@@ -34,6 +35,8 @@ JWT_LIFETIME_S = 1800
 # Re-sign when less than this is left, so a token never expires between signing and Kling checking it.
 JWT_RENEW_MARGIN_S = 300
 CODE_TOKEN_EXPIRED = 1004
+LIST_PAGE_MAX = 500  # Kling's largest pageSize (reference/kling-api.md §5)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -197,30 +200,49 @@ class KlingClient:
         self._breakers = breakers or Breakers()
 
     async def create_image_task(self, credentials: KlingCredentials, body: dict[str, Any]) -> KlingTask:
-        return await self._call(credentials, "POST", GENERATIONS_PATH, body)
+        return await self._call(credentials, "POST", GENERATIONS_PATH, body, _one_task)
 
     async def get_image_task(self, credentials: KlingCredentials, task_id: str) -> KlingTask:
         """Look a task up by Kling's task_id or by the external_task_id the gateway chose."""
-        return await self._call(credentials, "GET", f"{GENERATIONS_PATH}/{task_id}", None)
+        return await self._call(credentials, "GET", f"{GENERATIONS_PATH}/{task_id}", None, _one_task)
+
+    async def list_image_tasks(
+        self, credentials: KlingCredentials, page_size: int, wanted: frozenset[str]
+    ) -> dict[str, KlingTask]:
+        """The `wanted` tasks among the account's newest `page_size` (Kling's list filters on nothing else);
+        only those are read, so a long page costs little more than its bytes."""
+        path = f"{GENERATIONS_PATH}?pageNum=1&pageSize={max(1, min(page_size, LIST_PAGE_MAX))}"
+        return await self._call(credentials, "GET", path, None, lambda data: _wanted_tasks(data, wanted))
 
     async def _call(
-        self, credentials: KlingCredentials, method: str, path: str, body: dict[str, Any] | None
-    ) -> KlingTask:
+        self,
+        credentials: KlingCredentials,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None,
+        parse: Callable[[Any], T],
+    ) -> T:
+        """Kling's answer, its envelope checked and its `data` read by `parse`, or a typed failure."""
         try:
-            return await self._guarded_call(credentials, method, path, body)
+            return await self._guarded_call(credentials, method, path, body, parse)
         finally:
             is_open = self._breakers.is_open(credentials.access_key)
             BREAKER_OPEN.labels(credentials.credential_id or "unnamed").set(1 if is_open else 0)
 
     async def _guarded_call(
-        self, credentials: KlingCredentials, method: str, path: str, body: dict[str, Any] | None
-    ) -> KlingTask:
+        self,
+        credentials: KlingCredentials,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None,
+        parse: Callable[[Any], T],
+    ) -> T:
         try:
             self._breakers.before_call(credentials.access_key)
         except CircuitOpen as exc:
             raise KlingCircuitOpen(exc.retry_after_s) from exc
         try:
-            task = await self._send_resigning(credentials, method, path, body)
+            data = await self._send_resigning(credentials, method, path, body, parse)
         except KlingFailure as exc:
             if is_unhealthy(exc):
                 self._breakers.failed(credentials.access_key)
@@ -231,18 +253,23 @@ class KlingClient:
             self._breakers.abandoned(credentials.access_key)  # cancelled: no verdict on the account
             raise
         self._breakers.succeeded(credentials.access_key)
-        return task
+        return data
 
     async def _send_resigning(
-        self, credentials: KlingCredentials, method: str, path: str, body: dict[str, Any] | None
-    ) -> KlingTask:
+        self,
+        credentials: KlingCredentials,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None,
+        parse: Callable[[Any], T],
+    ) -> T:
         try:
-            return await self._send(credentials, method, path, body, force_new_token=False)
+            return await self._send(credentials, method, path, body, parse, force_new_token=False)
         except KlingError as exc:
             # A token can expire between our clock and Kling's; re-sign once, as Kling's docs advise.
             if exc.code != CODE_TOKEN_EXPIRED:
                 raise
-            return await self._send(credentials, method, path, body, force_new_token=True)
+            return await self._send(credentials, method, path, body, parse, force_new_token=True)
 
     async def _send(
         self,
@@ -250,16 +277,18 @@ class KlingClient:
         method: str,
         path: str,
         body: dict[str, Any] | None,
+        parse: Callable[[Any], T],
         *,
         force_new_token: bool,
-    ) -> KlingTask:
+    ) -> T:
         token = self._jwts.token(credentials, force_new=force_new_token)
         headers = [(b"Authorization", f"Bearer {token}".encode()), (b"Accept", b"application/json")]
         content = None
         if body is not None:
             content = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
             headers.append((b"Content-Type", b"application/json"))
-        with kling_call("create" if method == "POST" else "query", failure_code) as call:
+        endpoint = "create" if method == "POST" else "list" if "?" in path else "query"
+        with kling_call(endpoint, failure_code) as call:
             try:
                 # The pool's timeouts are per phase; a slow drip would never trip them, so bound the whole call.
                 async with asyncio.timeout(self._deadline_s):
@@ -276,9 +305,9 @@ class KlingClient:
                 raise KlingTransportError(f"{method} {path} timed out", timed_out=True) from exc
             except _TRANSPORT_ERRORS as exc:
                 raise KlingTransportError(f"{method} {path} failed: {type(exc).__name__}", timed_out=False) from exc
-            task = parse_envelope(response)
-            call.answered(0, task.task_id)
-        return task
+            data = parse(parse_envelope(response))
+            call.answered(0, data.task_id if isinstance(data, KlingTask) else None)
+        return data
 
 
 def failure_code(failure: BaseException) -> str:
@@ -296,8 +325,8 @@ def failure_code(failure: BaseException) -> str:
 _TRANSPORT_ERRORS = (httpcore2.NetworkError, httpcore2.ProtocolError, httpcore2.UnsupportedProtocol)
 
 
-def parse_envelope(response: httpcore2.Response) -> KlingTask:
-    """Return the task in a successful answer; raise the matching typed error otherwise."""
+def parse_envelope(response: httpcore2.Response) -> Any:
+    """Return the `data` of a successful answer; raise the matching typed error otherwise."""
     status = response.status
     try:
         envelope = json.loads(response.content)
@@ -311,10 +340,27 @@ def parse_envelope(response: httpcore2.Response) -> KlingTask:
         message = str(envelope.get("message") or "no message")
         request_id = request_id if isinstance(request_id, str) else None
         raise KlingError(status, code, message, request_id, _retry_after(response))
+    return envelope.get("data")
+
+
+def _one_task(data: Any) -> KlingTask:
     try:
-        return KlingTask.model_validate(envelope.get("data"))
+        return KlingTask.model_validate(data)
     except ValidationError as exc:
         raise KlingProtocolError("a success envelope without a valid task") from exc
+
+
+def _wanted_tasks(data: Any, wanted: frozenset[str]) -> dict[str, KlingTask]:
+    if not isinstance(data, list):
+        raise KlingProtocolError("a list answer whose data is not a list")
+    try:
+        return {
+            item["task_id"]: KlingTask.model_validate(item)
+            for item in data
+            if isinstance(item, dict) and item.get("task_id") in wanted
+        }
+    except ValidationError as exc:
+        raise KlingProtocolError("a list answer with an invalid task") from exc
 
 
 def _retry_after(response: httpcore2.Response) -> float | None:

@@ -54,6 +54,7 @@ from app.ratelimit import (
 from app.references import ReferenceGuard
 from app.sealing import SecretSealer, parse_master_keys
 from app.sentinel import SentinelTarget, following_failovers, sentinel_master
+from app.status_queries import StatusQueries
 from app.tasks import MemoryTaskStore, RedisTaskStore, TaskStore
 from app.tenants import KeyFormat, MemoryTenantStore, RedisTenantStore, TenantDirectory, TenantStore
 from app.tenants_file import apply_tenants_file, load_tenants_file
@@ -233,13 +234,14 @@ def build_gateway(settings: Settings, tracing: Tracing | None = None) -> Gateway
     )
     webhook_http = create_http_client(max_connections=20)  # callers' receivers: not Kling's pool
     webhooks = WebhookSender(webhook_http, stores.tasks, directory.webhook_secret, references)
+    queries = StatusQueries(kling)
     follower = TaskFollower(
         kling, stores.tasks, first_interval_s=settings.poll_interval_seconds, broadcast=updates.publish,
         on_finished=webhooks.task_finished,
         # With Redis, replicas adopt each other's tasks when one stops; alone in memory there is nobody to.
         credentials_of=directory.kling_credentials_by_id if redis is not None else None,
         callbacks=settings.public_url is not None,  # Kling calls back: polling is only the slow fallback
-        lease_refresh_s=settings.lease_ttl_seconds / 3,
+        lease_refresh_s=settings.lease_ttl_seconds / 3, queries=queries,
     )  # fmt: skip
     drain = Drain()
     tokens = CallbackTokens(stores.pepper)
@@ -282,6 +284,7 @@ def build_gateway(settings: Settings, tracing: Tracing | None = None) -> Gateway
             stack.push_async_callback(preview_http.aclose)
             stack.push_async_callback(webhook_http.aclose)
             stack.push_async_callback(webhooks.aclose)
+            stack.push_async_callback(queries.aclose)  # after the follower's loops, its readers, have stopped
             stack.push_async_callback(follower.aclose)
             if settings.tenants_file:
                 await apply_file(directory, stores.audit, settings.tenants_file)

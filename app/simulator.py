@@ -62,7 +62,8 @@ _FAULT_MESSAGES = {1302: "request too fast, rate limit exceeded", 1303: "paralle
                    5000: "internal error", 5001: "service temporarily unavailable",
                    5002: "internal timeout"}  # fmt: skip
 # create_attempts: every authenticated create, faulted or not; creates: the ones that made a task.
-_COUNTERS = ("creates", "create_attempts", "queries", "rejected_1303", "callbacks_sent", "callbacks_failed")
+# "queries" counts every status read, single or listed; "lists" how many of those were list calls.
+_COUNTERS = ("creates", "create_attempts", "queries", "lists", "rejected_1303", "callbacks_sent", "callbacks_failed")
 
 
 @dataclass(frozen=True)
@@ -394,6 +395,7 @@ class _Simulator:
         return _envelope(self._task_data(task, str(request.base_url)))
 
     async def list_tasks(self, request: Request, access_key: str) -> Response:
+        self._s.counts["lists"] += 1
         page = _page_param(request, "pageNum", 1, 1000)
         size = _page_param(request, "pageSize", 30, 500)
         mine = [task for task in reversed(self._s.tasks.values()) if task.access_key == access_key]

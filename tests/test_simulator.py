@@ -406,12 +406,14 @@ async def test_accounts_can_be_added_at_run_time(sim: httpx2.AsyncClient) -> Non
 async def test_stats_count_and_reset_forgets_everything_but_accounts(sim: httpx2.AsyncClient) -> None:
     task_id = (await create(sim, n=2)).json()["data"]["task_id"]
     await sim.get(f"/v1/images/generations/{task_id}", headers=auth())
+    await sim.get("/v1/images/generations?pageNum=1&pageSize=5", headers=auth())
     await control(sim, "faults", code=1302)
     stats = (await sim.get("/_sim/stats")).json()
     assert stats | {"in_flight": None} == {
         "creates": 1,
         "create_attempts": 1,
-        "queries": 1,
+        "queries": 2,  # a list call is a status read too
+        "lists": 1,
         "rejected_1303": 0,
         "in_flight": None,
         "callbacks_sent": 0,

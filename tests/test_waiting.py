@@ -15,6 +15,7 @@ from tests.conftest import (
     RunningGateway,
     Simulator,
     bearer,
+    gateway_settings,
     mcp_client,
     redis_gateway_settings,
     replica_env,
@@ -70,6 +71,27 @@ async def test_thirty_waiters_on_two_replicas_cost_one_poll_per_interval(
     # the lease changes hands once. Each waiter polling on its own would cost over 90, and one poller per
     # replica about 8.
     assert queries <= 6, f"{queries} queries in {elapsed:.1f} s"
+
+
+@pytest.mark.sim_delay(1.0)
+async def test_tasks_followed_together_on_one_account_are_polled_together(simulator: Simulator) -> None:
+    async with running_gateway(gateway_settings(simulator, poll_interval_seconds=POLL_S)) as gateway:
+        headers = bearer(await gateway.new_api_key("acme"))
+        before = await simulator.stats()
+        task_ids = []
+        for _ in range(8):
+            body = {"prompt": "a lighthouse", "wait_seconds": 0}
+            created = await gateway.http.post(f"{gateway.url}/generate", json=body, headers=headers)
+            assert created.status_code == 202, created.text
+            task_ids.append(created.json()["task_id"])
+        with anyio.fail_after(20):
+            statuses = [await _wait_on(gateway.http, gateway.url, task_id, headers) for task_id in task_ids]
+        after = await simulator.stats()
+    assert statuses == ["succeeded"] * 8
+    reads, lists = (int(str(after[name])) - int(str(before[name])) for name in ("queries", "lists"))
+    # Polled one by one, each 1 s task is asked at 0.5 and 1.25 s: 16 queries. Gathered, a list call a turn.
+    assert lists >= 1
+    assert reads <= 6, f"{reads} reads, {lists} of them list calls"
 
 
 @pytest.mark.sim_delay(2.0)

@@ -1,0 +1,132 @@
+"""StatusQueries: the status reads of followed tasks, answered per Kling account by one list call where that is
+cheaper than a query per task.
+
+Kling answers one task per query, or an account's newest tasks (up to 500, newest first, no filter) per list
+call (reference/kling-api.md §5). A replica following many tasks on one account would otherwise send a query
+per task per poll turn: each an HTTP call here and one more request against the account's rate limit at Kling.
+Reads for one account that fall due within `window_s` of each other are gathered; if the page that reaches
+back to the oldest of them is short enough to be worth it, one list call answers them all. The page's length
+comes from the tasks this replica created on the account since then, plus slack; a task it does not reach
+(pushed down by tasks created elsewhere) is asked alone, as is a lone read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+from collections import deque
+from collections.abc import Coroutine
+from typing import Any
+
+from app.kling import LIST_PAGE_MAX, KlingClient, KlingCredentials, KlingFailure, KlingTask, KlingTransportError
+
+BATCH_WINDOW_S = 0.2  # added to a read's latency at most; polls are a second or more apart anyway
+# Reading a listed task costs this process (and Kling) a small share of a query of its own: a page is worth it
+# while it is shorter than this many entries per task wanted from it.
+ENTRIES_PER_READ = 20
+
+
+class _Batch:
+    """The reads of one account gathered in one window: task id -> (its created_at in ms, its answer)."""
+
+    def __init__(self) -> None:
+        self.reads: dict[str, tuple[int, asyncio.Future[KlingTask]]] = {}
+
+
+class StatusQueries:
+    def __init__(self, kling: KlingClient, *, window_s: float = BATCH_WINDOW_S) -> None:
+        self._kling = kling
+        self._window_s = window_s
+        self._open: dict[KlingCredentials, _Batch] = {}
+        # Kling's created_at (ms) of the tasks this replica created on each account, newest last.
+        self._created: dict[KlingCredentials, deque[int]] = {}
+        self._answering: dict[asyncio.Task[None], _Batch] = {}
+
+    def created(self, credentials: KlingCredentials, created_at_ms: int) -> None:
+        """A task was just created on the account here: later pages have to reach past it."""
+        self._created.setdefault(credentials, deque(maxlen=LIST_PAGE_MAX)).append(created_at_ms)
+
+    async def status(self, credentials: KlingCredentials, task_id: str, created_at_ms: int) -> KlingTask:
+        """The task as Kling has it now (at most `window_s` from now); a KlingFailure when Kling cannot say."""
+        batch = self._open.get(credentials)
+        if batch is None:
+            batch = self._open[credentials] = _Batch()
+            self._start(self._answer(credentials, batch), batch)
+        read = batch.reads.get(task_id)
+        if read is None:
+            answer: asyncio.Future[KlingTask] = asyncio.get_running_loop().create_future()
+            answer.add_done_callback(_retrieved)
+            read = batch.reads[task_id] = (created_at_ms, answer)
+        # Shielded: one reader giving up (its waiter left) must not take the answer from the others.
+        return await asyncio.shield(read[1])
+
+    async def aclose(self) -> None:
+        answering = dict(self._answering)
+        for task in answering:
+            task.cancel()
+        for task, batch in answering.items():
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            # A batch cancelled before it began never answered: never leave a reader waiting.
+            _fail_unanswered(batch, _abandoned())
+
+    def _start(self, work: Coroutine[Any, Any, None], batch: _Batch) -> None:
+        # A fresh context: the calls are nobody's request, and must not be booked to the one that opened the batch.
+        answering = asyncio.get_running_loop().create_task(work, context=contextvars.Context())
+        self._answering[answering] = batch
+        answering.add_done_callback(lambda done: self._answering.pop(done, None))
+
+    async def _answer(self, credentials: KlingCredentials, batch: _Batch) -> None:
+        try:
+            try:
+                await asyncio.sleep(self._window_s)
+            finally:
+                if self._open.get(credentials) is batch:
+                    del self._open[credentials]  # reads from now on gather in a new batch
+            page = self._page_size(credentials, batch)
+            if page is not None:
+                listed = await self._kling.list_image_tasks(credentials, page, frozenset(batch.reads))
+                for task_id, task in listed.items():
+                    batch.reads[task_id][1].set_result(task)
+            alone = [(task_id, answer) for task_id, (_, answer) in batch.reads.items() if not answer.done()]
+            await asyncio.gather(*(self._ask_alone(credentials, task_id, answer) for task_id, answer in alone))
+        except KlingFailure as exc:  # the list call failed: no news for any of them this turn
+            _fail_unanswered(batch, exc)
+        except BaseException as exc:
+            # Never a cancellation handed to a reader: its loop would take it for its own and stop.
+            _fail_unanswered(batch, exc if isinstance(exc, Exception) else _abandoned())
+            raise
+
+    def _page_size(self, credentials: KlingCredentials, batch: _Batch) -> int | None:
+        """How long a page must be to reach the oldest read, or None when asking each alone is cheaper."""
+        if len(batch.reads) < 2:
+            return None
+        oldest = min(created_at_ms for created_at_ms, _ in batch.reads.values())
+        newer = sum(1 for created_at_ms in self._created.get(credentials, ()) if created_at_ms >= oldest)
+        page = newer + newer // 4 + 10  # slack for tasks created meanwhile by other replicas
+        return page if page <= min(LIST_PAGE_MAX, ENTRIES_PER_READ * len(batch.reads)) else None
+
+    async def _ask_alone(self, credentials: KlingCredentials, task_id: str, answer: asyncio.Future[KlingTask]) -> None:
+        try:
+            task = await self._kling.get_image_task(credentials, task_id)
+        except KlingFailure as exc:
+            answer.set_exception(exc)
+        else:
+            answer.set_result(task)
+
+
+def _abandoned() -> KlingTransportError:
+    return KlingTransportError("the status read was abandoned (shutdown)", timed_out=False, sent=False)
+
+
+def _fail_unanswered(batch: _Batch, failure: Exception) -> None:
+    for _, answer in batch.reads.values():
+        if not answer.done():
+            answer.set_exception(failure)
+
+
+def _retrieved(answer: asyncio.Future[KlingTask]) -> None:
+    # Every reader may have given up before the answer came: mark a failure seen, so asyncio does not log it.
+    if not answer.cancelled():
+        answer.exception()

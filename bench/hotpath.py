@@ -34,7 +34,8 @@ TOP = 15
 SPOTS = (
     ("Kling calls, all (`KlingClient._send`)", "_send", "app/kling.py"),
     ("creates (`create_image_task`)", "create_image_task", "app/kling.py"),
-    ("status polls of followed tasks (`get_image_task`)", "get_image_task", "app/kling.py"),
+    ("status polls of followed tasks, one by one (`get_image_task`)", "get_image_task", "app/kling.py"),
+    ("status polls gathered per account (`list_image_tasks`)", "list_image_tasks", "app/kling.py"),
     ("httpcore2's pool scan on each request and response (`_assign_requests_to_connections`)",
      "_assign_requests_to_connections", "httpcore2"),
     ("logging", "handle", "logging/__init__"),

@@ -61,7 +61,7 @@ async def calls(target: Target, mode: str, clients: int, per_client: int) -> Run
 
 async def main(quick: bool) -> str:
     raise_fd_limit()
-    rounds, per_client = (2, 15) if quick else (3, 60)
+    rounds, per_client = (2, 15) if quick else (5, 80)
     accounts = accounts_for(4000)
     async with contextlib.AsyncExitStack() as stack:
         sim = await stack.enter_async_context(simulator(SIM_DELAY_S, accounts))

@@ -18,7 +18,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import httpcore2
 import jwt
@@ -182,6 +182,17 @@ def build_generation_body(
     return body
 
 
+@dataclass(frozen=True)
+class _Request(Generic[T]):
+    """One call to Kling: where, what, and how to read the `data` of its answer."""
+
+    credentials: KlingCredentials
+    method: str
+    path: str
+    body: dict[str, Any] | None
+    parse: Callable[[Any], T]
+
+
 class KlingClient:
     """Typed calls to Kling's image endpoints over the shared pool."""
 
@@ -200,11 +211,11 @@ class KlingClient:
         self._breakers = breakers or Breakers()
 
     async def create_image_task(self, credentials: KlingCredentials, body: dict[str, Any]) -> KlingTask:
-        return await self._call(credentials, "POST", GENERATIONS_PATH, body, _one_task)
+        return await self._call(_Request(credentials, "POST", GENERATIONS_PATH, body, _one_task))
 
     async def get_image_task(self, credentials: KlingCredentials, task_id: str) -> KlingTask:
         """Look a task up by Kling's task_id or by the external_task_id the gateway chose."""
-        return await self._call(credentials, "GET", f"{GENERATIONS_PATH}/{task_id}", None, _one_task)
+        return await self._call(_Request(credentials, "GET", f"{GENERATIONS_PATH}/{task_id}", None, _one_task))
 
     async def list_image_tasks(
         self, credentials: KlingCredentials, page_size: int, wanted: frozenset[str]
@@ -212,37 +223,25 @@ class KlingClient:
         """The `wanted` tasks among the account's newest `page_size` (Kling's list filters on nothing else);
         only those are read, so a long page costs little more than its bytes."""
         path = f"{GENERATIONS_PATH}?pageNum=1&pageSize={max(1, min(page_size, LIST_PAGE_MAX))}"
-        return await self._call(credentials, "GET", path, None, lambda data: _wanted_tasks(data, wanted))
+        return await self._call(_Request(credentials, "GET", path, None, lambda data: _wanted_tasks(data, wanted)))
 
-    async def _call(
-        self,
-        credentials: KlingCredentials,
-        method: str,
-        path: str,
-        body: dict[str, Any] | None,
-        parse: Callable[[Any], T],
-    ) -> T:
-        """Kling's answer, its envelope checked and its `data` read by `parse`, or a typed failure."""
+    async def _call(self, request: _Request[T]) -> T:
+        """Kling's answer, its envelope checked and its `data` read by `request.parse`, or a typed failure."""
+        credentials = request.credentials
         try:
-            return await self._guarded_call(credentials, method, path, body, parse)
+            return await self._guarded_call(request)
         finally:
             is_open = self._breakers.is_open(credentials.access_key)
             BREAKER_OPEN.labels(credentials.credential_id or "unnamed").set(1 if is_open else 0)
 
-    async def _guarded_call(
-        self,
-        credentials: KlingCredentials,
-        method: str,
-        path: str,
-        body: dict[str, Any] | None,
-        parse: Callable[[Any], T],
-    ) -> T:
+    async def _guarded_call(self, request: _Request[T]) -> T:
+        credentials = request.credentials
         try:
             self._breakers.before_call(credentials.access_key)
         except CircuitOpen as exc:
             raise KlingCircuitOpen(exc.retry_after_s) from exc
         try:
-            data = await self._send_resigning(credentials, method, path, body, parse)
+            data = await self._send_resigning(request)
         except KlingFailure as exc:
             if is_unhealthy(exc):
                 self._breakers.failed(credentials.access_key)
@@ -255,33 +254,18 @@ class KlingClient:
         self._breakers.succeeded(credentials.access_key)
         return data
 
-    async def _send_resigning(
-        self,
-        credentials: KlingCredentials,
-        method: str,
-        path: str,
-        body: dict[str, Any] | None,
-        parse: Callable[[Any], T],
-    ) -> T:
+    async def _send_resigning(self, request: _Request[T]) -> T:
         try:
-            return await self._send(credentials, method, path, body, parse, force_new_token=False)
+            return await self._send(request, force_new_token=False)
         except KlingError as exc:
             # A token can expire between our clock and Kling's; re-sign once, as Kling's docs advise.
             if exc.code != CODE_TOKEN_EXPIRED:
                 raise
-            return await self._send(credentials, method, path, body, parse, force_new_token=True)
+            return await self._send(request, force_new_token=True)
 
-    async def _send(
-        self,
-        credentials: KlingCredentials,
-        method: str,
-        path: str,
-        body: dict[str, Any] | None,
-        parse: Callable[[Any], T],
-        *,
-        force_new_token: bool,
-    ) -> T:
-        token = self._jwts.token(credentials, force_new=force_new_token)
+    async def _send(self, request: _Request[T], *, force_new_token: bool) -> T:
+        method, path, body = request.method, request.path, request.body
+        token = self._jwts.token(request.credentials, force_new=force_new_token)
         headers = [(b"Authorization", f"Bearer {token}".encode()), (b"Accept", b"application/json")]
         content = None
         if body is not None:
@@ -305,7 +289,7 @@ class KlingClient:
                 raise KlingTransportError(f"{method} {path} timed out", timed_out=True) from exc
             except _TRANSPORT_ERRORS as exc:
                 raise KlingTransportError(f"{method} {path} failed: {type(exc).__name__}", timed_out=False) from exc
-            data = parse(parse_envelope(response))
+            data = request.parse(parse_envelope(response))
             call.answered(0, data.task_id if isinstance(data, KlingTask) else None)
         return data
 

@@ -98,6 +98,11 @@ class Settings(BaseSettings):
     replicas_hint: int = Field(
         default=2, ge=1, description="Replicas to divide limits by in the 'local' fallback (so N replicas stay within)"
     )
+    full_gc_every_seconds: float = Field(
+        default=300.0,
+        ge=0,
+        description="Full garbage collections on this clock rather than on heap growth (0 = Python's default)",
+    )
     # Inline base64 reference images may be 10 MB, which is about 13.4 MB of base64.
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, description="Largest accepted request body")
 

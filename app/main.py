@@ -24,6 +24,7 @@ from app.api import RestRequestGuard, build_api_router, install_error_handlers
 from app.auth import Authenticator, KeyChangeBroadcast, McpAuthMiddleware, OAuthChallenge
 from app.breaker import Breakers
 from app.callbacks import CALLBACK_PATH, CallbackTokens, TaskUpdates, build_callback_router
+from app.collector import full_collections_every
 from app.config import Settings
 from app.follower import TaskFollower
 from app.http_pool import create_http_client, create_kling_pool
@@ -293,6 +294,7 @@ def build_gateway(settings: Settings, tracing: Tracing | None = None) -> Gateway
             await stack.enter_async_context(updates.listening(follower.heard))
             await stack.enter_async_context(follower.adopting())
             await stack.enter_async_context(mcp.session_manager.run())
+            await stack.enter_async_context(full_collections_every(settings.full_gc_every_seconds))
             stack.enter_context(drain.on_signals())
             forget_dead_workers()
             stack.callback(forget_this_process)

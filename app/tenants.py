@@ -204,9 +204,12 @@ class TenantDirectory:
 
     # --- credentials ---
 
-    async def add_credential(self, access_key: str, secret_key: str, concurrency: int = 5) -> Credential:
-        """A new credential, or the existing one for this access key when the secret matches (a shared account)."""
-        existing = await self.store.find_credential(access_key)
+    async def add_credential(
+        self, access_key: str, secret_key: str, concurrency: int = 5, *, reuse: bool = True
+    ) -> Credential:
+        """A new credential, or the existing one for this access key when the secret matches (a shared account).
+        With `reuse=False` an existing one raises Conflict instead, so the caller knows it created nothing."""
+        existing = await self.store.find_credential(access_key) if reuse else None
         if existing is not None:
             current = self._sealer.open(existing.id, existing.sealed_secret)
             if not hmac.compare_digest(current.encode(), secret_key.encode()):

@@ -119,7 +119,8 @@ async def _apply_credential(
     existing = await directory.store.find_credential(entry.access_key)
     if existing is None:
         try:
-            created = await directory.add_credential(entry.access_key, secret, entry.concurrency)
+            # Not reused: another replica creating it between our look-up and now must not count as our creation.
+            created = await directory.add_credential(entry.access_key, secret, entry.concurrency, reuse=False)
         except Conflict:
             if not retry:
                 raise

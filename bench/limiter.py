@@ -14,7 +14,6 @@ import asyncio
 import secrets
 import statistics
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,10 +27,10 @@ from app.sealing import new_master_key
 from app.simulator import SimAccount, SimulatorConfig, create_simulator_app
 from bench.measure import alternating
 from bench.report import machine, write_section
+from bench.stack import ACCOUNT_SLOTS, ADMIN_TOKEN, api_keys
 from tests.servers import gateway_process, redis_server, serve
 
 UNLIMITED = TenantLimits(requests_per_minute=10**9, concurrent_tasks=10**9, images_per_day=10**9)
-UNLIMITED_BODY = {"requests_per_minute": 1_000_000, "concurrent_tasks": 100_000, "images_per_day": 100_000_000}
 
 
 async def decisions_per_second(limiter: Limiter, decisions: int, concurrency: int) -> float:
@@ -106,15 +105,15 @@ def followed_off(task_id: str) -> Callable[[str], bool]:
 async def round_trips_per_request(redis_url: str) -> dict[str, int]:
     """Round trips one gateway process makes for: a request whose key is not in its cache, the same request
     again (cached), and a `POST /generate` (wait 0) over its whole life, from the request to the task's end."""
-    account = SimAccount("bench-rt-ak", "bench-sk-" + secrets.token_hex(24), concurrency=100)
-    admin_token = secrets.token_urlsafe(24)
+    account = SimAccount("bench-rt-ak", "bench-sk-" + secrets.token_hex(24), concurrency=ACCOUNT_SLOTS)
     counts: dict[str, int] = {}
     async with serve(create_simulator_app(SimulatorConfig((account,), delay=0.2))) as kling_url:
         env = {"KGW_REDIS_URL": redis_url, "KGW_KEY_PEPPER": secrets.token_urlsafe(24),
-               "KGW_MASTER_KEY": new_master_key(), "KGW_ADMIN_TOKEN": admin_token, "KGW_KLING_BASE_URL": kling_url}  # fmt: skip
+               "KGW_MASTER_KEY": new_master_key(), "KGW_ADMIN_TOKEN": ADMIN_TOKEN, "KGW_KLING_BASE_URL": kling_url}  # fmt: skip
         async with gateway_process(env) as replica, httpx2.AsyncClient(timeout=30) as http:
-            warm_up = {"Authorization": f"Bearer {await _tenant_key(http, replica.url, admin_token, account)}"}
-            headers = {"Authorization": f"Bearer {await _tenant_key(http, replica.url, admin_token, account)}"}
+            warm_up, headers = (
+                {"Authorization": f"Bearer {key}"} for key in await api_keys(replica.url, (account,) * 2)
+            )
             watcher = Redis.from_url(redis_url)
             async with watcher.monitor() as monitor:
                 trips = RoundTrips(monitor)
@@ -136,34 +135,22 @@ async def round_trips_per_request(redis_url: str) -> dict[str, int]:
 
 async def admission_accuracy(redis_url: str, clients: int, per_minute: int, rounds: int) -> list[int]:
     """Admitted counts, one per round, of `clients` simultaneous submissions against `per_minute`."""
-    account = SimAccount("bench-ak", "bench-sk-" + secrets.token_hex(24), concurrency=1000)
-    admin_token, pepper = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    account = SimAccount("bench-ak", "bench-sk-" + secrets.token_hex(24), concurrency=ACCOUNT_SLOTS)
+    pepper = secrets.token_urlsafe(24)
     async with serve(create_simulator_app(SimulatorConfig((account,), delay=0.5))) as kling_url:
         env = {"KGW_REDIS_URL": redis_url, "KGW_KEY_PEPPER": pepper, "KGW_MASTER_KEY": new_master_key(),
-               "KGW_ADMIN_TOKEN": admin_token, "KGW_KLING_BASE_URL": kling_url}  # fmt: skip
+               "KGW_ADMIN_TOKEN": ADMIN_TOKEN, "KGW_KLING_BASE_URL": kling_url}  # fmt: skip
         async with gateway_process(env) as first, gateway_process(env) as second:
             limits = httpx2.Limits(max_connections=clients * 2)
             async with httpx2.AsyncClient(timeout=60, limits=limits) as http:
-                return [await _one_round(http, [first.url, second.url], admin_token, account, clients, per_minute)
+                return [await _one_round(http, [first.url, second.url], account, clients, per_minute)
                         for _ in range(rounds)]  # fmt: skip
 
 
-async def _tenant_key(
-    http: httpx2.AsyncClient, url: str, admin_token: str, account: SimAccount, limits: dict[str, int] = UNLIMITED_BODY
-) -> str:
-    """A new tenant on `account` with `limits`, and an API key of it."""
-    admin = {"Authorization": f"Bearer {admin_token}"}
-    kling = {"access_key": account.access_key, "secret_key": account.secret_key, "concurrency": account.concurrency}
-    body = {"name": f"bench-{uuid.uuid4().hex[:8]}", "kling": kling, "limits": limits}
-    tenant = (await http.post(f"{url}/admin/tenants", json=body, headers=admin)).json()
-    key: str = (await http.post(f"{url}/admin/tenants/{tenant['id']}/keys", json={}, headers=admin)).json()["api_key"]
-    return key
-
-
-async def _one_round(http: httpx2.AsyncClient, urls: list[str], admin_token: str, account: SimAccount,
+async def _one_round(http: httpx2.AsyncClient, urls: list[str], account: SimAccount,
                      clients: int, per_minute: int) -> int:  # fmt: skip
     limits = {"requests_per_minute": per_minute, "concurrent_tasks": clients, "images_per_day": 10**6}
-    headers = {"Authorization": f"Bearer {await _tenant_key(http, urls[0], admin_token, account, limits)}"}
+    headers = {"Authorization": f"Bearer {(await api_keys(urls[0], (account,), limits))[0]}"}
 
     async def submit(index: int) -> int:
         response = await http.post(f"{urls[index % 2]}/generate", json={"prompt": "bench"}, headers=headers)

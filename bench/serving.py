@@ -10,23 +10,19 @@ settings as `serve` passes.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import os
 import resource
-import signal
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx2
 import uvicorn
 from uvicorn.importer import import_from_string
 
 import app.main
 from app import cli
-from tests.servers import free_port
+from tests.servers import free_port, python_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,30 +54,10 @@ async def served(
 ) -> AsyncIterator[Server]:
     """Run `factory` (MODULE:FACTORY) in a new process with only `env` (plus PATH) as its environment."""
     port = port or free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.serving", factory, str(port), *(["--gateway"] if gateway else []), cwd=ROOT,
-        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env},
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    server = Server(f"http://127.0.0.1:{port}", process.pid, port)
-    try:
-        await _wait_until_ready(server.url + ready_path, process)
-        yield server
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGINT)
-            async with asyncio.timeout(30):
-                await process.wait()
-
-
-async def _wait_until_ready(url: str, process: asyncio.subprocess.Process) -> None:
-    async with httpx2.AsyncClient(timeout=2) as http, asyncio.timeout(60):
-        while process.returncode is None:
-            with contextlib.suppress(httpx2.TransportError):
-                if (await http.get(url)).status_code < 500:
-                    return
-            await asyncio.sleep(0.1)  # nothing to await but the port opening
-    raise RuntimeError(f"{url}: the server process exited with {process.returncode}")
+    url = f"http://127.0.0.1:{port}"
+    argv = ["-m", "bench.serving", factory, str(port), *(["--gateway"] if gateway else [])]
+    async with python_process(argv, env, url + ready_path, cwd=ROOT) as process:
+        yield Server(url, process.pid, port)
 
 
 def main(factory: str, port: int, as_gateway: bool) -> None:

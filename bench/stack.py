@@ -79,13 +79,13 @@ async def gateway(
         yield server
 
 
-async def api_keys(gateway_url: str, accounts: tuple[SimAccount, ...]) -> list[str]:
-    """One tenant per Kling account, each with UNLIMITED limits; returns a key of each."""
+async def api_keys(gateway_url: str, accounts: tuple[SimAccount, ...], limits: dict[str, int] = UNLIMITED) -> list[str]:
+    """One tenant per Kling account, each with `limits` (default UNLIMITED); returns a key of each."""
     keys = []
     async with httpx2.AsyncClient(timeout=30, headers=ADMIN) as http:
         for account in accounts:
             kling = {"access_key": account.access_key, "secret_key": account.secret_key, "concurrency": ACCOUNT_SLOTS}
-            body = {"name": f"bench-{uuid.uuid4().hex[:8]}", "kling": kling, "limits": UNLIMITED}
+            body = {"name": f"bench-{uuid.uuid4().hex[:8]}", "kling": kling, "limits": limits}
             created = await http.post(f"{gateway_url}/admin/tenants", json=body)
             created.raise_for_status()
             issued = await http.post(f"{gateway_url}/admin/tenants/{created.json()['id']}/keys", json={})

@@ -113,29 +113,40 @@ class Replica:
 async def gateway_process(env: dict[str, str], workers: int = 1) -> AsyncIterator[Replica]:
     """Start `kling-gateway serve` with only `env` (plus PATH) as its settings; stop it on exit."""
     port = free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
-        env={"PATH": "/usr/bin:/bin", **env}, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    try:
-        await _wait_until_ready(url, process)
+    argv = ["-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
+    async with python_process(argv, env, f"{url}/readyz") as process:
         yield Replica(url, process)
+
+
+@contextlib.asynccontextmanager
+async def python_process(
+    argv: Sequence[str], env: dict[str, str], ready_url: str, *, cwd: Path | None = None, stop_within_s: float = 30
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`python ARGV...` with only `env` (plus PATH) as its environment, once `ready_url` answers below 500;
+    interrupted (SIGINT, as Ctrl-C) and waited for on exit."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, *argv, cwd=cwd, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env},
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        await _wait_until_ready(ready_url, process)
+        yield process
     finally:
         if process.returncode is None:
             process.send_signal(signal.SIGINT)
-            async with asyncio.timeout(15):
+            async with asyncio.timeout(stop_within_s):
                 await process.wait()
 
 
 async def _wait_until_ready(url: str, process: asyncio.subprocess.Process) -> None:
-    async with httpx2.AsyncClient(timeout=2) as http, asyncio.timeout(30):
+    async with httpx2.AsyncClient(timeout=2) as http, asyncio.timeout(60):
         while process.returncode is None:
-            with contextlib.suppress(httpx2.ConnectError):
-                if (await http.get(f"{url}/readyz")).status_code == 200:
+            with contextlib.suppress(httpx2.TransportError):
+                if (await http.get(url)).status_code < 500:
                     return
             await asyncio.sleep(0.1)  # nothing to await but the port opening
-    raise RuntimeError(f"the gateway process exited with {process.returncode}")
+    raise RuntimeError(f"{url}: the server process exited with {process.returncode}")
 
 
 class RedisProcess:

@@ -41,20 +41,18 @@ class Breakers:
             raise CircuitOpen(max(1.0, state.open_until - now))
         state.probing = True  # half-open: this call is the probe
 
-    def is_open(self, key: str) -> bool:
-        """Open or half-open: calls for `key` fail fast, but for one probe."""
-        state = self._states.get(key)
-        return state is not None and state.failures >= self._threshold
+    # The verdicts return True when they open or close the breaker, so its state is reported on change only.
 
-    def succeeded(self, key: str) -> None:
-        self._states.pop(key, None)
+    def succeeded(self, key: str) -> bool:
+        return self._close(key)
 
-    def failed(self, key: str) -> None:
+    def failed(self, key: str) -> bool:
         state = self._states.setdefault(key, _State())
         state.failures += 1
         state.probing = False
         if state.failures >= self._threshold:
             state.open_until = time.monotonic() + self._open_s
+        return state.failures == self._threshold
 
     def abandoned(self, key: str) -> None:
         """A call ended without a verdict (cancelled): if it was the probe, let the next call probe instead."""
@@ -62,8 +60,12 @@ class Breakers:
         if state is not None:
             state.probing = False
 
-    def neutral(self, key: str) -> None:
+    def neutral(self, key: str) -> bool:
         """The call ended in a way that says nothing about the account's health (e.g. a refused prompt)."""
         state = self._states.get(key)
-        if state is not None and state.probing:
-            self._states.pop(key, None)  # the probe reached Kling and got a real answer: the account works
+        # The probe reached Kling and got a real answer: the account works.
+        return state is not None and state.probing and self._close(key)
+
+    def _close(self, key: str) -> bool:
+        state = self._states.pop(key, None)
+        return state is not None and state.failures >= self._threshold

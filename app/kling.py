@@ -97,9 +97,7 @@ _UNHEALTHY_CODES = frozenset({1000, 1001, 1002, 1003, 1100, 1101, 1102, 1304, 50
 def is_unhealthy(failure: KlingFailure) -> bool:
     if isinstance(failure, KlingError):
         return failure.code in _UNHEALTHY_CODES or failure.http_status >= 500
-    if isinstance(failure, KlingTransportError):
-        return not failure.congested
-    return isinstance(failure, KlingProtocolError)
+    return isinstance(failure, KlingTransportError | KlingProtocolError)
 
 
 class KlingImage(BaseModel):
@@ -209,6 +207,7 @@ class KlingClient:
         self._deadline_s = deadline_s
         self._jwts = JwtCache()
         self._breakers = breakers or Breakers()
+        self._breakers_reported: set[str] = set()
 
     async def create_image_task(self, credentials: KlingCredentials, body: dict[str, Any]) -> KlingTask:
         return await self._call(_Request(credentials, "POST", GENERATIONS_PATH, body, _one_task))
@@ -228,30 +227,30 @@ class KlingClient:
     async def _call(self, request: _Request[T]) -> T:
         """Kling's answer, its envelope checked and its `data` read by `request.parse`, or a typed failure."""
         credentials = request.credentials
+        key = credentials.access_key
+        if key not in self._breakers_reported:  # the gauge shows each credential, closed until it opens
+            self._breakers_reported.add(key)
+            _report_breaker(credentials, opened=False)
         try:
-            return await self._guarded_call(request)
-        finally:
-            is_open = self._breakers.is_open(credentials.access_key)
-            BREAKER_OPEN.labels(credentials.credential_id or "unnamed").set(1 if is_open else 0)
-
-    async def _guarded_call(self, request: _Request[T]) -> T:
-        credentials = request.credentials
-        try:
-            self._breakers.before_call(credentials.access_key)
+            self._breakers.before_call(key)
         except CircuitOpen as exc:
             raise KlingCircuitOpen(exc.retry_after_s) from exc
         try:
             data = await self._send_resigning(request)
         except KlingFailure as exc:
-            if is_unhealthy(exc):
-                self._breakers.failed(credentials.access_key)
-            else:
-                self._breakers.neutral(credentials.access_key)
+            if isinstance(exc, KlingTransportError) and exc.congested:
+                self._breakers.abandoned(key)  # it never left this process: no verdict on the account
+            elif is_unhealthy(exc):
+                if self._breakers.failed(key):
+                    _report_breaker(credentials, opened=True)
+            elif self._breakers.neutral(key):
+                _report_breaker(credentials, opened=False)
             raise
         except BaseException:
-            self._breakers.abandoned(credentials.access_key)  # cancelled: no verdict on the account
+            self._breakers.abandoned(key)  # cancelled: no verdict on the account
             raise
-        self._breakers.succeeded(credentials.access_key)
+        if self._breakers.succeeded(key):
+            _report_breaker(credentials, opened=False)
         return data
 
     async def _send_resigning(self, request: _Request[T]) -> T:
@@ -292,6 +291,11 @@ class KlingClient:
             data = request.parse(parse_envelope(response))
             call.answered(0, data.task_id if isinstance(data, KlingTask) else None)
         return data
+
+
+def _report_breaker(credentials: KlingCredentials, *, opened: bool) -> None:
+    """Set the breaker gauge (by credential id, never the access key); only when the breaker opens or closes."""
+    BREAKER_OPEN.labels(credentials.credential_id or "unnamed").set(1 if opened else 0)
 
 
 def failure_code(failure: BaseException) -> str:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 import anyio
 import httpx2
@@ -273,6 +274,41 @@ async def test_calls_that_found_every_pooled_connection_busy_do_not_open_the_acc
                 await client.get_image_task(credentials, "1")  # let through: the breaker did not open
     assert congested.value.congested
     assert answered.value.code == 1203
+
+
+async def test_a_probe_that_found_the_pool_full_leaves_an_open_breaker_open(simulator: Simulator) -> None:
+    breakers = Breakers(failure_threshold=1, open_s=0.2)  # one account's breaker, shared by two pools here
+    credentials = KlingCredentials(PRIMARY.access_key, PRIMARY.secret_key)
+    async with create_kling_pool(max_connections=1) as narrow_pool, create_kling_pool() as wide_pool:
+        narrow = KlingClient(narrow_pool, simulator.url, breakers=breakers)
+        wide = KlingClient(wide_pool, simulator.url, breakers=breakers)
+        await simulator.control("slow", {"seconds": 5.0, "times": 1, "path": "query"})
+        with anyio.fail_after(15):
+            async with anyio.create_task_group() as group:
+                group.start_soon(_answer_ignored, narrow.get_image_task(credentials, "1"))  # holds its one connection
+                await _queries_reach(simulator, 1)
+                await simulator.control("faults", {"code": 5001, "http_status": 503, "times": 1, "path": "query"})
+                with pytest.raises(KlingError):
+                    await wide.get_image_task(credentials, "1")  # opens the breaker
+                await anyio.sleep(0.25)  # the breaker's pause: a fixed time, nothing to await
+                with pytest.raises(KlingTransportError):
+                    await narrow.get_image_task(credentials, "1")  # the probe, stuck in the full pool
+                await simulator.control("slow", {"seconds": 1.0, "times": 1, "path": "query"})
+                group.start_soon(_answer_ignored, wide.get_image_task(credentials, "1"))  # the next probe
+                await _queries_reach(simulator, 3)
+                with pytest.raises(KlingCircuitOpen):
+                    await wide.get_image_task(credentials, "1")  # still open: one probe at a time
+                group.cancel_scope.cancel()
+
+
+async def _answer_ignored(call: Awaitable[object]) -> None:
+    with contextlib.suppress(KlingError):
+        await call
+
+
+async def _queries_reach(simulator: Simulator, count: int) -> None:
+    while int(str((await simulator.stats())["queries"])) < count:  # noqa: ASYNC110 - a counter is all there is
+        await anyio.sleep(0.01)
 
 
 async def test_a_cancelled_breaker_probe_lets_the_next_call_probe(simulator: Simulator) -> None:

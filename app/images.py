@@ -210,6 +210,7 @@ class ImageService:
             outcome = await self._submit(principal, request)
         else:
             outcome = await self._submit_once(principal, request, request.idempotency_key)
+        wait_s = self._wait_cap(principal, wait_s)
         if on_progress is not None and wait_s > 0 and not outcome.record.status.is_terminal:
             # Only when a wait follows: a notification turns an MCP answer into an SSE stream, which an
             # immediate answer does not need (the MCP SDK then answers with plain JSON, at less cost).
@@ -234,9 +235,10 @@ class ImageService:
         record = await self._tasks.get(task_id)
         if record is None or record.tenant_id != principal.tenant.id:
             raise NotFound(f"no task {task_id!r} for this API key")
+        wait_s = self._wait_cap(principal, wait_s)
         if wait_s <= 0 and not record.status.is_terminal and not await self._kept_current(task_id):
             record = await self._follower.refresh(record, await self._kling_of(principal, record))
-        return Outcome(await self._wait(principal, record, max(wait_s, 0), on_progress), remaining)
+        return Outcome(await self._wait(principal, record, wait_s, on_progress), remaining)
 
     async def updates(
         self, principal: Principal, record: TaskRecord, *, heartbeat_s: float
@@ -245,18 +247,23 @@ class ImageService:
         until it ends or MAX_WATCH_S passes. The caller has been admitted and authorized already."""
         deadline = time.monotonic() + MAX_WATCH_S
         while not record.status.is_terminal and time.monotonic() < deadline and not self._drain.draining:
+            # Rounds of the stream, not a caller's wait: not capped by the wait limits (a cap of 0 would spin).
             record = await self._wait(principal, record, max(1, round(heartbeat_s)), None)
             yield record
 
     # --- waiting ---
 
+    def _wait_cap(self, principal: Principal, wait_s: int) -> int:
+        """A caller's `wait_s` within the gateway's and the tenant's limits (0 means answer at once)."""
+        policy_max = principal.tenant.policy.max_wait_seconds
+        limit = self._timings.max_wait_s if policy_max is None else min(policy_max, self._timings.max_wait_s)
+        return max(0, min(wait_s, limit))
+
     async def _wait(
         self, principal: Principal, record: TaskRecord, wait_s: int, on_progress: ProgressCallback | None
     ) -> TaskRecord:
-        """Wait for the task's end, up to `wait_s` (capped by policy); never fails once the task exists. Answers
-        at once with the task as it stands when draining starts."""
-        policy_max = principal.tenant.policy.max_wait_seconds
-        wait_s = min(wait_s, self._timings.max_wait_s, self._timings.max_wait_s if policy_max is None else policy_max)
+        """Wait for the task's end, up to `wait_s` (capped by the caller already); never fails once the task
+        exists. Answers at once with the task as it stands when draining starts."""
         if wait_s <= 0 or record.status.is_terminal:
             return record  # nothing to wait for: no waiter counted, no drain watch
         latest = record

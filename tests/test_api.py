@@ -235,10 +235,11 @@ async def test_an_oversized_body_is_refused_with_413_before_parsing(simulator: S
     assert chunked.status_code == 413
 
 
-@pytest.mark.sim_delay(1.0)
-async def test_the_events_stream_reports_each_status_and_ends_with_the_result(gateway: RunningGateway) -> None:
+async def streamed_statuses(gateway: RunningGateway) -> list[str]:
+    """Create a task (wait 0) and follow its events stream to the end; the statuses it sent."""
     headers = bearer(await gateway.new_api_key("acme"))
-    task = (await gateway.http.post(f"{gateway.url}/generate", json={"prompt": "x"}, headers=headers)).json()
+    body = {"prompt": "x", "wait_seconds": 0}
+    task = (await gateway.http.post(f"{gateway.url}/generate", json=body, headers=headers)).json()
     statuses: list[str] = []
     with anyio.fail_after(20):
         async with gateway.http.stream(
@@ -248,10 +249,24 @@ async def test_the_events_stream_reports_each_status_and_ends_with_the_result(ga
             async for line in events.aiter_lines():
                 if line.startswith("data: "):
                     statuses.append(json.loads(line.removeprefix("data: "))["status"])
+    return statuses
+
+
+@pytest.mark.sim_delay(1.0)
+async def test_the_events_stream_reports_each_status_and_ends_with_the_result(gateway: RunningGateway) -> None:
+    statuses = await streamed_statuses(gateway)
     assert statuses[-1] == "succeeded"
     # Each status once, in the order a task goes through them.
     assert statuses == [s for s in ("submitted", "processing", "succeeded") if s in statuses]
     assert "processing" in statuses or "submitted" in statuses
+
+
+@pytest.mark.sim_delay(1.0)
+async def test_the_events_stream_follows_a_task_where_callers_may_not_wait_at_all(simulator: Simulator) -> None:
+    # A wait limit of 0 caps what callers wait for, not the stream's own rounds (which would then never pause).
+    async with running_gateway(gateway_settings(simulator, max_wait_seconds=0)) as gateway:
+        statuses = await streamed_statuses(gateway)
+    assert statuses[-1] == "succeeded"
 
 
 async def test_the_events_stream_of_another_tenants_task_is_404(gateway: RunningGateway) -> None:

@@ -227,18 +227,29 @@ class TaskFollower:
                 with contextlib.suppress(RedisError):  # given up here: no other replica is to adopt it either
                     await self._tasks.unmark_followed(watch.record.task_id)
         except asyncio.CancelledError:
-            # Shutdown, or the last local waiter left. A submitted task still runs at Kling and holds its
-            # slots there, so its leases are left to lapse by their TTL rather than freed to over-admit; and
-            # its follow mark goes stale, so another replica adopts it (`adopting`).
-            if watch.leases is not None:
-                TASKS_IN_FLIGHT.dec()
-            await self._give_up_polling(watch.record.task_id)
-            self._drop(watch)
+            await self._stop_following(watch)
             raise
+        except Exception:
+            # Not foreseen (a store failing in an unexpected way, a bug): stop as if this replica had stopped,
+            # rather than leave a dead loop in place that waiters would join and that keeps refreshes away.
+            logger.exception("following task %s failed; another replica or a later request takes it up",
+                             watch.record.task_id)  # fmt: skip
+            await self._stop_following(watch)
+            watch.changed.set()  # its waiters answer with the task as it stands
+            return
         finishing = asyncio.ensure_future(self._finish(watch))
         self._finishing.add(finishing)
         finishing.add_done_callback(self._finishing.discard)
         await asyncio.shield(finishing)
+
+    async def _stop_following(self, watch: _Watch) -> None:
+        """Shutdown, the last local waiter left, or the loop failed. A submitted task still runs at Kling and
+        holds its slots there, so its leases are left to lapse by their TTL rather than freed to over-admit; and
+        its follow mark goes stale, so another replica adopts it (`adopting`)."""
+        if watch.leases is not None:
+            TASKS_IN_FLIGHT.dec()
+        await self._give_up_polling(watch.record.task_id)
+        self._drop(watch)
 
     async def _pause(self, watch: _Watch, seconds: float) -> bool:
         """Sleep up to `seconds`, renewing a submitted task's leases when they are due (a pause can outlast a

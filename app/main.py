@@ -41,7 +41,7 @@ from app.metrics import (
 )
 from app.oauth import OAuthConfig, OAuthVerifier, protected_resource_metadata
 from app.observability import ObservabilityMiddleware
-from app.previews import PreviewMaker, create_preview_http_client
+from app.previews import PreviewMaker
 from app.ratelimit import (
     AccountGovernor,
     FallbackGovernor,
@@ -266,7 +266,8 @@ def build_gateway(settings: Settings, tracing: Tracing | None = None) -> Gateway
         references,
         callback_url_for,
     )
-    preview_http = create_preview_http_client()
+    # Apart from Kling's pool, so slow image hosts never take the connections that API calls need.
+    preview_http = create_http_client(max_connections=20)
     mcp = build_mcp_server(service, default_wait_s=settings.default_wait_seconds, previews=PreviewMaker(preview_http))
 
     @contextlib.asynccontextmanager

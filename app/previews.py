@@ -64,17 +64,6 @@ class PreviewFailed(Exception):
 MAX_RESULTS_AT_ONCE = 2  # results previewed at once: downloads held in memory stay under 2 x 9 x the cap
 
 
-def create_preview_http_client(max_connections: int = 20) -> httpx2.AsyncClient:
-    """The process's pooled client for image downloads: apart from Kling's pool, so slow image hosts never
-    take the connections that API calls need."""
-    return httpx2.AsyncClient(
-        timeout=httpx2.Timeout(connect=5.0, read=10.0, write=5.0, pool=2.0),
-        limits=httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections // 2),
-        follow_redirects=False,
-        trust_env=False,
-    )
-
-
 def encoded_size(data: bytes) -> int:
     """How many bytes `data` takes in a result, as base64."""
     return 4 * ((len(data) + 2) // 3)

@@ -20,8 +20,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from app.http_pool import create_http_client
 from app.models import ImageView
-from app.previews import NoPreview, Preview, PreviewLimits, PreviewMaker, create_preview_http_client, encoded_size
+from app.previews import NoPreview, Preview, PreviewLimits, PreviewMaker, encoded_size
 from tests.conftest import ADMIN, PRIMARY, RunningGateway, Simulator, mcp_client, text_of
 from tests.servers import serve
 
@@ -174,7 +175,7 @@ async def image_host(files: dict[str, bytes]) -> AsyncIterator[str]:
 
 
 async def make_previews(url: str, names: list[str], limits: PreviewLimits) -> list[Preview | NoPreview]:
-    http = create_preview_http_client()
+    http = create_http_client(max_connections=20)
     try:
         with anyio.fail_after(30):
             return await PreviewMaker(http, limits).make(

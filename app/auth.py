@@ -173,7 +173,6 @@ def principal_dependency(authenticator: Authenticator) -> Callable[..., Awaitabl
     ) -> Principal:
         token = bearer.credentials if bearer else (x_api_key.strip() if x_api_key else None)
         found = await authenticator.authenticate(token)
-        request.state.tenant_id = found.tenant.id
         bind_tenant(found.tenant.id)
         return found
 

@@ -18,6 +18,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Generic, TypeVar
 
 import httpcore2
@@ -185,6 +186,7 @@ class _Request(Generic[T]):
     """One call to Kling: where, what, and how to read the `data` of its answer."""
 
     credentials: KlingCredentials
+    endpoint: str  # the metric's and span's name for the call: create, query or list
     method: str
     path: str
     body: dict[str, Any] | None
@@ -210,11 +212,11 @@ class KlingClient:
         self._breakers_reported: set[str] = set()
 
     async def create_image_task(self, credentials: KlingCredentials, body: dict[str, Any]) -> KlingTask:
-        return await self._call(_Request(credentials, "POST", GENERATIONS_PATH, body, _one_task))
+        return await self._call(_Request(credentials, "create", "POST", GENERATIONS_PATH, body, _one_task))
 
     async def get_image_task(self, credentials: KlingCredentials, task_id: str) -> KlingTask:
         """Look a task up by Kling's task_id or by the external_task_id the gateway chose."""
-        return await self._call(_Request(credentials, "GET", f"{GENERATIONS_PATH}/{task_id}", None, _one_task))
+        return await self._call(_Request(credentials, "query", "GET", f"{GENERATIONS_PATH}/{task_id}", None, _one_task))
 
     async def list_image_tasks(
         self, credentials: KlingCredentials, page_size: int, wanted: frozenset[str]
@@ -222,7 +224,7 @@ class KlingClient:
         """The `wanted` tasks among the account's newest `page_size` (Kling's list filters on nothing else);
         only those are read, so a long page costs little more than its bytes."""
         path = f"{GENERATIONS_PATH}?pageNum=1&pageSize={max(1, min(page_size, LIST_PAGE_MAX))}"
-        return await self._call(_Request(credentials, "GET", path, None, lambda data: _wanted_tasks(data, wanted)))
+        return await self._call(_Request(credentials, "list", "GET", path, None, partial(_wanted_tasks, wanted=wanted)))
 
     async def _call(self, request: _Request[T]) -> T:
         """Kling's answer, its envelope checked and its `data` read by `request.parse`, or a typed failure."""
@@ -270,8 +272,7 @@ class KlingClient:
         if body is not None:
             content = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
             headers.append((b"Content-Type", b"application/json"))
-        endpoint = "create" if method == "POST" else "list" if "?" in path else "query"
-        with kling_call(endpoint, failure_code) as call:
+        with kling_call(request.endpoint, failure_code) as call:
             try:
                 # The pool's timeouts are per phase; a slow drip would never trip them, so bound the whole call.
                 async with asyncio.timeout(self._deadline_s):

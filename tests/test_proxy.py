@@ -83,7 +83,7 @@ async def test_generations_over_rest_and_mcp_through_nginx_succeed_on_both_repli
 
 @pytest.mark.sim_delay(60.0)
 async def test_sigterm_to_the_replica_holding_a_wait_answers_through_the_proxy_with_the_task_id(
-    redis_gateway: RunningGateway, simulator: Simulator, replicas: list[Replica], proxy: str
+    redis_gateway: RunningGateway, replicas: list[Replica], proxy: str
 ) -> None:
     api_key = await redis_gateway.new_api_key("acme")
     answers: list[httpx2.Response] = []
@@ -101,10 +101,11 @@ async def test_sigterm_to_the_replica_holding_a_wait_answers_through_the_proxy_w
         with anyio.fail_after(30):
             async with anyio.create_task_group() as group:
                 group.start_soon(waiting_call)
-                while (await simulator.stats())["creates"] != 1:  # noqa: ASYNC110 - the simulator is the observation
+                # The replica that created the task is the one holding the wait. Its metric counts the create
+                # once Kling's answer is read, a moment after the simulator counted it: ask the replicas.
+                while not (holders := [replica for replica in replicas if await creates(replica) == 1]):  # noqa: ASYNC110 - metrics are the observation
                     await anyio.sleep(0.05)
-                # The replica that created the task is the one holding the wait.
-                [holder] = [replica for replica in replicas if await creates(replica) == 1]
+                [holder] = holders
                 holder.process.send_signal(signal.SIGTERM)
             assert await holder.process.wait() in (0, -signal.SIGTERM)
     [answer] = answers

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import signal
 from collections.abc import AsyncIterator, Awaitable
 
@@ -236,19 +237,21 @@ async def test_a_retry_after_a_lost_create_answer_looks_the_task_up_instead_of_c
 
 @pytest.mark.sim_delay(60.0)
 async def test_a_caller_hanging_up_mid_create_still_gets_the_task_recorded_and_its_slots_held(
-    redis_gateway: RunningGateway, simulator: Simulator, redis: Redis
+    redis_gateway: RunningGateway, simulator: Simulator, redis: Redis, log_lines: io.StringIO
 ) -> None:
     api_key = await redis_gateway.new_api_key("acme")
     tenant_id = (await redis_gateway.http.get(f"{redis_gateway.url}/admin/tenants", headers=ADMIN)).json()[0]["id"]
     await simulator.control("slow", {"seconds": 1.0, "times": 1, "path": "create"})
+    headers = bearer(api_key) | {"X-Request-ID": "hung-up-caller"}
     async with httpx2.AsyncClient(timeout=0.3) as impatient:
         with pytest.raises(httpx2.ReadTimeout):
-            await impatient.post(f"{redis_gateway.url}/generate", json={"prompt": "x"}, headers=bearer(api_key))
+            await impatient.post(f"{redis_gateway.url}/generate", json={"prompt": "x"}, headers=headers)
     leases = f"kgw:rl:{{t:{tenant_id}}}:leases"
     with anyio.fail_after(5):
-        # The shielded submission records the task right after Kling answers; Redis has no event for it.
-        while not (records := await redis.keys("kgw:task:*")):  # noqa: ASYNC110 - Redis state is the observation
+        # The request's log line is written last, once its handling has fully unwound (slots kept or freed).
+        while "hung-up-caller" not in log_lines.getvalue():  # noqa: ASYNC110 - the log is the observation
             await anyio.sleep(0.05)
+    records = await redis.keys("kgw:task:*")
     assert len(records) == 1
     assert (await simulator.stats())["creates"] == 1
     assert await redis.zcard(leases) == 1  # the running task keeps its slot: no free task by hanging up

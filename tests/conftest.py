@@ -127,9 +127,13 @@ class RunningGateway:
     gateway: Gateway
     http: httpx2.AsyncClient
 
-    async def new_api_key(self, name: str, account: SimAccount = PRIMARY) -> str:
-        """Create a tenant through the admin API and issue it a key."""
-        body = {"name": name, "kling": {"access_key": account.access_key, "secret_key": account.secret_key}}
+    async def new_api_key(self, name: str, account: SimAccount = PRIMARY, *, concurrency: int | None = None) -> str:
+        """Create a tenant through the admin API and issue it a key; `concurrency`: the images its Kling account
+        runs at once, when not the admin API's default."""
+        kling: dict[str, object] = {"access_key": account.access_key, "secret_key": account.secret_key}
+        if concurrency is not None:
+            kling["concurrency"] = concurrency
+        body = {"name": name, "kling": kling}
         created = await self.http.post(f"{self.url}/admin/tenants", json=body, headers=ADMIN)
         assert created.status_code == 201, created.text
         issued = await self.http.post(
@@ -217,8 +221,13 @@ async def run_cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
         *CLI, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
-    with anyio.fail_after(60):
-        stdout, stderr = await process.communicate()
+    try:
+        with anyio.fail_after(60):
+            stdout, stderr = await process.communicate()
+    finally:
+        if process.returncode is None:  # timed out: do not leave it running
+            process.kill()
+            await process.wait()
     assert process.returncode is not None
     return process.returncode, stdout.decode(), stderr.decode()
 

@@ -23,7 +23,7 @@ from starlette.routing import Route
 from app.http_pool import create_http_client
 from app.models import ImageView
 from app.previews import NoPreview, Preview, PreviewLimits, PreviewMaker, encoded_size
-from tests.conftest import ADMIN, PRIMARY, RunningGateway, Simulator, mcp_client, text_of
+from tests.conftest import RunningGateway, Simulator, mcp_client, text_of
 from tests.servers import serve
 
 pytestmark = pytest.mark.anyio
@@ -80,21 +80,8 @@ async def test_no_preview_is_sent_unless_asked_for(gateway: RunningGateway) -> N
         assert "Preview" not in text_of(result)
 
 
-async def nine_image_key(gateway: RunningGateway) -> str:
-    """A key of a tenant whose Kling account runs nine images at once (the default account runs five)."""
-    kling = {"access_key": PRIMARY.access_key, "secret_key": PRIMARY.secret_key, "concurrency": 9}
-    created = await gateway.http.post(
-        f"{gateway.url}/admin/tenants", json={"name": "big", "kling": kling}, headers=ADMIN
-    )
-    assert created.status_code == 201, created.text
-    issued = await gateway.http.post(f"{gateway.url}/admin/tenants/{created.json()['id']}/keys", json={}, headers=ADMIN)
-    assert issued.status_code == 201, issued.text
-    api_key: str = issued.json()["api_key"]
-    return api_key
-
-
 async def test_nine_large_images_fit_one_result_well_below_the_clients_event_limit(gateway: RunningGateway) -> None:
-    api_key = await nine_image_key(gateway)
+    api_key = await gateway.new_api_key("big", concurrency=9)  # the default account runs five images at once
     arguments = {"prompt": "a lighthouse", "num_images": 9, "resolution": "2k", "include_preview": True}
     async with mcp_client(gateway, api_key) as client:
         with anyio.fail_after(60):

@@ -66,11 +66,9 @@ class ReferenceGuard:
         if parts.port not in (None, 443):
             # Other ports would let a caller probe services behind the gateway, even blind.
             raise InvalidRequest("webhook_url", "must use the default https port (443)")
-        try:
-            async with asyncio.timeout(RESOLVE_TIMEOUT_S):
-                addresses = await self._resolver(host)
-        except (OSError, TimeoutError, UnicodeError) as exc:
-            raise InvalidRequest("webhook_url", f"host {host!r} does not resolve") from exc
+        addresses = await self._resolved(host)
+        if addresses is None:
+            raise InvalidRequest("webhook_url", f"host {host!r} does not resolve")
         if not addresses or not all(is_public_address(address) for address in addresses):
             raise InvalidRequest("webhook_url", f"host {host!r} resolves to a non-public address")
         return addresses[0]
@@ -83,10 +81,16 @@ class ReferenceGuard:
         if parts.scheme == "http" and not self._allow_http:
             raise InvalidRequest("ref_image_url", "must be an https:// URL (this gateway does not allow http)")
         host = parts.hostname or ""
-        try:
-            async with asyncio.timeout(RESOLVE_TIMEOUT_S):
-                addresses = await self._resolver(host)
-        except (OSError, TimeoutError, UnicodeError):
-            return
+        addresses = await self._resolved(host)
+        if addresses is None:
+            return  # Kling cannot fetch it either; it says so itself
         if not all(is_public_address(address) for address in addresses):
             raise InvalidRequest("ref_image_url", f"host {host!r} resolves to a non-public address")
+
+    async def _resolved(self, host: str) -> list[str] | None:
+        """The host's addresses, or None when it does not resolve (within RESOLVE_TIMEOUT_S)."""
+        try:
+            async with asyncio.timeout(RESOLVE_TIMEOUT_S):
+                return await self._resolver(host)
+        except (OSError, TimeoutError, UnicodeError):
+            return None

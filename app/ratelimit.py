@@ -60,7 +60,7 @@ class Admission:
 
 
 def limit_refused(limit: str, retry_after_ms: int, policy: str) -> RateLimited:
-    LIMITER_DECISIONS.labels(limit, "refused").inc()
+    """The caller's error for a refusal by `limit` (counting it is for whoever decided it: `_refusal`)."""
     retry_after = max(1, math.ceil(retry_after_ms / 1000))
     return RateLimited(
         f"Rate limited: {limit.replace('_', ' ')} reached ({policy}); retry after {retry_after} s",
@@ -70,16 +70,28 @@ def limit_refused(limit: str, retry_after_ms: int, policy: str) -> RateLimited:
     )
 
 
+def _refusal(limit: str, retry_after_ms: int, policy: str) -> RateLimited:
+    """A refusal this limiter decided: counted once, for the limit that refused."""
+    LIMITER_DECISIONS.labels(limit, "refused").inc()
+    return limit_refused(limit, retry_after_ms, policy)
+
+
+# Bound once: an admission counts two to four of these, and `labels()` is a lookup under a lock each time.
+_ADMITTED = {
+    limit: LIMITER_DECISIONS.labels(limit, "admitted")
+    for limit in ("requests_per_minute", "requests_per_minute_per_key", "concurrent_tasks", "images_per_day",
+                  "kling_account")
+}  # fmt: skip
+
+
 def count_admitted(limits: TenantLimits, *, task: bool) -> None:
-    """An admission passed every limit it was checked against: count one for each (refusals are counted
-    by `limit_refused`, once, for the limit that refused)."""
-    checked = ["requests_per_minute"]
+    """An admission passed every limit it was checked against: count one for each."""
+    _ADMITTED["requests_per_minute"].inc()
     if limits.requests_per_minute_per_key:
-        checked.append("requests_per_minute_per_key")
+        _ADMITTED["requests_per_minute_per_key"].inc()
     if task:
-        checked += ["concurrent_tasks", "images_per_day"]
-    for limit in checked:
-        LIMITER_DECISIONS.labels(limit, "admitted").inc()
+        _ADMITTED["concurrent_tasks"].inc()
+        _ADMITTED["images_per_day"].inc()
 
 
 def seconds_until_utc_midnight(now: float | None = None) -> int:
@@ -251,7 +263,7 @@ def _decision(reply: Any, policy: str) -> list[int]:
     """The numbers of an admitting reply; raises RateLimited for a refusing one."""
     if int(reply[0]) == 0:
         limit = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
-        raise limit_refused(limit, int(reply[2]), policy)
+        raise _refusal(limit, int(reply[2]), policy)
     return [int(value) for value in reply[1:]]
 
 
@@ -373,12 +385,12 @@ async def _wait_for_turn(attempt: Any, wait_s: float, capacity: int) -> None:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             message = f"the Kling account is busy ({capacity} images in flight)"
-            raise limit_refused("kling_account", CONCURRENCY_RETRY_HINT_S * 1000, message)
+            raise _refusal("kling_account", CONCURRENCY_RETRY_HINT_S * 1000, message)
         # Polling, not an event: waiters on other replicas free slots, and a missed wake-up must not strand us.
         with waiting(waiter=False):
             await asyncio.sleep(min(delay, remaining))
         delay = min(delay * 2, 0.25)
-    LIMITER_DECISIONS.labels("kling_account", "admitted").inc()
+    _ADMITTED["kling_account"].inc()
 
 
 # --- Memory backends (one process) ----------------------------------------------------------------------
@@ -439,13 +451,13 @@ class MemoryLimiter:
     ) -> tuple[list[tuple[str, float]], int]:
         tenant_tat, excess, remaining = self._gcra.check(tenant_id, limits.requests_per_minute, now)
         if excess > 0:
-            raise limit_refused("requests_per_minute", int(excess * 1000), _policy(limits))
+            raise _refusal("requests_per_minute", int(excess * 1000), _policy(limits))
         charges = [(tenant_id, tenant_tat)]
         if limits.requests_per_minute_per_key:
             key_tat, key_excess, key_remaining = self._gcra.check(f"{tenant_id}:{key_id}",
                                                                   limits.requests_per_minute_per_key, now)  # fmt: skip
             if key_excess > 0:
-                raise limit_refused("requests_per_minute_per_key", int(key_excess * 1000), _policy(limits))
+                raise _refusal("requests_per_minute_per_key", int(key_excess * 1000), _policy(limits))
             charges.append((f"{tenant_id}:{key_id}", key_tat))
             remaining = min(remaining, key_remaining)
         return charges, remaining
@@ -462,12 +474,12 @@ class MemoryLimiter:
         charges, remaining = self._rate(tenant_id, key_id, limits, now)
         used = self._leases.used(tenant_id, now)
         if used + 1 > limits.concurrent_tasks:
-            raise limit_refused("concurrent_tasks", CONCURRENCY_RETRY_HINT_S * 1000, _policy(limits))
+            raise _refusal("concurrent_tasks", CONCURRENCY_RETRY_HINT_S * 1000, _policy(limits))
         today_name = utc_day()
         day = (tenant_id, today_name)
         today = self._images.get(day, 0)
         if today + images > limits.images_per_day:
-            raise limit_refused("images_per_day", seconds_until_utc_midnight() * 1000, _policy(limits))
+            raise _refusal("images_per_day", seconds_until_utc_midnight() * 1000, _policy(limits))
         for key, tat in charges:
             self._gcra.charge(key, tat)
         lease_id = new_lease_id(today_name)

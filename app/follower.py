@@ -73,6 +73,11 @@ class _Watch:
     stopping: asyncio.TimerHandle | None = None  # a watch nobody waits on any more, stopped after a grace
     refresh_at: float = 0.0  # monotonic time the leases are due to be renewed
 
+    @property
+    def unneeded(self) -> bool:
+        """Nobody here waits on it, and it was neither submitted nor adopted here: it may stop."""
+        return self.waiters == 0 and self.leases is None and not self.adopted
+
 
 async def _no_broadcast(_: TaskRecord) -> None:
     """Without Redis there is one process: local waiters are all there is to wake."""
@@ -151,13 +156,13 @@ class TaskFollower:
             return await self._wait_on(watch, wait_s, on_progress)
         finally:
             watch.waiters -= 1
-            if watch.waiters == 0 and watch.leases is None and not watch.adopted:
+            if watch.unneeded:
                 # Nobody here needs the task any more and it was not submitted here: stop watching soon.
                 watch.stopping = asyncio.get_running_loop().call_later(WATCH_GRACE_S, self._stop_watch, watch)
 
     def _stop_watch(self, watch: _Watch) -> None:
         # Re-checked: the task may have been submitted here or adopted since the stop was scheduled.
-        if watch.waiters == 0 and watch.leases is None and not watch.adopted and watch.loop is not None:
+        if watch.unneeded and watch.loop is not None:
             # Forgotten now, so a caller arriving meanwhile starts a fresh watch instead of joining a dying one.
             self._drop(watch)
             watch.loop.cancel()

@@ -32,7 +32,7 @@ from redis.exceptions import RedisError
 from app.kling import KlingClient, KlingCredentials, KlingFailure, KlingTask
 from app.metrics import TASKS_IN_FLIGHT
 from app.status_queries import StatusQueries
-from app.tasks import ProgressCallback, TaskRecord, TaskStore
+from app.tasks import PollClaim, ProgressCallback, TaskRecord, TaskStore
 
 logger = logging.getLogger(__name__)
 MAX_FOLLOW_S = 3600.0
@@ -276,22 +276,18 @@ class TaskFollower:
 
     async def _turn(self, watch: _Watch) -> None:
         """Query Kling if this replica holds the poll lease; otherwise catch up from the shared record."""
-        task_id = watch.record.task_id
-        if await self._claim_polling(task_id):  # which also marks the task followed (by this turn)
+        claim = await self._claim_polling(watch.record.task_id)  # which also marks the task followed, if claimed
+        if claim.claimed:
             await self._poll(watch)
-            return
-        try:
-            stored = await self._tasks.get(task_id)
-        except RedisError:
-            return
-        if stored is not None:
-            self.heard(stored)
+        elif claim.stored is not None:
+            self.heard(claim.stored)
 
-    async def _claim_polling(self, task_id: str) -> bool:
+    async def _claim_polling(self, task_id: str) -> PollClaim:
         try:
             return await self._tasks.claim_polling(task_id, self._replica, self._lease_s)
         except RedisError:
-            return True  # without Redis nobody can coordinate: each replica keeps its own waiters informed
+            # Without Redis nobody can coordinate: each replica keeps its own waiters informed.
+            return PollClaim(claimed=True)
 
     async def _give_up_polling(self, task_id: str) -> None:
         with contextlib.suppress(RedisError, OSError):
@@ -407,7 +403,7 @@ class TaskFollower:
         return adopted
 
     async def _adopt(self, task_id: str) -> int:
-        if task_id in self._watches or not await self._claim_polling(task_id):
+        if task_id in self._watches or not (await self._claim_polling(task_id)).claimed:
             return 0  # followed here already, or some replica polls it
         record = await self._tasks.get(task_id)
         if record is not None and record.status.is_terminal:  # ended (a webhook handed back at shutdown, say)

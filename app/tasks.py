@@ -29,13 +29,14 @@ redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[3]))
 return 1
 """
 # Take or renew a task's poll lease: whoever holds it queries Kling for everyone.
-# The claim and the follow mark in one round trip: each poll turn of each followed task makes this call.
+# One round trip per poll turn of each followed task: the claim and the follow mark, or, when another replica
+# holds the lease, the record it keeps current (what a replica that does not poll catches up from).
 CLAIM_POLLING = """
 local holder = redis.call('GET', KEYS[1])
-if holder and holder ~= ARGV[1] then return 0 end
+if holder and holder ~= ARGV[1] then return {0, redis.call('GET', KEYS[3])} end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
-return 1
+return {1}
 """
 RELEASE_POLLING = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -110,6 +111,14 @@ _RECORD_FIELDS = frozenset(TaskRecord.__dataclass_fields__)
 
 
 @dataclass(frozen=True)
+class PollClaim:
+    """A poll turn's claim: this poller holds the lease, or another does and `stored` is the task's record."""
+
+    claimed: bool
+    stored: TaskRecord | None = None
+
+
+@dataclass(frozen=True)
 class IdempotencyClaim:
     """Who first used an idempotency key: the request's fingerprint and, once Kling accepted it, the task."""
 
@@ -138,9 +147,9 @@ class TaskStore(Protocol):
 
     async def confirm_submitted(self, external_task_id: str) -> None: ...
 
-    async def claim_polling(self, task_id: str, poller: str, ttl_s: float) -> bool:
+    async def claim_polling(self, task_id: str, poller: str, ttl_s: float) -> PollClaim:
         """Take or renew the task's poll lease for `ttl_s`, and mark the task followed as of now (see
-        `mark_followed`); False, and nothing changed, while another poller holds it."""
+        `mark_followed`). While another poller holds it: not claimed, nothing changed, and the stored record."""
 
     async def release_polling(self, task_id: str, poller: str) -> None:
         """Give the poll lease up, if `poller` still holds it, so another replica can take over at once."""
@@ -211,13 +220,13 @@ class MemoryTaskStore:
     async def confirm_submitted(self, external_task_id: str) -> None:
         self._submitting.discard(external_task_id)
 
-    async def claim_polling(self, task_id: str, poller: str, ttl_s: float) -> bool:
+    async def claim_polling(self, task_id: str, poller: str, ttl_s: float) -> PollClaim:
         holder, until = self._pollers.get(task_id, (poller, 0.0))
         if holder != poller and until > time.monotonic():
-            return False
+            return PollClaim(claimed=False, stored=self._records.get(task_id))
         self._pollers[task_id] = (poller, time.monotonic() + ttl_s)
         self._followed[task_id] = time.time()
-        return True
+        return PollClaim(claimed=True)
 
     async def release_polling(self, task_id: str, poller: str) -> None:
         if self._pollers.get(task_id, ("", 0.0))[0] == poller:
@@ -284,9 +293,13 @@ class RedisTaskStore:
     async def confirm_submitted(self, external_task_id: str) -> None:
         await self._redis.delete(f"{self._ns}:submitting:{external_task_id}")
 
-    async def claim_polling(self, task_id: str, poller: str, ttl_s: float) -> bool:
-        keys = [f"{self._ns}:poller:{task_id}", f"{self._ns}:followed"]
-        return bool(await self._claim_polling(keys=keys, args=[poller, int(ttl_s * 1000), time.time(), task_id]))
+    async def claim_polling(self, task_id: str, poller: str, ttl_s: float) -> PollClaim:
+        keys = [f"{self._ns}:poller:{task_id}", f"{self._ns}:followed", f"{self._ns}:task:{task_id}"]
+        reply = await self._claim_polling(keys=keys, args=[poller, int(ttl_s * 1000), time.time(), task_id])
+        if reply[0]:
+            return PollClaim(claimed=True)
+        raw = reply[1] if len(reply) > 1 else None
+        return PollClaim(claimed=False, stored=record_from_json(raw) if raw is not None else None)
 
     async def release_polling(self, task_id: str, poller: str) -> None:
         await self._release_polling(keys=[f"{self._ns}:poller:{task_id}"], args=[poller])

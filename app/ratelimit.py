@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import math
 import time
@@ -413,28 +414,66 @@ class _Gcra:
         self._tat[key] = tat
 
 
+class _ScopeLeases:
+    """One scope's leases, with their total weight kept as they come and go and a heap of expiry times, so a
+    decision costs O(log n) instead of a scan of every lease (a Kling account can hold hundreds)."""
+
+    def __init__(self) -> None:
+        self.held: dict[str, tuple[float, int]] = {}  # lease id -> (expires, weight)
+        self.total = 0
+        self._expiries: list[tuple[float, str]] = []  # may hold stale entries: refreshed or dropped leases
+
+    def expire(self, now: float) -> None:
+        while self._expiries and self._expiries[0][0] <= now:
+            expires, lease_id = heapq.heappop(self._expiries)
+            held = self.held.get(lease_id)
+            if held is not None and held[0] == expires:  # else refreshed since, or already dropped
+                self.drop(lease_id)
+
+    def put(self, lease_id: str, expires: float, weight: int) -> None:
+        previous = self.held.get(lease_id)
+        self.total += weight - (previous[1] if previous else 0)
+        self.held[lease_id] = (expires, weight)
+        heapq.heappush(self._expiries, (expires, lease_id))
+
+    def drop(self, lease_id: str) -> bool:
+        held = self.held.pop(lease_id, None)
+        if held is None:
+            return False
+        self.total -= held[1]
+        return True
+
+
 class _Leases:
     def __init__(self) -> None:
-        self._held: dict[str, dict[str, tuple[float, int]]] = {}
+        self._scopes: dict[str, _ScopeLeases] = {}
+
+    def _scope(self, scope: str) -> _ScopeLeases:
+        leases = self._scopes.get(scope)
+        if leases is None:
+            leases = self._scopes[scope] = _ScopeLeases()
+        return leases
 
     def used(self, scope: str, now: float) -> int:
-        leases = self._held.setdefault(scope, {})
-        for lease_id in [lid for lid, (expires, _) in leases.items() if expires <= now]:
-            del leases[lease_id]
-        return sum(weight for _, weight in leases.values())
+        leases = self._scope(scope)
+        leases.expire(now)
+        return leases.total
 
     def take(self, scope: str, lease_id: str, weight: int, expires: float) -> None:
-        self._held.setdefault(scope, {})[lease_id] = (expires, weight)
+        self._scope(scope).put(lease_id, expires, weight)
 
     def refresh(self, scope: str, lease_id: str, expires: float, now: float) -> bool:
-        leases = self._held.get(scope, {})
-        if lease_id not in leases or leases[lease_id][0] <= now:
+        leases = self._scope(scope)
+        leases.expire(now)
+        held = leases.held.get(lease_id)
+        if held is None:
             return False
-        leases[lease_id] = (expires, leases[lease_id][1])
+        leases.put(lease_id, expires, held[1])
         return True
 
     def drop(self, scope: str, lease_id: str) -> bool:
-        return self._held.get(scope, {}).pop(lease_id, None) is not None
+        leases = self._scopes.get(scope)
+        return leases is not None and leases.drop(lease_id)
 
 
 class MemoryLimiter:

@@ -1,64 +1,88 @@
-"""The process's pooled outbound HTTP connections: httpcore2's pool (httpx2's transport), with a cheaper
-idle-connection check.
+"""The process's pooled outbound HTTP connections: httpcore2's pool (httpx2's transport) on asyncio's own
+streams.
 
 Kling calls go straight to the pool (`create_kling_pool`): httpx2's client layer (its request and response
 models, cookies, auth and redirect flows) cost a third of each call's CPU here and gives Kling's small JSON
 calls nothing. Everything else that fetches (webhooks, previews, OAuth keys) uses an httpx2 client over the
 same kind of pool (`create_http_client`).
 
-httpcore2 re-scans every pooled connection each time a request joins or leaves the pool, and asks each idle
-one whether its socket is readable (a server that closed a kept-alive connection makes it readable). Through
-anyio that question rebuilds a dict of the stream's attributes per connection per scan: with a few dozen
-connections to Kling it was a third of a worker's time under load (docs/benchmarks.md, profile). The streams
-here answer it from the socket they keep, with one `poll`; everything else is anyio's, unchanged.
+The pool's network backend is `AsyncioBackend` rather than httpcore2's default, anyio. Through anyio every read
+and write enters a cancel scope for its timeout, TLS runs in Python over memory buffers, and the pool's check
+of each idle connection (is its socket readable, as it is once the server hung up) rebuilds a dict of the
+stream's attributes. On asyncio's streams a read is an await with a timer, TLS runs in the event loop's
+transport (uvloop's, in C, under `serve`), and the check asks the stream and the socket directly.
 """
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 from collections.abc import Iterable
 from typing import Any
 
+import aiohappyeyeballs
 import httpcore2
 import httpx2
+from httpcore2._exceptions import map_exceptions
 from httpcore2._utils import is_socket_readable
 
+# httpcore2's exceptions for each phase, as its anyio backend maps them; OSError covers resets and refusals.
+_READ_ERRORS: dict[type[Exception], type[Exception]] = {TimeoutError: httpcore2.ReadTimeout,
+                                                        OSError: httpcore2.ReadError}  # fmt: skip
+_WRITE_ERRORS: dict[type[Exception], type[Exception]] = {TimeoutError: httpcore2.WriteTimeout,
+                                                         OSError: httpcore2.WriteError}  # fmt: skip
+_CONNECT_ERRORS: dict[type[Exception], type[Exception]] = {TimeoutError: httpcore2.ConnectTimeout,
+                                                           OSError: httpcore2.ConnectError}  # fmt: skip
+# RFC 8305's recommended wait before racing the next address of a name that has several.
+HAPPY_EYEBALLS_DELAY_S = 0.25
+_EXTRA_INFO = {"client_addr": "sockname", "server_addr": "peername", "ssl_object": "ssl_object", "socket": "socket"}
 
-class ProbedStream(httpcore2.AsyncNetworkStream):
-    """An anyio stream that answers `is_readable` from the socket it keeps instead of anyio's attribute lookup."""
 
-    def __init__(self, stream: httpcore2.AsyncNetworkStream, sock: socket.socket | None) -> None:
-        self._stream = stream
-        self._socket = sock
+class AsyncioStream(httpcore2.AsyncNetworkStream):
+    """One connection as asyncio's reader and writer pair, in httpcore2's stream interface."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._socket: socket.socket = writer.get_extra_info("socket")
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return await self._stream.read(max_bytes, timeout)
+        with map_exceptions(_READ_ERRORS):
+            async with asyncio.timeout(timeout):
+                return await self._reader.read(max_bytes)
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        await self._stream.write(buffer, timeout)
+        if not buffer:
+            return
+        with map_exceptions(_WRITE_ERRORS):
+            if self._writer.is_closing():
+                raise ConnectionResetError("the connection is closed")
+            self._writer.write(buffer)
+            if self._writer.transport.get_write_buffer_size():  # only then can the write have to wait
+                async with asyncio.timeout(timeout):
+                    await self._writer.drain()
 
     async def aclose(self) -> None:
-        await self._stream.aclose()
+        self._writer.close()  # not waiting for the peer: a close must not hang on a stalled server
 
     async def start_tls(
         self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
     ) -> httpcore2.AsyncNetworkStream:
-        # TLS runs over the same TCP socket, so it is still the one to probe.
-        return ProbedStream(await self._stream.start_tls(ssl_context, server_hostname, timeout), self._socket)
+        errors = {**_CONNECT_ERRORS, ssl.SSLError: httpcore2.ConnectError}
+        with map_exceptions(errors):
+            await self._writer.start_tls(ssl_context, server_hostname=server_hostname, ssl_handshake_timeout=timeout)
+        return self  # the same reader now reads the decrypted bytes
 
     def get_extra_info(self, info: str) -> Any:
         if info == "is_readable":
-            return is_socket_readable(self._socket)  # httpcore2's own check, on the socket kept here
-        return self._stream.get_extra_info(info)
+            # An idle connection with anything to read is one the server ended (its EOF, or a last error
+            # answer before closing): the transport may have taken it in already, else the socket shows it.
+            return self._reader.at_eof() or self._writer.is_closing() or is_socket_readable(self._socket)
+        return self._writer.get_extra_info(_EXTRA_INFO.get(info, info))
 
 
-class ProbedBackend(httpcore2.AsyncNetworkBackend):
-    """httpcore2's own anyio backend, its streams wrapped in `ProbedStream`."""
-
-    def __init__(self) -> None:
-        self._backend = httpcore2.AnyIOBackend()
-
+class AsyncioBackend(httpcore2.AsyncNetworkBackend):
     async def connect_tcp(
         self,
         host: str,
@@ -67,11 +91,27 @@ class ProbedBackend(httpcore2.AsyncNetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[httpcore2.SOCKET_OPTION] | None = None,
     ) -> httpcore2.AsyncNetworkStream:
-        stream = await self._backend.connect_tcp(host, port, timeout, local_address, socket_options)
-        return ProbedStream(stream, stream.get_extra_info("socket"))
+        loop = asyncio.get_running_loop()
+        with map_exceptions(_CONNECT_ERRORS):
+            async with asyncio.timeout(timeout):
+                addresses = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                local = None if local_address is None else await loop.getaddrinfo(local_address, 0)
+                # uvloop's own connect takes no happy-eyeballs delay: a blackholed IPv6 address would eat
+                # the whole connect timeout before IPv4 is tried.
+                sock = await aiohappyeyeballs.start_connection(
+                    addresses, local_addr_infos=local, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY_S
+                )
+                try:
+                    for option in socket_options or ():
+                        sock.setsockopt(*option)
+                    reader, writer = await asyncio.open_connection(sock=sock)
+                except BaseException:
+                    sock.close()
+                    raise
+        return AsyncioStream(reader, writer)
 
     async def sleep(self, seconds: float) -> None:
-        await self._backend.sleep(seconds)
+        await asyncio.sleep(seconds)
 
 
 # Per phase; callers bound each whole call too, since a slow drip of bytes never trips a per-phase timeout.
@@ -84,28 +124,32 @@ def _limits(max_connections: int) -> httpx2.Limits:
     )
 
 
-def _probed_pool(limits: httpx2.Limits, ssl_context: ssl.SSLContext) -> httpcore2.AsyncConnectionPool:
+def _asyncio_pool(limits: httpx2.Limits, ssl_context: ssl.SSLContext) -> httpcore2.AsyncConnectionPool:
     return httpcore2.AsyncConnectionPool(
         ssl_context=ssl_context,
         max_connections=limits.max_connections,
         max_keepalive_connections=limits.max_keepalive_connections,
         keepalive_expiry=limits.keepalive_expiry,
-        network_backend=ProbedBackend(),
+        network_backend=AsyncioBackend(),
     )
 
 
-def create_kling_pool(max_connections: int = 100) -> httpcore2.AsyncConnectionPool:
-    """The pool Kling calls are sent on (pass `extensions={"timeout": TIMEOUTS}` with each request)."""
-    return _probed_pool(_limits(max_connections), httpx2.create_ssl_context(trust_env=False))
+def create_kling_pool(
+    max_connections: int = 100, ssl_context: ssl.SSLContext | None = None
+) -> httpcore2.AsyncConnectionPool:
+    """The pool Kling calls are sent on (pass `extensions={"timeout": TIMEOUTS}` with each request). TLS is
+    verified against certifi's roots unless `ssl_context` says otherwise (a private CA in front of Kling)."""
+    context = ssl_context or httpx2.create_ssl_context(trust_env=False)
+    return _asyncio_pool(_limits(max_connections), context)
 
 
 class PooledTransport(httpx2.AsyncHTTPTransport):
-    """httpx2's transport with the pool rebuilt on `ProbedBackend`: httpx2 takes no network backend itself."""
+    """httpx2's transport with the pool rebuilt on `AsyncioBackend`: httpx2 takes no network backend itself."""
 
     def __init__(self, limits: httpx2.Limits) -> None:
         ssl_context = httpx2.create_ssl_context(trust_env=False)  # one, for both pools: each costs ~25 ms
         super().__init__(verify=ssl_context, limits=limits, trust_env=False)
-        self._pool = _probed_pool(limits, ssl_context)
+        self._pool = _asyncio_pool(limits, ssl_context)
 
 
 def create_http_client(max_connections: int = 100) -> httpx2.AsyncClient:

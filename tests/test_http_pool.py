@@ -1,17 +1,32 @@
-"""The pooled outbound client (app/http_pool.py) against a real HTTP server on loopback that drops kept-alive
-connections, as Kling's load balancers do when a connection idles."""
+"""The pooled outbound client (app/http_pool.py) against real servers on loopback: one that drops kept-alive
+connections, as Kling's load balancers do when a connection idles, and one behind TLS."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import ipaddress
+import ssl
+from pathlib import Path
 
 import anyio
+import httpcore2
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
-from app.http_pool import create_http_client
+from app.http_pool import TIMEOUTS, create_http_client, create_kling_pool
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=[False, True], ids=["asyncio", "uvloop"])
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, bool]]:
+    """Both event loops: `serve` runs on uvloop, whose transports (TLS included) are its own code."""
+    return "asyncio", {"use_uvloop": request.param}
 
 RESPONSE = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"code":0}\n'
 
@@ -75,3 +90,65 @@ async def test_a_kept_alive_connection_is_reused() -> None:
         await server.wait_closed()
     assert answers == [200, 200, 200]
     assert connections == 1
+
+
+def self_signed_tls(tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server context, client context trusting only that server's certificate) for 127.0.0.1."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = certificate.public_bytes(serialization.Encoding.PEM)
+    (tmp_path / "cert.pem").write_bytes(cert_pem)
+    (tmp_path / "key.pem").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    return server, ssl.create_default_context(cadata=cert_pem.decode())
+
+
+async def test_kling_calls_run_over_verified_tls(tmp_path: Path) -> None:
+    """The pool's own TLS (in the event loop's transport): answers over one kept connection, and a server whose
+    certificate the client does not trust is refused before anything is sent."""
+    server_tls, trusting = self_signed_tls(tmp_path)
+    requests = 0
+
+    async def keep_alive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal requests
+        try:
+            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+                while await reader.readuntil(b"\r\n\r\n"):
+                    requests += 1
+                    writer.write(RESPONSE)
+                    await writer.drain()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(keep_alive, "127.0.0.1", 0, ssl=server_tls)
+    url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/images/generations/1"
+    extensions = {"timeout": TIMEOUTS}
+    try:
+        with anyio.fail_after(10):
+            async with create_kling_pool(ssl_context=trusting) as pool:
+                answers = [await pool.request("GET", url, extensions=extensions) for _ in range(2)]
+                assert len(pool.connections) == 1
+            async with create_kling_pool() as pool:  # certifi's roots: the self-signed server is not trusted
+                with pytest.raises(httpcore2.ConnectError):
+                    await pool.request("GET", url, extensions=extensions)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert [(answer.status, answer.content) for answer in answers] == [(200, b'{"code":0}\n')] * 2
+    assert requests == 2

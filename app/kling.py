@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Generic, TypeVar
+from urllib.parse import urlsplit
 
 import httpcore2
 import jwt
@@ -205,7 +206,9 @@ class KlingClient:
         breakers: Breakers | None = None,
     ) -> None:
         self._pool = pool
-        self._base_url = base_url.rstrip("/")
+        base = urlsplit(base_url.rstrip("/"))
+        # Split once: a URL string would be parsed again by httpcore2 on every call.
+        self._scheme, self._host, self._port, self._prefix = base.scheme, base.hostname or "", base.port, base.path
         self._deadline_s = deadline_s
         self._jwts = JwtCache()
         self._breakers = breakers or Breakers()
@@ -272,11 +275,12 @@ class KlingClient:
         if body is not None:
             content = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
             headers.append((b"Content-Type", b"application/json"))
+        url = httpcore2.URL(scheme=self._scheme, host=self._host, port=self._port, target=self._prefix + path)
         with kling_call(request.endpoint, failure_code) as call:
             try:
                 # The pool's timeouts are per phase; a slow drip would never trip them, so bound the whole call.
                 async with asyncio.timeout(self._deadline_s):
-                    response = await self._pool.request(method, self._base_url + path, headers=headers,
+                    response = await self._pool.request(method, url, headers=headers,
                                                         content=content, extensions={"timeout": TIMEOUTS})  # fmt: skip
             except httpcore2.PoolTimeout as exc:
                 raise KlingTransportError(f"{method} {path}: no free connection to Kling in time", timed_out=True,

@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from mcp.server import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
+from redis import DriverInfo
 from redis.asyncio import Redis
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -104,6 +105,10 @@ def create_redis(
         "socket_connect_timeout": REDIS_TIMEOUT_S,
         "retry": CountingRetry(NoBackoff(), retries),
         "health_check_interval": 30,
+        # Built once: left to each connection, redis-py looks its own version up in the installed packages'
+        # metadata every time it opens one, 12-16 ms of the event loop each (measured while a burst of work
+        # grew the pool).
+        "driver_info": DriverInfo(),
     }
     if sentinel is not None:
         return sentinel_master(url, sentinel, **options)

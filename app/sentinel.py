@@ -106,6 +106,7 @@ def sentinel_master(url: str, target: SentinelTarget, **pool_options: Any) -> Re
         "retry": Retry(NoBackoff(), 1),
         # At most one question per master connection being opened at the same time.
         "max_connections": pool_options.get("max_connections"),
+        "driver_info": pool_options.get("driver_info"),
         "ssl": tls,
         **{name: value for name, value in options.items() if name.startswith("ssl")},
     }

@@ -46,6 +46,10 @@ WATCH_GRACE_S = MAX_POLL_INTERVAL_S
 CALLBACK_FALLBACK_POLL_S = 30.0
 ADOPT_EVERY_S = 10.0  # how often each replica looks for tasks nobody follows any more
 ADOPT_BATCH = 100
+# How many loops record what a poll brought (the record, the broadcast, the releases at the end) at once. One
+# list call answers dozens of tasks together; unbounded, all their Redis round trips would be queued on the
+# event loop ahead of the next step of every request, which then waited tens of ms (p99, one client).
+RECORDING_AT_ONCE = 4
 CredentialsOf = Callable[[str], Awaitable[KlingCredentials | None]]
 Broadcast = Callable[[TaskRecord], Awaitable[None]]
 OnFinished = Callable[[TaskRecord], Awaitable[None]]
@@ -111,6 +115,7 @@ class TaskFollower:
         self._on_finished = on_finished
         self._credentials_of = credentials_of
         self._finishing: set[asyncio.Task[None]] = set()  # shielded ends, awaited at shutdown
+        self._recording = asyncio.Semaphore(RECORDING_AT_ONCE)  # for the loops only: requests never queue here
         self._replica = uuid.uuid4().hex  # who holds a poll lease
         self._watches: dict[str, _Watch] = {}
         # The last state of recently finished tasks, for waiters that arrive just after their loop ended.
@@ -296,30 +301,37 @@ class TaskFollower:
     async def _poll(self, watch: _Watch) -> None:
         record, queries = watch.record, self._queries
         if queries is None:
-            await self.refresh(record, watch.kling)
+            await self._refreshed(record, self._kling.get_image_task(watch.kling, record.task_id), self._recording)
         else:
-            await self._refreshed(record, queries.status(watch.kling, record.task_id, record.created_at_ms))
+            await self._refreshed(record, queries.status(watch.kling, record.task_id, record.created_at_ms),
+                                  self._recording)  # fmt: skip
 
     async def refresh(self, record: TaskRecord, kling: KlingCredentials) -> TaskRecord:
         """Ask Kling for the task now; a newer state is recorded and announced. Returns the latest known state
         (the one given when the query failed: a failed query is "no news", not a failure)."""
         return await self._refreshed(record, self._kling.get_image_task(kling, record.task_id))
 
-    async def _refreshed(self, record: TaskRecord, query: Awaitable[KlingTask]) -> TaskRecord:
+    async def _refreshed(
+        self,
+        record: TaskRecord,
+        query: Awaitable[KlingTask],
+        recording: asyncio.Semaphore | None = None,
+    ) -> TaskRecord:
         try:
             latest = record.updated_from(await query)
         except KlingFailure as exc:
             logger.warning("could not query task %s: %s", record.task_id, type(exc).__name__)
             return record
-        current = self._watches.get(record.task_id)
-        known = current.record if current is not None else record
-        if not latest.supersedes(known):
-            return known  # nothing new, or older than what a callback brought while the query was under way
-        try:
-            await self._tasks.save(latest)
-        except RedisError:
-            logger.warning("could not record the state of task %s", record.task_id)
-        await self.announce(latest)
+        async with recording or contextlib.nullcontext():
+            current = self._watches.get(record.task_id)
+            known = current.record if current is not None else record
+            if not latest.supersedes(known):
+                return known  # nothing new, or older than what a callback brought while the query was under way
+            try:
+                await self._tasks.save(latest)
+            except RedisError:
+                logger.warning("could not record the state of task %s", record.task_id)
+            await self.announce(latest)
         return latest
 
     def _publish(self, watch: _Watch, record: TaskRecord) -> None:
@@ -328,6 +340,10 @@ class TaskFollower:
         watch.changed = asyncio.Event()
 
     async def _finish(self, watch: _Watch) -> None:
+        async with self._recording:
+            await self._release_and_end(watch)
+
+    async def _release_and_end(self, watch: _Watch) -> None:
         record = watch.record
         try:
             if watch.leases is not None:

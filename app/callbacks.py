@@ -103,8 +103,8 @@ def build_callback_router(
             # Not (yet) recorded, or not the task this token was made for: polling will catch up.
             return JSONResponse({"ok": True, "recorded": False})
         latest = record.updated_from(task)
-        if latest.supersedes(record):
-            await tasks.save(latest)
+        # Saved only if no newer state was recorded meanwhile (a poll answer on another replica, say).
+        if latest.supersedes(record) and await tasks.save(latest):
             await announce(latest)
         return JSONResponse({"ok": True, "recorded": True})
 

@@ -328,9 +328,12 @@ class TaskFollower:
             if not latest.supersedes(known):
                 return known  # nothing new, or older than what a callback brought while the query was under way
             try:
-                await self._tasks.save(latest)
+                saved = await self._tasks.save(latest)
             except RedisError:
+                saved = True  # not recorded, but this replica's waiters still learn of it
                 logger.warning("could not record the state of task %s", record.task_id)
+            if not saved:
+                return known  # a newer state is recorded (a callback on another replica, which announced it)
             await self.announce(latest)
         return latest
 

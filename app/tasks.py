@@ -42,6 +42,19 @@ RELEASE_POLLING = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+# Write a task's state unless the stored one is newer (Kling's updated_at): a poll answer that was under way
+# while another replica recorded a callback's terminal state must not turn the record back.
+SAVE_IF_NOT_OLDER = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local ok, stored = pcall(cjson.decode, current)
+  if ok and type(stored) == 'table' and tonumber(stored['updated_at_ms'] or 0) > tonumber(ARGV[2]) then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[3]))
+return 1
+"""
 IDEMPOTENCY_TTL_S = 86_400
 
 _KLING_STATUS = {
@@ -128,7 +141,9 @@ class IdempotencyClaim:
 
 
 class TaskStore(Protocol):
-    async def save(self, record: TaskRecord) -> None: ...
+    async def save(self, record: TaskRecord) -> bool:
+        """Store the task's state unless the stored one is newer (a higher `updated_at_ms`); True if stored."""
+
     async def get(self, task_id: str) -> TaskRecord | None: ...
 
     async def claim_idempotency(self, scope: str, claim: IdempotencyClaim, ttl_s: float) -> IdempotencyClaim | None:
@@ -184,11 +199,15 @@ class MemoryTaskStore:
         self._followed: dict[str, float] = {}
         self._max_records = max_records
 
-    async def save(self, record: TaskRecord) -> None:
+    async def save(self, record: TaskRecord) -> bool:
+        stored = self._records.get(record.task_id)
+        if stored is not None and stored.updated_at_ms > record.updated_at_ms:
+            return False
         self._records[record.task_id] = record
         self._records.move_to_end(record.task_id)
         while len(self._records) > self._max_records:
             self._records.popitem(last=False)
+        return True
 
     async def get(self, task_id: str) -> TaskRecord | None:
         return self._records.get(task_id)
@@ -263,9 +282,11 @@ class RedisTaskStore:
         self._if_owner = redis.register_script(IF_OWNER)
         self._claim_polling = redis.register_script(CLAIM_POLLING)
         self._release_polling = redis.register_script(RELEASE_POLLING)
+        self._save_if_not_older = redis.register_script(SAVE_IF_NOT_OLDER)
 
-    async def save(self, record: TaskRecord) -> None:
-        await self._redis.set(f"{self._ns}:task:{record.task_id}", record_to_json(record), ex=TASK_TTL_S)
+    async def save(self, record: TaskRecord) -> bool:
+        args: list[str | int] = [record_to_json(record), record.updated_at_ms, TASK_TTL_S]
+        return bool(await self._save_if_not_older(keys=[f"{self._ns}:task:{record.task_id}"], args=args))
 
     async def get(self, task_id: str) -> TaskRecord | None:
         raw = await self._redis.get(f"{self._ns}:task:{task_id}")

@@ -6,12 +6,15 @@ import base64
 import hashlib
 import hmac
 import time
+from dataclasses import replace
 
 import anyio
 import pytest
 from redis.asyncio import Redis
 
 from app.callbacks import CallbackTokens, verify_standard_webhook
+from app.models import TaskStatus
+from app.tasks import MemoryTaskStore, RedisTaskStore, TaskRecord, TaskStore
 from tests.conftest import RunningGateway, Simulator, bearer, redis_gateway_settings, replica_env, running_gateway
 from tests.servers import gateway_process
 
@@ -53,3 +56,21 @@ def test_standard_webhook_signatures_are_checked_with_tolerance() -> None:
     assert verify_standard_webhook(secret, headers, body)
     assert not verify_standard_webhook(secret, headers, body + b" ")
     assert not verify_standard_webhook(secret, headers | {"webhook-timestamp": str(int(time.time()) - 3600)}, body)
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_a_state_older_than_the_recorded_one_never_replaces_it(backend: str, redis: Redis) -> None:
+    """A poll answer still under way while another replica recorded the callback's final state arrives late:
+    the record stays final, or waiters and `GET /tasks` would see a finished task running again."""
+    store: TaskStore = MemoryTaskStore() if backend == "memory" else RedisTaskStore(redis)
+    processing = TaskRecord(
+        task_id="task-late-poll", tenant_id="t_1", external_task_id="e_1", model_name="kling-v1", num_images=1,
+        status=TaskStatus.PROCESSING, created_at_ms=1_000, updated_at_ms=2_000,
+    )  # fmt: skip
+    succeeded = replace(processing, status=TaskStatus.SUCCEEDED, updated_at_ms=3_000, images=[(0, "https://x/0")])
+    assert await store.save(succeeded)
+    assert not await store.save(processing)
+    assert await store.get("task-late-poll") == succeeded
+    corrected = replace(succeeded, status_message="re-sent")  # the same moment again: the later write wins
+    assert await store.save(corrected)
+    assert await store.get("task-late-poll") == corrected

@@ -19,6 +19,7 @@ import math
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -406,9 +407,13 @@ class _Gcra:
         if not per_minute:
             return 0.0, 0.0, 1 << 30
         interval = 60.0 / per_minute
-        new_tat = max(self._tat.get(key, 0.0), now) + interval
-        excess = new_tat - now - per_minute * interval
-        return new_tat, excess, math.floor((per_minute * interval - (new_tat - now)) / interval + 1e-9)
+        tat = max(self._tat.get(key, 0.0), now)
+        # In terms of how far the bucket runs ahead of now, which is exactly 0 for an idle one: `tat + interval
+        # - now - limit * interval` in seconds could round above 0 and refuse a first request (the Redis script
+        # counts in integer microseconds, where this cannot happen).
+        backlog = tat - now
+        excess = backlog - (per_minute - 1) * interval
+        return tat + interval, excess, math.floor(per_minute - 1 - backlog / interval + 1e-9)
 
     def charge(self, key: str, tat: float) -> None:
         self._tat[key] = tat
@@ -479,8 +484,9 @@ class _Leases:
 class MemoryLimiter:
     """The same decisions in one process; no awaits inside a decision, so each is atomic on the loop."""
 
-    def __init__(self, *, lease_ttl_s: float) -> None:
+    def __init__(self, *, lease_ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._lease_ttl_s = lease_ttl_s
+        self._clock = clock
         self._gcra = _Gcra()
         self._leases = _Leases()
         self._images: dict[tuple[str, str], int] = {}
@@ -502,14 +508,14 @@ class MemoryLimiter:
         return charges, remaining
 
     async def admit_request(self, tenant_id: str, key_id: str, limits: TenantLimits) -> Remaining:
-        charges, remaining = self._rate(tenant_id, key_id, limits, time.monotonic())
+        charges, remaining = self._rate(tenant_id, key_id, limits, self._clock())
         for key, tat in charges:
             self._gcra.charge(key, tat)
         count_admitted(limits, task=False)
         return Remaining(requests_this_minute=remaining)
 
     async def admit_task(self, tenant_id: str, key_id: str, limits: TenantLimits, images: int) -> Admission:
-        now = time.monotonic()
+        now = self._clock()
         charges, remaining = self._rate(tenant_id, key_id, limits, now)
         used = self._leases.used(tenant_id, now)
         if used + 1 > limits.concurrent_tasks:
@@ -529,7 +535,7 @@ class MemoryLimiter:
         return Admission(lease_id, left)
 
     async def refresh(self, tenant_id: str, lease_id: str) -> bool:
-        now = time.monotonic()
+        now = self._clock()
         return self._leases.refresh(tenant_id, lease_id, now + self._lease_ttl_s, now)
 
     async def release(self, tenant_id: str, lease_id: str, *, refund_images: int = 0) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from typing import Any
 
@@ -13,6 +14,7 @@ from pydantic import ValidationError
 from app.errors import invalid_request_from
 from app.kling import build_generation_body
 from app.models import GenerateRequest, check_reference_url
+from app.ratelimit import MemoryLimiter, TenantLimits
 
 INTERNAL_NETWORKS = ["127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16",
                      "100.64.0.0/10", "0.0.0.0/8"]  # fmt: skip
@@ -69,3 +71,13 @@ def test_any_arguments_are_either_refused_naming_a_field_or_mapped_to_documented
     assert 1 <= body["n"] <= 9
     assert 1 <= len(body["prompt"]) <= 2500
     assert not ("image" in body and "negative_prompt" in body)
+
+
+@settings(max_examples=300, deadline=None)
+@given(now=st.floats(min_value=0, max_value=1e9, allow_nan=False), per_minute=st.integers(1, 100_000))
+def test_a_tenants_first_request_is_admitted_whatever_the_clock_reads(now: float, per_minute: int) -> None:
+    """The in-memory limiter counts in float seconds of a monotonic clock (hours since boot on a fresh machine):
+    rounding must never refuse a request the limit allows (a 1/min tenant was refused its first one)."""
+    limiter = MemoryLimiter(lease_ttl_s=60, clock=lambda: now)
+    remaining = asyncio.run(limiter.admit_request("t_1", "k_1", TenantLimits(requests_per_minute=per_minute)))
+    assert remaining.requests_this_minute == per_minute - 1

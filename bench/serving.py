@@ -11,6 +11,7 @@ settings as `serve` passes.
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import sys
 from collections.abc import AsyncIterator
@@ -46,6 +47,11 @@ class Server:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
         raise RuntimeError(f"no VmRSS for process {self.pid}")
+
+    def cpu_seconds(self) -> float:
+        """CPU time the server process has used (user and system), from /proc."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 @contextlib.asynccontextmanager

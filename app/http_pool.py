@@ -32,17 +32,29 @@ _READ_ERRORS: dict[type[Exception], type[Exception]] = {TimeoutError: httpcore2.
                                                         OSError: httpcore2.ReadError}  # fmt: skip
 _WRITE_ERRORS: dict[type[Exception], type[Exception]] = {TimeoutError: httpcore2.WriteTimeout,
                                                          OSError: httpcore2.WriteError}  # fmt: skip
+# uvloop can fail a connect with a RuntimeError ("File descriptor ... is used by transport"), aiohappyeyeballs notes.
 _CONNECT_ERRORS: dict[type[Exception], type[Exception]] = {TimeoutError: httpcore2.ConnectTimeout,
-                                                           OSError: httpcore2.ConnectError}  # fmt: skip
+                                                           OSError: httpcore2.ConnectError,
+                                                           RuntimeError: httpcore2.ConnectError}  # fmt: skip
 # RFC 8305's recommended wait before racing the next address of a name that has several.
 HAPPY_EYEBALLS_DELAY_S = 0.25
 _EXTRA_INFO = {"client_addr": "sockname", "server_addr": "peername", "ssl_object": "ssl_object", "socket": "socket"}
 
 
+class BufferedReader(asyncio.StreamReader):
+    """asyncio's reader, telling whether it holds bytes nobody asked for. The transport reads as bytes arrive, so
+    what a server sends on an idle connection (a 408 before it hangs up, say) waits here, not in the socket."""
+
+    _buffer: bytearray  # asyncio's own, not in its type stubs
+
+    def holds_unread(self) -> bool:
+        return bool(self._buffer)
+
+
 class AsyncioStream(httpcore2.AsyncNetworkStream):
     """One connection as asyncio's reader and writer pair, in httpcore2's stream interface."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, reader: BufferedReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
         self._writer = writer
         self._socket: socket.socket = writer.get_extra_info("socket")
@@ -64,21 +76,35 @@ class AsyncioStream(httpcore2.AsyncNetworkStream):
                     await self._writer.drain()
 
     async def aclose(self) -> None:
-        self._writer.close()  # not waiting for the peer: a close must not hang on a stalled server
+        # Not waiting for the peer: a close must not hang on a stalled server. And a close with bytes still to
+        # send would wait for the server to read them (for ever, from one that stopped): those are dropped.
+        self._writer.close()
+        if self._writer.transport.get_write_buffer_size():
+            self._writer.transport.abort()
 
     async def start_tls(
         self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
     ) -> httpcore2.AsyncNetworkStream:
         errors = {**_CONNECT_ERRORS, ssl.SSLError: httpcore2.ConnectError}
         with map_exceptions(errors):
-            await self._writer.start_tls(ssl_context, server_hostname=server_hostname, ssl_handshake_timeout=timeout)
+            # Our own deadline: the loop's handshake timeout fails with ConnectionAbortedError, which would read
+            # as a refused connection rather than one that timed out.
+            async with asyncio.timeout(timeout):
+                await self._writer.start_tls(ssl_context, server_hostname=server_hostname)
         return self  # the same reader now reads the decrypted bytes
 
     def get_extra_info(self, info: str) -> Any:
         if info == "is_readable":
             # An idle connection with anything to read is one the server ended (its EOF, or a last error
-            # answer before closing): the transport may have taken it in already, else the socket shows it.
-            return self._reader.at_eof() or self._writer.is_closing() or is_socket_readable(self._socket)
+            # answer before closing) or garbled: the transport may have taken it in already, else the socket
+            # shows it. Such bytes must never be read as the answer to the next request.
+            reader = self._reader
+            return (
+                reader.holds_unread()
+                or reader.at_eof()
+                or self._writer.is_closing()
+                or is_socket_readable(self._socket)
+            )
         return self._writer.get_extra_info(_EXTRA_INFO.get(info, info))
 
 
@@ -104,7 +130,11 @@ class AsyncioBackend(httpcore2.AsyncNetworkBackend):
                 try:
                     for option in socket_options or ():
                         sock.setsockopt(*option)
-                    reader, writer = await asyncio.open_connection(sock=sock)
+                    reader = BufferedReader(loop=loop)
+                    transport, protocol = await loop.create_connection(
+                        lambda: asyncio.StreamReaderProtocol(reader, loop=loop), sock=sock
+                    )
+                    writer = asyncio.StreamWriter(transport, protocol, reader, loop)
                 except BaseException:
                     sock.close()
                     raise

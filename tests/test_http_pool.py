@@ -28,6 +28,7 @@ def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, bool]]
     """Both event loops: `serve` runs on uvloop, whose transports (TLS included) are its own code."""
     return "asyncio", {"use_uvloop": request.param}
 
+
 RESPONSE = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"code":0}\n'
 
 
@@ -63,6 +64,45 @@ async def test_a_connection_the_server_dropped_while_idle_is_not_reused() -> Non
         await server.wait_closed()
     assert (first.json(), second.json()) == ({"code": 0}, {"code": 0})
     assert dropping.connections == 2  # the dead connection was noticed before use, not written to
+
+
+async def test_bytes_a_server_sends_on_an_idle_connection_are_never_read_as_the_next_answer() -> None:
+    """A server that answers, then sends a 408 on the idle connection without hanging up: the next request goes
+    on a new connection, so its answer is its own and not that stray 408 (nor, through a proxy, someone else's)."""
+    first_answered, stray_sent = asyncio.Event(), asyncio.Event()
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        try:
+            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(RESPONSE)
+                await writer.drain()
+                if connections == 1:
+                    await first_answered.wait()
+                    writer.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")
+                    await writer.drain()
+                    stray_sent.set()
+                    await reader.read()  # until the client drops the connection
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/images/generations/1"
+    try:
+        async with create_http_client() as http:
+            with anyio.fail_after(10):
+                first = await http.get(url)
+                first_answered.set()
+                await stray_sent.wait()
+                second = await http.get(url)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert (first.status_code, second.status_code) == (200, 200)
+    assert connections == 2
 
 
 async def test_a_kept_alive_connection_is_reused() -> None:
@@ -152,3 +192,57 @@ async def test_kling_calls_run_over_verified_tls(tmp_path: Path) -> None:
         await server.wait_closed()
     assert [(answer.status, answer.content) for answer in answers] == [(200, b'{"code":0}\n')] * 2
     assert requests == 2
+
+
+async def test_a_server_that_never_answers_the_tls_handshake_is_a_connect_timeout() -> None:
+    """So a Kling call reads it as "timed out" (504), not as a refused connection."""
+    silent_connections: list[asyncio.StreamWriter] = []
+
+    async def silent(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        silent_connections.append(writer)  # accepts TCP, never speaks TLS
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/images/generations/1"
+    try:
+        with anyio.fail_after(10):
+            async with create_kling_pool() as pool:
+                with pytest.raises(httpcore2.ConnectTimeout):
+                    await pool.request("GET", url, extensions={"timeout": {**TIMEOUTS, "connect": 0.2}})
+    finally:
+        for writer in silent_connections:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_connection_given_up_while_sending_is_closed_not_left_open() -> None:
+    """A body the server stops reading times the write out; the connection is then dropped with what was still
+    queued, not kept open until the server reads all of it (one that stopped reading never will)."""
+    body_bytes = 64 << 20
+    received = 0
+    gone, timed_out = asyncio.Event(), asyncio.Event()
+
+    async def stops_reading(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal received
+        await reader.readuntil(b"\r\n\r\n")
+        await timed_out.wait()
+        with contextlib.suppress(ConnectionError):
+            while chunk := await reader.read(1 << 20):  # what was in flight, until the client's close
+                received += len(chunk)
+        gone.set()
+        writer.close()
+
+    server = await asyncio.start_server(stops_reading, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/images/generations"
+    try:
+        with anyio.fail_after(20):
+            async with create_kling_pool() as pool:
+                with pytest.raises(httpcore2.WriteTimeout):
+                    await pool.request("POST", url, content=b"x" * body_bytes,
+                                       extensions={"timeout": {**TIMEOUTS, "write": 0.2}})  # fmt: skip
+                timed_out.set()
+                await gone.wait()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert received < body_bytes // 2  # only the sockets' buffers, not the rest of the body

@@ -50,6 +50,9 @@ ADOPT_BATCH = 100
 # list call answers dozens of tasks together; unbounded, all their Redis round trips would be queued on the
 # event loop ahead of the next step of every request, which then waited tens of ms (p99, one client).
 RECORDING_AT_ONCE = 4
+# A bound on bursts, not a queue: a loop that waited this long for its turn goes ahead anyway. With Redis slow
+# (each turn held for seconds) news would otherwise reach waiters minutes late, and shutdown wait as long.
+RECORDING_QUEUE_S = 0.5
 CredentialsOf = Callable[[str], Awaitable[KlingCredentials | None]]
 Broadcast = Callable[[TaskRecord], Awaitable[None]]
 OnFinished = Callable[[TaskRecord], Awaitable[None]]
@@ -301,10 +304,10 @@ class TaskFollower:
     async def _poll(self, watch: _Watch) -> None:
         record, queries = watch.record, self._queries
         if queries is None:
-            await self._refreshed(record, self._kling.get_image_task(watch.kling, record.task_id), self._recording)
+            await self._refreshed(record, self._kling.get_image_task(watch.kling, record.task_id), bounded=True)
         else:
             await self._refreshed(record, queries.status(watch.kling, record.task_id, record.created_at_ms),
-                                  self._recording)  # fmt: skip
+                                  bounded=True)  # fmt: skip
 
     async def refresh(self, record: TaskRecord, kling: KlingCredentials) -> TaskRecord:
         """Ask Kling for the task now; a newer state is recorded and announced. Returns the latest known state
@@ -315,14 +318,14 @@ class TaskFollower:
         self,
         record: TaskRecord,
         query: Awaitable[KlingTask],
-        recording: asyncio.Semaphore | None = None,
+        bounded: bool = False,
     ) -> TaskRecord:
         try:
             latest = record.updated_from(await query)
         except KlingFailure as exc:
             logger.warning("could not query task %s: %s", record.task_id, type(exc).__name__)
             return record
-        async with recording or contextlib.nullcontext():
+        async with self._turn_to_record() if bounded else contextlib.nullcontext():
             current = self._watches.get(record.task_id)
             known = current.record if current is not None else record
             if not latest.supersedes(known):
@@ -343,8 +346,21 @@ class TaskFollower:
         watch.changed = asyncio.Event()
 
     async def _finish(self, watch: _Watch) -> None:
-        async with self._recording:
+        async with self._turn_to_record():
             await self._release_and_end(watch)
+
+    @contextlib.asynccontextmanager
+    async def _turn_to_record(self) -> AsyncIterator[None]:
+        """Up to RECORDING_AT_ONCE loops at a time; one that waited RECORDING_QUEUE_S goes ahead regardless."""
+        acquired = False
+        with contextlib.suppress(TimeoutError):  # the turns are held long: Redis is slow, bounding no longer helps
+            async with asyncio.timeout(RECORDING_QUEUE_S):
+                acquired = await self._recording.acquire()
+        try:
+            yield
+        finally:
+            if acquired:
+                self._recording.release()
 
     async def _release_and_end(self, watch: _Watch) -> None:
         record = watch.record

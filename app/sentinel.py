@@ -106,9 +106,10 @@ def sentinel_master(url: str, target: SentinelTarget, **pool_options: Any) -> Re
         "retry": Retry(NoBackoff(), 1),
         # At most one question per master connection being opened at the same time.
         "max_connections": pool_options.get("max_connections"),
-        "driver_info": pool_options.get("driver_info"),
         "ssl": tls,
         **{name: value for name, value in options.items() if name.startswith("ssl")},
+        # Only as given: an explicit None would turn CLIENT SETINFO off.
+        **{name: value for name, value in pool_options.items() if name == "driver_info"},
     }
     manager = Sentinel(list(target.sentinels), sentinel_kwargs=sentinel_options)  # type: ignore[no-untyped-call]
     # As with a direct URL, options in its query string win.

@@ -8,6 +8,7 @@ import contextlib
 import datetime
 import ipaddress
 import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import anyio
@@ -32,6 +33,19 @@ def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, bool]]
 RESPONSE = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"code":0}\n'
 
 
+@contextlib.asynccontextmanager
+async def loopback_server(
+    handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]], tls: ssl.SSLContext | None = None
+) -> AsyncIterator[int]:
+    """A server on 127.0.0.1 running `handle` for each connection; yields its port."""
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=tls)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 class DroppingServer:
     """Answers one request per connection as if keeping it alive (no `Connection: close`), then hangs up."""
 
@@ -51,17 +65,11 @@ class DroppingServer:
 
 async def test_a_connection_the_server_dropped_while_idle_is_not_reused() -> None:
     dropping = DroppingServer()
-    server = await asyncio.start_server(dropping.serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        async with create_http_client() as http:
-            with anyio.fail_after(10):
-                first = await http.get(f"http://127.0.0.1:{port}/v1/images/generations/1")
-                await dropping.hung_up.wait()  # the server's FIN is now in the idle pooled socket
-                second = await http.get(f"http://127.0.0.1:{port}/v1/images/generations/1")
-    finally:
-        server.close()
-        await server.wait_closed()
+    async with loopback_server(dropping.serve) as port, create_http_client() as http:
+        with anyio.fail_after(10):
+            first = await http.get(f"http://127.0.0.1:{port}/v1/images/generations/1")
+            await dropping.hung_up.wait()  # the server's FIN is now in the idle pooled socket
+            second = await http.get(f"http://127.0.0.1:{port}/v1/images/generations/1")
     assert (first.json(), second.json()) == ({"code": 0}, {"code": 0})
     assert dropping.connections == 2  # the dead connection was noticed before use, not written to
 
@@ -89,18 +97,14 @@ async def test_bytes_a_server_sends_on_an_idle_connection_are_never_read_as_the_
         finally:
             writer.close()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/images/generations/1"
-    try:
+    async with loopback_server(serve) as port:
+        url = f"http://127.0.0.1:{port}/v1/images/generations/1"
         async with create_http_client() as http:
             with anyio.fail_after(10):
                 first = await http.get(url)
                 first_answered.set()
                 await stray_sent.wait()
                 second = await http.get(url)
-    finally:
-        server.close()
-        await server.wait_closed()
     assert (first.status_code, second.status_code) == (200, 200)
     assert connections == 2
 
@@ -119,15 +123,9 @@ async def test_a_kept_alive_connection_is_reused() -> None:
         finally:
             writer.close()
 
-    server = await asyncio.start_server(keep_alive, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        async with create_http_client() as http:
-            with anyio.fail_after(10):
-                answers = [(await http.get(f"http://127.0.0.1:{port}/x")).status_code for _ in range(3)]
-    finally:
-        server.close()
-        await server.wait_closed()
+    async with loopback_server(keep_alive) as port, create_http_client() as http:
+        with anyio.fail_after(10):
+            answers = [(await http.get(f"http://127.0.0.1:{port}/x")).status_code for _ in range(3)]
     assert answers == [200, 200, 200]
     assert connections == 1
 
@@ -176,10 +174,9 @@ async def test_kling_calls_run_over_verified_tls(tmp_path: Path) -> None:
         finally:
             writer.close()
 
-    server = await asyncio.start_server(keep_alive, "127.0.0.1", 0, ssl=server_tls)
-    url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/images/generations/1"
-    extensions = {"timeout": TIMEOUTS}
-    try:
+    async with loopback_server(keep_alive, tls=server_tls) as port:
+        url = f"https://127.0.0.1:{port}/v1/images/generations/1"
+        extensions = {"timeout": TIMEOUTS}
         with anyio.fail_after(10):
             async with create_kling_pool(ssl_context=trusting) as pool:
                 answers = [await pool.request("GET", url, extensions=extensions) for _ in range(2)]
@@ -187,9 +184,6 @@ async def test_kling_calls_run_over_verified_tls(tmp_path: Path) -> None:
             async with create_kling_pool() as pool:  # certifi's roots: the self-signed server is not trusted
                 with pytest.raises(httpcore2.ConnectError):
                     await pool.request("GET", url, extensions=extensions)
-    finally:
-        server.close()
-        await server.wait_closed()
     assert [(answer.status, answer.content) for answer in answers] == [(200, b'{"code":0}\n')] * 2
     assert requests == 2
 
@@ -201,18 +195,16 @@ async def test_a_server_that_never_answers_the_tls_handshake_is_a_connect_timeou
     async def silent(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         silent_connections.append(writer)  # accepts TCP, never speaks TLS
 
-    server = await asyncio.start_server(silent, "127.0.0.1", 0)
-    url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/images/generations/1"
-    try:
-        with anyio.fail_after(10):
-            async with create_kling_pool() as pool:
-                with pytest.raises(httpcore2.ConnectTimeout):
-                    await pool.request("GET", url, extensions={"timeout": {**TIMEOUTS, "connect": 0.2}})
-    finally:
-        for writer in silent_connections:
-            writer.close()
-        server.close()
-        await server.wait_closed()
+    async with loopback_server(silent) as port:
+        url = f"https://127.0.0.1:{port}/v1/images/generations/1"
+        try:
+            with anyio.fail_after(10):
+                async with create_kling_pool() as pool:
+                    with pytest.raises(httpcore2.ConnectTimeout):
+                        await pool.request("GET", url, extensions={"timeout": {**TIMEOUTS, "connect": 0.2}})
+        finally:
+            for writer in silent_connections:
+                writer.close()
 
 
 async def test_a_connection_given_up_while_sending_is_closed_not_left_open() -> None:
@@ -232,9 +224,8 @@ async def test_a_connection_given_up_while_sending_is_closed_not_left_open() -> 
         gone.set()
         writer.close()
 
-    server = await asyncio.start_server(stops_reading, "127.0.0.1", 0)
-    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/images/generations"
-    try:
+    async with loopback_server(stops_reading) as port:
+        url = f"http://127.0.0.1:{port}/v1/images/generations"
         with anyio.fail_after(20):
             async with create_kling_pool() as pool:
                 with pytest.raises(httpcore2.WriteTimeout):
@@ -242,7 +233,4 @@ async def test_a_connection_given_up_while_sending_is_closed_not_left_open() -> 
                                        extensions={"timeout": {**TIMEOUTS, "write": 0.2}})  # fmt: skip
                 timed_out.set()
                 await gone.wait()
-    finally:
-        server.close()
-        await server.wait_closed()
     assert received < body_bytes // 2  # only the sockets' buffers, not the rest of the body

@@ -131,7 +131,9 @@ client sends its next request as soon as the last is answered ({", ".join(f"{n} 
 in the paced rows {PACED_CLIENTS} clients share a fixed schedule of {PACED_PER_SECOND:.0f} requests per second
 ({paced_requests} per run), each latency counted from the request's due time. The four targets run in turn,
 {rounds} rounds; each figure is the median over the rounds. "added" is the gateway's percentile minus the direct
-one; `Server-Timing` is the median of the gateway's own `gateway;dur` header.
+one; `Server-Timing` is the median of the gateway's own `gateway;dur` header. That is the request's time
+outside Kling calls and waits, so on a saturated worker (the closed loops at 16 and 64) it also holds the
+time the request's next step waited behind other requests' work on the event loop.
 
 | clients | target | p50 ms | p99 ms | requests/s | added p50 ms | added p99 ms | `Server-Timing` ms |
 |---|---|---|---|---|---|---|---|

@@ -1,0 +1,154 @@
+"""Two commits of the gateway side by side: the latency each adds to a create and its CPU per request, in one run
+against one simulator, alternating, so a change to the hot path is judged on this shared machine's noise alike.
+
+    python -m bench.compare BASE [OTHER] [--redis] [--rounds N]
+
+OTHER defaults to the working tree as it is (uncommitted changes included). Each commit runs from a temporary git
+worktree under this checkout's virtualenv, so both must run on the same dependencies. Prints a table; writes
+nothing to docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import secrets
+import statistics
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.kling import KlingCredentials
+from app.sealing import new_master_key
+from bench.http import Connection, Reply
+from bench.measure import Run, alternating, closed_loop, paced
+from bench.overhead import PACED_PER_SECOND, SIM_DELAY_S, direct_sender, rest_sender
+from bench.serving import ROOT, Server, raise_fd_limit
+from bench.stack import ACCOUNT_SLOTS, ADMIN_TOKEN, accounts_for, api_keys, simulator
+from tests.servers import free_port, python_process, redis_server
+
+DIRECT = "direct to the simulator"
+WORKING_TREE = "working tree"
+ACCOUNTS_PER_GATEWAY = 4
+Send = Callable[[Connection, int], Awaitable[Reply]]
+
+
+@dataclass(frozen=True)
+class Load:
+    name: str
+    clients: int
+    requests: int
+    per_second: float | None = None
+
+
+LOADS = (Load("1 client", 1, 300), Load("16 clients", 16, 640), Load("16 paced", 16, 450, PACED_PER_SECOND))
+
+
+@contextlib.contextmanager
+def checked_out(rev: str) -> Iterator[Path]:
+    """`rev` in a temporary worktree, or this checkout itself for the working tree."""
+    if rev == WORKING_TREE:
+        yield ROOT
+        return
+    with tempfile.TemporaryDirectory(prefix="kgw-compare-") as parent:
+        path = Path(parent) / "tree"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(path), rev], check=True)
+        try:
+            yield path
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)], check=False)
+
+
+@contextlib.asynccontextmanager
+async def gateway_at(root: Path, kling_url: str, redis_env: dict[str, str]) -> AsyncIterator[Server]:
+    """A gateway worker served from `root`'s code (`kling-gateway serve`, as bench.stack.gateway does)."""
+    port = free_port()
+    env = {"KGW_KLING_BASE_URL": kling_url, "KGW_ADMIN_TOKEN": ADMIN_TOKEN, **redis_env}
+    argv = ["-m", "bench.serving", "app.main:create_app", str(port), "--gateway"]
+    url = f"http://127.0.0.1:{port}"
+    async with python_process(argv, env, url + "/healthz", cwd=root) as process:
+        yield Server(url, process.pid, port)
+
+
+async def measured(url: str, send: Send, load: Load, expect: int, server: Server | None) -> tuple[Run, float]:
+    """One run of `load`, and the server's CPU per request in ms (0 when it is not ours to read)."""
+    before = server.cpu_seconds() if server else 0.0
+    if load.per_second is None:
+        run = await closed_loop(url, send, clients=load.clients, requests=load.requests, expect=expect)
+    else:
+        run = await paced(url, send, clients=load.clients, per_second=load.per_second, requests=load.requests,
+                          expect=expect)  # fmt: skip
+    used = (server.cpu_seconds() - before) if server else 0.0
+    return run, used * 1000 / load.requests
+
+
+async def compare(revs: list[str], redis: bool, rounds: int) -> str:
+    raise_fd_limit()
+    accounts = accounts_for((1 + ACCOUNTS_PER_GATEWAY * len(revs)) * ACCOUNT_SLOTS)
+    with contextlib.ExitStack() as trees:
+        roots = {rev: trees.enter_context(checked_out(rev)) for rev in revs}
+        # A Redis each: they would otherwise hear each other's broadcasts and adopt each other's tasks.
+        redis_envs = {rev: _redis_env(trees) if redis else {} for rev in revs}
+        async with contextlib.AsyncExitStack() as stack:
+            sim = await stack.enter_async_context(simulator(SIM_DELAY_S, accounts))
+            direct = direct_sender(KlingCredentials(accounts[0].access_key, accounts[0].secret_key))
+            targets: dict[str, tuple[str, Send, int, Server | None]] = {DIRECT: (sim.url, direct, 200, None)}
+            for index, (rev, root) in enumerate(roots.items()):
+                server = await stack.enter_async_context(gateway_at(root, sim.url, redis_envs[rev]))
+                own = accounts[1 + index * ACCOUNTS_PER_GATEWAY : 1 + (index + 1) * ACCOUNTS_PER_GATEWAY]
+                targets[rev] = (server.url, rest_sender(await api_keys(server.url, own)), 202, server)
+            for url, send, expect, _ in targets.values():  # warm up: connections, caches, JWTs, Lua scripts
+                await closed_loop(url, send, clients=16, requests=300, expect=expect)
+            results = {}
+            for load in LOADS:
+                contenders = {name: _contender(*target, load) for name, target in targets.items()}
+                results[load.name] = await alternating(rounds, contenders)
+    return render(results, revs, redis, rounds)
+
+
+def _redis_env(stack: contextlib.ExitStack) -> dict[str, str]:
+    url = stack.enter_context(redis_server())
+    return {"KGW_REDIS_URL": url, "KGW_KEY_PEPPER": secrets.token_urlsafe(24), "KGW_MASTER_KEY": new_master_key()}
+
+
+def _contender(url: str, send: Send, expect: int, server: Server | None, load: Load) -> Callable[[], Awaitable[tuple[Run, float]]]:  # fmt: skip
+    return lambda: measured(url, send, load, expect, server)
+
+
+def render(results: dict[str, dict[str, list[tuple[Run, float]]]], revs: list[str], redis: bool, rounds: int) -> str:
+    rows = []
+    for load, by_target in results.items():
+        direct_p50 = statistics.median(run.p50_ms for run, _ in by_target[DIRECT])
+        direct_p99 = statistics.median(run.p99_ms for run, _ in by_target[DIRECT])
+        for rev in revs:
+            runs = by_target[rev]
+            p50 = statistics.median(run.p50_ms for run, _ in runs) - direct_p50
+            p99 = statistics.median(run.p99_ms for run, _ in runs) - direct_p99
+            timing = statistics.median(statistics.median(run.server_timings_ms or [0.0]) for run, _ in runs)
+            cpu = statistics.median(cpu for _, cpu in runs)
+            rows.append(f"| {load} | {rev} | +{p50:.2f} | +{p99:.2f} | {timing:.2f} | {cpu:.2f} |")
+    store = "Redis" if redis else "the memory store"
+    return f"""Gateway with {store}, {rounds} rounds, medians; "added" is over the simulator called directly.
+CPU is the gateway process's CPU per request, its following of the task included.
+
+| load | commit | added p50 ms | added p99 ms | `Server-Timing` ms | CPU ms per request |
+|---|---|---|---|---|---|
+{chr(10).join(rows)}
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("base", help="a commit (anything git rev-parse takes)")
+    parser.add_argument("other", nargs="?", default=WORKING_TREE, help="another commit (default: the working tree)")
+    parser.add_argument("--redis", action="store_true", help="gateways on a Redis of their own, not in memory")
+    parser.add_argument("--rounds", type=int, default=4)
+    args = parser.parse_args()
+    print(asyncio.run(compare([args.base, args.other], args.redis, args.rounds)))
+
+
+if __name__ == "__main__":
+    main()

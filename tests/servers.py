@@ -55,35 +55,32 @@ def free_port() -> int:
         return port
 
 
-@contextlib.contextmanager
-def redis_server() -> Iterator[str]:
-    """A private redis-server on a free loopback port, keeping nothing on disk; yields its URL."""
+def start_redis(port: int, workdir: str, *options: str) -> subprocess.Popen[bytes]:
+    """redis-server with `options` (a configuration file first, if any) on 127.0.0.1:`port`, its files in
+    `workdir`; returns once it listens."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server is not installed (Debian: apt-get install redis-server)")
+    process = subprocess.Popen(
+        [binary, *options, "--port", str(port), "--bind", "127.0.0.1", "--dir", workdir],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        _wait_for_port(port, process)
+    except BaseException:
+        process.terminate()
+        process.wait(timeout=10)
+        raise
+    return process
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[str]:
+    """A private redis-server on a free loopback port, keeping nothing on disk; yields its URL."""
     port = free_port()
     with tempfile.TemporaryDirectory() as workdir:
-        process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                workdir,
-                "--protected-mode",
-                "yes",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        process = start_redis(port, workdir, "--save", "", "--appendonly", "no", "--protected-mode", "yes")
         try:
-            _wait_for_port(port, process)
             yield f"redis://127.0.0.1:{port}/0"
         finally:
             process.terminate()
@@ -160,15 +157,8 @@ class RedisProcess:
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server is not installed (Debian: apt-get install redis-server)")
-        self._process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-             "--appendfsync", "always", "--dir", self._workdir],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        _wait_for_port(self.port, self._process)
+        self._process = start_redis(self.port, self._workdir, "--save", "", "--appendonly", "yes",
+                                    "--appendfsync", "always")  # fmt: skip
 
     def stop(self) -> None:
         if self._process is not None:

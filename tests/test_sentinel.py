@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
-import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -36,7 +34,7 @@ from tests.conftest import (
     run_cli,
     running_gateway,
 )
-from tests.servers import _wait_for_port, free_port
+from tests.servers import free_port, start_redis
 
 pytestmark = pytest.mark.anyio
 SERVICE = "kgw-primary"  # not the default name, so the setting is what finds it
@@ -59,21 +57,14 @@ class SentinelGroup:
 
 @contextlib.contextmanager
 def sentinel_group() -> Iterator[SentinelGroup]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise RuntimeError("redis-server is not installed (Debian: apt-get install redis-server)")
     group = SentinelGroup(("127.0.0.1", free_port()), ("127.0.0.1", free_port()), ("127.0.0.1", free_port()))
     with tempfile.TemporaryDirectory() as workdir, contextlib.ExitStack() as stack:
 
         def start(name: str, port: int, *args: str) -> None:
             Path(workdir, name).mkdir()
-            process = subprocess.Popen(
-                [binary, *args, "--port", str(port), "--bind", "127.0.0.1", "--dir", f"{workdir}/{name}"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
+            process = start_redis(port, f"{workdir}/{name}", *args)
             stack.callback(process.wait, timeout=10)
             stack.callback(process.terminate)
-            _wait_for_port(port, process)
 
         # Nothing on disk; a replica's first sync at once (by default a master waits 5 s for more replicas).
         data = ("--save", "", "--appendonly", "no", "--repl-diskless-sync-delay", "0")

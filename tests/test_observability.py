@@ -3,13 +3,17 @@ across the workers of `kling-gateway serve --workers 2`."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import json
 import logging
+import logging.config
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -19,6 +23,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from app.http_pool import create_http_client
 from app.logs import JsonFormatter, TextFormatter, logging_config
 from app.main import create_redis
 from app.metrics import forget_dead_workers
@@ -181,9 +186,35 @@ def test_formatters_mask_anything_shaped_like_a_key_a_token_or_a_jwt() -> None:
         assert "got [redacted]" in line
 
 
-def test_logs_are_json_off_a_terminal_and_text_on_one() -> None:
-    assert logging_config(json_lines=True)["formatters"]["line"]["()"].endswith("JsonFormatter")
-    assert logging_config(json_lines=False)["formatters"]["line"]["()"].endswith("TextFormatter")
+_CONFIGURED_LOGGERS = ("", "uvicorn", "uvicorn.access", "httpx2", "httpcore2", "httpx", "httpcore")
+
+
+@contextlib.contextmanager
+def gateway_logging(*, json_lines: bool) -> Iterator[None]:
+    """The gateway's logging configuration, as `serve` applies it, for the test's duration (stdout is the test's
+    captured one); the loggers it touches are put back afterwards."""
+    saved = [(logger, logger.handlers[:], logger.level, logger.propagate)
+             for logger in map(logging.getLogger, _CONFIGURED_LOGGERS)]  # fmt: skip
+    logging.config.dictConfig(logging_config(json_lines=json_lines))
+    try:
+        yield
+    finally:
+        for logger, handlers, level, propagate in saved:
+            logger.handlers[:] = handlers
+            logger.setLevel(level)
+            logger.propagate = propagate
+
+
+@pytest.mark.parametrize("json_lines", [True, False], ids=["off a terminal", "on a terminal"])
+def test_logs_are_json_off_a_terminal_and_text_on_one(json_lines: bool, capsys: pytest.CaptureFixture[str]) -> None:
+    with gateway_logging(json_lines=json_lines):
+        logging.getLogger("app.images").warning("could not record usage of tenant %s", "t_1")
+    [line] = capsys.readouterr().out.splitlines()
+    if json_lines:
+        assert json.loads(line)["msg"] == "could not record usage of tenant t_1"
+    else:
+        assert "WARNING" in line
+        assert line.endswith("could not record usage of tenant t_1")
 
 
 def per_worker(directory: Path, family: str, **labels: str) -> dict[str, float]:
@@ -240,10 +271,30 @@ async def test_serve_with_two_workers_reports_metrics_summed_over_both(
     assert sum(per_worker(metrics_dir, "kgw_http_requests_total", **generate).values()) == sent
 
 
-def test_outgoing_request_lines_are_not_logged_since_urls_may_carry_a_receivers_secret() -> None:
-    # httpx2 logs every request's full URL at INFO: a webhook_url such as /services/T000/B000/SECRET would leak.
-    loggers = logging_config(json_lines=True)["loggers"]
-    assert all(loggers[name]["level"] == "WARNING" for name in ("httpx2", "httpcore2"))
+async def test_outgoing_request_lines_are_not_logged_since_urls_may_carry_a_receivers_secret(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """httpx2 logs each request's full URL at INFO: a webhook_url such as /services/T000/B000/SECRET would leak."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/services/T000/B000/SECRET-hook-token"
+    try:
+        with gateway_logging(json_lines=True), anyio.fail_after(10):
+            async with create_http_client() as http:
+                assert (await http.post(url, json={"task_id": "t"})).status_code == 200
+            logging.getLogger("app.webhooks").info("webhook delivered")  # the configuration does log INFO
+    finally:
+        server.close()
+        await server.wait_closed()
+    out = capsys.readouterr().out
+    assert "webhook delivered" in out
+    assert "SECRET-hook-token" not in out
 
 
 def test_a_killed_workers_live_gauges_are_dropped_when_a_worker_starts(

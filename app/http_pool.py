@@ -16,9 +16,10 @@ transport (uvloop's, in C, under `serve`), and the check asks the stream and the
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
 import ssl
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import aiohappyeyeballs
@@ -108,6 +109,18 @@ class AsyncioStream(httpcore2.AsyncNetworkStream):
         return self._writer.get_extra_info(_EXTRA_INFO.get(info, info))
 
 
+async def _addresses(loop: asyncio.AbstractEventLoop, host: str, port: int) -> Sequence[aiohappyeyeballs.AddrInfoType]:
+    """Where to connect. An address literal needs no lookup: the loop's getaddrinfo would still take a trip
+    through its thread pool, per connection (the simulator, a proxy, a private endpoint are often literals)."""
+    try:
+        literal = ipaddress.ip_address(host)
+    except ValueError:
+        return await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    infos = aiohappyeyeballs.addr_to_addr_infos((str(literal), port))
+    assert infos is not None
+    return infos
+
+
 class AsyncioBackend(httpcore2.AsyncNetworkBackend):
     async def connect_tcp(
         self,
@@ -120,8 +133,8 @@ class AsyncioBackend(httpcore2.AsyncNetworkBackend):
         loop = asyncio.get_running_loop()
         with map_exceptions(_CONNECT_ERRORS):
             async with asyncio.timeout(timeout):
-                addresses = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-                local = None if local_address is None else await loop.getaddrinfo(local_address, 0)
+                addresses = await _addresses(loop, host, port)
+                local = None if local_address is None else await _addresses(loop, local_address, 0)
                 # uvloop's own connect takes no happy-eyeballs delay: a blackholed IPv6 address would eat
                 # the whole connect timeout before IPv4 is tried.
                 sock = await aiohappyeyeballs.start_connection(

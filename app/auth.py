@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -167,7 +167,6 @@ def principal_dependency(authenticator: Authenticator) -> Callable[..., Awaitabl
     """A FastAPI dependency that authenticates the caller (and documents both schemes in OpenAPI)."""
 
     async def principal(
-        request: Request,
         bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
         x_api_key: Annotated[str | None, Depends(_api_key_header)],
     ) -> Principal:

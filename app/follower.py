@@ -304,10 +304,10 @@ class TaskFollower:
     async def _poll(self, watch: _Watch) -> None:
         record, queries = watch.record, self._queries
         if queries is None:
-            await self._refreshed(record, self._kling.get_image_task(watch.kling, record.task_id), bounded=True)
+            query = self._kling.get_image_task(watch.kling, record.task_id)
         else:
-            await self._refreshed(record, queries.status(watch.kling, record.task_id, record.created_at_ms),
-                                  bounded=True)  # fmt: skip
+            query = queries.status(watch.kling, record.task_id, record.created_at_ms)
+        await self._refreshed(record, query, bounded=True)
 
     async def refresh(self, record: TaskRecord, kling: KlingCredentials) -> TaskRecord:
         """Ask Kling for the task now; a newer state is recorded and announced. Returns the latest known state

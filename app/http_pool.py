@@ -16,6 +16,7 @@ transport (uvloop's, in C, under `serve`), and the check asks the stream and the
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import socket
 import ssl
@@ -86,8 +87,7 @@ class AsyncioStream(httpcore2.AsyncNetworkStream):
     async def start_tls(
         self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
     ) -> httpcore2.AsyncNetworkStream:
-        errors = {**_CONNECT_ERRORS, ssl.SSLError: httpcore2.ConnectError}
-        with map_exceptions(errors):
+        with map_exceptions(_CONNECT_ERRORS):  # ssl.SSLError is an OSError: a ConnectError
             # Our own deadline: the loop's handshake timeout fails with ConnectionAbortedError, which would read
             # as a refused connection rather than one that timed out.
             async with asyncio.timeout(timeout):
@@ -161,6 +161,13 @@ class AsyncioBackend(httpcore2.AsyncNetworkBackend):
 TIMEOUTS = {"connect": 5.0, "read": 30.0, "write": 10.0, "pool": 2.0}
 
 
+@functools.cache
+def verified_tls() -> ssl.SSLContext:
+    """One TLS context (certifi's roots) for every pool of the process: each costs ~35 ms to build, and a
+    context is shared safely by any number of connections."""
+    return httpx2.create_ssl_context(trust_env=False)
+
+
 def _limits(max_connections: int) -> httpx2.Limits:
     return httpx2.Limits(
         max_connections=max_connections, max_keepalive_connections=max_connections // 2, keepalive_expiry=30.0
@@ -182,17 +189,15 @@ def create_kling_pool(
 ) -> httpcore2.AsyncConnectionPool:
     """The pool Kling calls are sent on (pass `extensions={"timeout": TIMEOUTS}` with each request). TLS is
     verified against certifi's roots unless `ssl_context` says otherwise (a private CA in front of Kling)."""
-    context = ssl_context or httpx2.create_ssl_context(trust_env=False)
-    return _asyncio_pool(_limits(max_connections), context)
+    return _asyncio_pool(_limits(max_connections), ssl_context or verified_tls())
 
 
 class PooledTransport(httpx2.AsyncHTTPTransport):
     """httpx2's transport with the pool rebuilt on `AsyncioBackend`: httpx2 takes no network backend itself."""
 
     def __init__(self, limits: httpx2.Limits) -> None:
-        ssl_context = httpx2.create_ssl_context(trust_env=False)  # one, for both pools: each costs ~25 ms
-        super().__init__(verify=ssl_context, limits=limits, trust_env=False)
-        self._pool = _asyncio_pool(limits, ssl_context)
+        super().__init__(verify=verified_tls(), limits=limits, trust_env=False)
+        self._pool = _asyncio_pool(limits, verified_tls())
 
 
 def create_http_client(max_connections: int = 100) -> httpx2.AsyncClient:

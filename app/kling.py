@@ -99,7 +99,9 @@ _UNHEALTHY_CODES = frozenset({1000, 1001, 1002, 1003, 1100, 1101, 1102, 1304, 50
 def is_unhealthy(failure: KlingFailure) -> bool:
     if isinstance(failure, KlingError):
         return failure.code in _UNHEALTHY_CODES or failure.http_status >= 500
-    return isinstance(failure, KlingTransportError | KlingProtocolError)
+    if isinstance(failure, KlingTransportError):
+        return not failure.congested  # this process's own queue for connections, not the account
+    return isinstance(failure, KlingProtocolError)
 
 
 class KlingImage(BaseModel):

@@ -109,7 +109,7 @@ def sentinel_master(url: str, target: SentinelTarget, **pool_options: Any) -> Re
         "ssl": tls,
         **{name: value for name, value in options.items() if name.startswith("ssl")},
         # Only as given: an explicit None would turn CLIENT SETINFO off.
-        **{name: value for name, value in pool_options.items() if name == "driver_info"},
+        **({"driver_info": pool_options["driver_info"]} if "driver_info" in pool_options else {}),
     }
     manager = Sentinel(list(target.sentinels), sentinel_kwargs=sentinel_options)  # type: ignore[no-untyped-call]
     # As with a direct URL, options in its query string win.

@@ -29,11 +29,8 @@ BATCH_WINDOW_S = 0.2  # added to a read's latency at most; polls are a second or
 ENTRIES_PER_READ = 10
 
 
-class _Batch:
-    """The reads of one account gathered in one window: task id -> (its created_at in ms, its answer)."""
-
-    def __init__(self) -> None:
-        self.reads: dict[str, tuple[int, asyncio.Future[KlingTask]]] = {}
+# The reads of one account gathered in one window: task id -> (its created_at in ms, its answer).
+_Batch = dict[str, tuple[int, asyncio.Future[KlingTask]]]
 
 
 class StatusQueries:
@@ -53,13 +50,13 @@ class StatusQueries:
         """The task as Kling has it now (at most `window_s` from now); a KlingFailure when Kling cannot say."""
         batch = self._open.get(credentials)
         if batch is None:
-            batch = self._open[credentials] = _Batch()
+            batch = self._open[credentials] = {}
             self._start(self._answer(credentials, batch), batch)
-        read = batch.reads.get(task_id)
+        read = batch.get(task_id)
         if read is None:
             answer: asyncio.Future[KlingTask] = asyncio.get_running_loop().create_future()
             answer.add_done_callback(_retrieved)
-            read = batch.reads[task_id] = (created_at_ms, answer)
+            read = batch[task_id] = (created_at_ms, answer)
         # Shielded: one reader giving up (its waiter left) must not take the answer from the others.
         return await asyncio.shield(read[1])
 
@@ -84,14 +81,13 @@ class StatusQueries:
             try:
                 await asyncio.sleep(self._window_s)
             finally:
-                if self._open.get(credentials) is batch:
-                    del self._open[credentials]  # reads from now on gather in a new batch
+                del self._open[credentials]  # reads from now on gather in a new batch
             page = self._page_size(credentials, batch)
             if page is not None:
-                listed = await self._kling.list_image_tasks(credentials, page, frozenset(batch.reads))
+                listed = await self._kling.list_image_tasks(credentials, page, frozenset(batch))
                 for task_id, task in listed.items():
-                    batch.reads[task_id][1].set_result(task)
-            alone = [(task_id, answer) for task_id, (_, answer) in batch.reads.items() if not answer.done()]
+                    batch[task_id][1].set_result(task)
+            alone = [(task_id, answer) for task_id, (_, answer) in batch.items() if not answer.done()]
             await asyncio.gather(*(self._ask_alone(credentials, task_id, answer) for task_id, answer in alone))
         except KlingFailure as exc:  # the list call failed: no news for any of them this turn
             _fail_unanswered(batch, exc)
@@ -102,12 +98,12 @@ class StatusQueries:
 
     def _page_size(self, credentials: KlingCredentials, batch: _Batch) -> int | None:
         """How long a page must be to reach the oldest read, or None when asking each alone is cheaper."""
-        if len(batch.reads) < 2:
+        if len(batch) < 2:
             return None
-        oldest = min(created_at_ms for created_at_ms, _ in batch.reads.values())
+        oldest = min(created_at_ms for created_at_ms, _ in batch.values())
         newer = sum(1 for created_at_ms in self._created.get(credentials, ()) if created_at_ms >= oldest)
         page = newer + newer // 4 + 10  # slack for tasks created meanwhile by other replicas
-        return page if page <= min(LIST_PAGE_MAX, ENTRIES_PER_READ * len(batch.reads)) else None
+        return page if page <= min(LIST_PAGE_MAX, ENTRIES_PER_READ * len(batch)) else None
 
     async def _ask_alone(self, credentials: KlingCredentials, task_id: str, answer: asyncio.Future[KlingTask]) -> None:
         try:
@@ -123,7 +119,7 @@ def _abandoned() -> KlingTransportError:
 
 
 def _fail_unanswered(batch: _Batch, failure: Exception) -> None:
-    for _, answer in batch.reads.values():
+    for _, answer in batch.values():
         if not answer.done():
             answer.set_exception(failure)
 

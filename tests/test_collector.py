@@ -38,12 +38,31 @@ def full_collections() -> Iterator[FullCollections]:
     gc.callbacks.remove(watcher)
 
 
+def grown_heap() -> list[dict[str, Any]]:
+    """Long-lived objects, as waiting requests keep: by default their growth starts full collections."""
+    return [{"waiter": index, "state": [index]} for index in range(400_000)]
+
+
 async def test_a_growing_heap_does_not_start_a_full_collection(full_collections: FullCollections) -> None:
     async with full_collections_every(3600):
-        # Long-lived objects, as waiting requests keep: by default their growth starts full collections.
-        kept = [{"waiter": index, "state": [index]} for index in range(400_000)]
+        kept = grown_heap()
         await anyio.lowlevel.checkpoint()
     assert full_collections.count == 0
+    assert len(kept) == 400_000
+
+
+@pytest.mark.parametrize("when", ["with a clock of 0", "after serving"])
+async def test_otherwise_the_same_growth_starts_full_collections_as_python_does(
+    when: str, full_collections: FullCollections
+) -> None:
+    if when == "after serving":
+        async with full_collections_every(60):
+            pass
+        kept = grown_heap()
+    else:
+        async with full_collections_every(0):
+            kept = grown_heap()
+    assert full_collections.count > 0
     assert len(kept) == 400_000
 
 
@@ -53,16 +72,7 @@ async def test_full_collections_run_on_the_clock(full_collections: FullCollectio
             await full_collections.happened.wait()
 
 
-async def test_python_defaults_come_back_when_serving_ends() -> None:
-    thresholds = gc.get_threshold()
+async def test_what_start_up_built_is_frozen_while_serving_only() -> None:
     async with full_collections_every(60):
-        assert gc.get_freeze_count() > 0  # what start-up built is out of every collection
-    assert gc.get_threshold() == thresholds
+        assert gc.get_freeze_count() > 0  # out of every collection
     assert gc.get_freeze_count() == 0
-
-
-async def test_zero_keeps_pythons_defaults() -> None:
-    thresholds = gc.get_threshold()
-    async with full_collections_every(0):
-        assert gc.get_threshold() == thresholds
-        assert gc.get_freeze_count() == 0

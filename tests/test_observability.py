@@ -29,7 +29,7 @@ from app.main import create_redis
 from app.metrics import forget_dead_workers
 from app.observability import MAX_REQUEST_ID_CHARS, request_id_from
 from tests.conftest import ADMIN, PRIMARY, RunningGateway, Simulator, bearer, mcp_client, replica_env
-from tests.servers import free_port, gateway_process
+from tests.servers import free_port, gateway_process, loopback_server
 
 pytestmark = pytest.mark.anyio
 FAMILIES = (
@@ -186,7 +186,7 @@ def test_formatters_mask_anything_shaped_like_a_key_a_token_or_a_jwt() -> None:
         assert "got [redacted]" in line
 
 
-_CONFIGURED_LOGGERS = ("", "uvicorn", "uvicorn.access", "httpx2", "httpcore2", "httpx", "httpcore")
+_CONFIGURED_LOGGERS = ("", *logging_config(json_lines=True)["loggers"])  # "": the root
 
 
 @contextlib.contextmanager
@@ -282,16 +282,12 @@ async def test_outgoing_request_lines_are_not_logged_since_urls_may_carry_a_rece
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/services/T000/B000/SECRET-hook-token"
-    try:
+    async with loopback_server(answer) as port:
+        url = f"http://127.0.0.1:{port}/services/T000/B000/SECRET-hook-token"
         with gateway_logging(json_lines=True), anyio.fail_after(10):
             async with create_http_client() as http:
                 assert (await http.post(url, json={"task_id": "t"})).status_code == 200
             logging.getLogger("app.webhooks").info("webhook delivered")  # the configuration does log INFO
-    finally:
-        server.close()
-        await server.wait_closed()
     out = capsys.readouterr().out
     assert "webhook delivered" in out
     assert "SECRET-hook-token" not in out

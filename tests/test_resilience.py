@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import signal
 from collections.abc import AsyncIterator, Awaitable
 
@@ -23,6 +24,7 @@ from app.kling import (
     KlingError,
     KlingTransportError,
 )
+from app.logs import REQUEST_LOGGER
 from app.sealing import new_master_key
 from tests.conftest import (
     ADMIN,
@@ -248,13 +250,20 @@ async def test_a_caller_hanging_up_mid_create_still_gets_the_task_recorded_and_i
             await impatient.post(f"{redis_gateway.url}/generate", json={"prompt": "x"}, headers=headers)
     leases = f"kgw:rl:{{t:{tenant_id}}}:leases"
     with anyio.fail_after(5):
-        # The request's log line is written last, once its handling has fully unwound (slots kept or freed).
-        while "hung-up-caller" not in log_lines.getvalue():  # noqa: ASYNC110 - the log is the observation
+        # The request's own log line is written last, once its handling has fully unwound (slots kept or
+        # freed); other lines logged while it ran carry its request id too.
+        while not request_logged(log_lines, "hung-up-caller"):  # noqa: ASYNC110 - the log is the observation
             await anyio.sleep(0.05)
     records = await redis.keys("kgw:task:*")
     assert len(records) == 1
     assert (await simulator.stats())["creates"] == 1
     assert await redis.zcard(leases) == 1  # the running task keeps its slot: no free task by hanging up
+
+
+def request_logged(log_lines: io.StringIO, request_id: str) -> bool:
+    """Whether the request line of `request_id` (the one line per request, written when it ends) is out."""
+    lines = (json.loads(line) for line in log_lines.getvalue().splitlines())
+    return any(line.get("request_id") == request_id and line["logger"] == REQUEST_LOGGER for line in lines)
 
 
 async def test_calls_that_found_every_pooled_connection_busy_do_not_open_the_accounts_breaker(

@@ -13,22 +13,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import secrets
 import statistics
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from app.kling import KlingCredentials
-from app.sealing import new_master_key
 from bench.http import Connection, Reply
 from bench.measure import Run, alternating, closed_loop, paced
 from bench.overhead import PACED_PER_SECOND, SIM_DELAY_S, direct_sender, rest_sender
 from bench.serving import ROOT, Server, raise_fd_limit
-from bench.stack import ACCOUNT_SLOTS, ADMIN_TOKEN, accounts_for, api_keys, simulator
-from tests.servers import free_port, python_process, redis_server
+from bench.stack import ACCOUNT_SLOTS, accounts_for, api_keys, gateway, settled, simulator
+from tests.servers import redis_server
 
 DIRECT = "direct to the simulator"
 WORKING_TREE = "working tree"
@@ -62,25 +60,17 @@ def checked_out(rev: str) -> Iterator[Path]:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)], check=False)
 
 
-@contextlib.asynccontextmanager
-async def gateway_at(root: Path, kling_url: str, redis_env: dict[str, str]) -> AsyncIterator[Server]:
-    """A gateway worker served from `root`'s code (`kling-gateway serve`, as bench.stack.gateway does)."""
-    port = free_port()
-    env = {"KGW_KLING_BASE_URL": kling_url, "KGW_ADMIN_TOKEN": ADMIN_TOKEN, **redis_env}
-    argv = ["-m", "bench.serving", "app.main:create_app", str(port), "--gateway"]
-    url = f"http://127.0.0.1:{port}"
-    async with python_process(argv, env, url + "/healthz", cwd=root) as process:
-        yield Server(url, process.pid, port)
-
-
 async def measured(url: str, send: Send, load: Load, expect: int, server: Server | None) -> tuple[Run, float]:
-    """One run of `load`, and the server's CPU per request in ms (0 when it is not ours to read)."""
+    """One run of `load`, and the server's CPU per request in ms (0 when it is not ours to read), up to the end of
+    its following of the run's tasks."""
     before = server.cpu_seconds() if server else 0.0
     if load.per_second is None:
         run = await closed_loop(url, send, clients=load.clients, requests=load.requests, expect=expect)
     else:
         run = await paced(url, send, clients=load.clients, per_second=load.per_second, requests=load.requests,
                           expect=expect)  # fmt: skip
+    if server:
+        await settled(server.url)
     used = (server.cpu_seconds() - before) if server else 0.0
     return run, used * 1000 / load.requests
 
@@ -91,13 +81,13 @@ async def compare(revs: list[str], redis: bool, rounds: int) -> str:
     with contextlib.ExitStack() as trees:
         roots = {rev: trees.enter_context(checked_out(rev)) for rev in revs}
         # A Redis each: they would otherwise hear each other's broadcasts and adopt each other's tasks.
-        redis_envs = {rev: _redis_env(trees) if redis else {} for rev in revs}
+        redis_urls = {rev: trees.enter_context(redis_server()) if redis else None for rev in revs}
         async with contextlib.AsyncExitStack() as stack:
             sim = await stack.enter_async_context(simulator(SIM_DELAY_S, accounts))
             direct = direct_sender(KlingCredentials(accounts[0].access_key, accounts[0].secret_key))
             targets: dict[str, tuple[str, Send, int, Server | None]] = {DIRECT: (sim.url, direct, 200, None)}
             for index, (rev, root) in enumerate(roots.items()):
-                server = await stack.enter_async_context(gateway_at(root, sim.url, redis_envs[rev]))
+                server = await stack.enter_async_context(gateway(sim.url, redis_url=redis_urls[rev], root=root))
                 own = accounts[1 + index * ACCOUNTS_PER_GATEWAY : 1 + (index + 1) * ACCOUNTS_PER_GATEWAY]
                 targets[rev] = (server.url, rest_sender(await api_keys(server.url, own)), 202, server)
             for url, send, expect, _ in targets.values():  # warm up: connections, caches, JWTs, Lua scripts
@@ -107,11 +97,6 @@ async def compare(revs: list[str], redis: bool, rounds: int) -> str:
                 contenders = {name: _contender(*target, load) for name, target in targets.items()}
                 results[load.name] = await alternating(rounds, contenders)
     return render(results, revs, redis, rounds)
-
-
-def _redis_env(stack: contextlib.ExitStack) -> dict[str, str]:
-    url = stack.enter_context(redis_server())
-    return {"KGW_REDIS_URL": url, "KGW_KEY_PEPPER": secrets.token_urlsafe(24), "KGW_MASTER_KEY": new_master_key()}
 
 
 def _contender(url: str, send: Send, expect: int, server: Server | None, load: Load) -> Callable[[], Awaitable[tuple[Run, float]]]:  # fmt: skip

@@ -22,7 +22,7 @@ from bench.measure import Run, alternating, median
 from bench.overhead import PROMPT, SIM_DELAY_S
 from bench.report import write_section
 from bench.serving import Server, raise_fd_limit, served
-from bench.stack import accounts_for, api_keys, gateway, simulator
+from bench.stack import accounts_for, api_keys, gateway, settled, simulator
 
 ERAS = {"2026-07-28": "auto", "2025-11-25": "legacy"}  # SDK Client modes that negotiate each era
 CLIENTS = 8
@@ -49,6 +49,8 @@ async def measured_calls(target: Target, mode: str, clients: int, per_client: in
     before = {name: process.cpu_seconds() for name, process in processes.items()}
     client_before = time.process_time()
     run = await calls(target, mode, clients, per_client)
+    if target.simulator is not None:  # the gateway: its following of the run's tasks is part of their cost
+        await settled(target.server.url)
     count = clients * per_client
     cpu_ms = {"client": (time.process_time() - client_before) * 1000 / count, "simulator": 0.0}
     cpu_ms |= {name: (process.cpu_seconds() - before[name]) * 1000 / count for name, process in processes.items()}
@@ -139,9 +141,9 @@ two targets run in turn, {rounds} rounds; figures are medians over the rounds.
 
 "Cost" is 1 − gateway calls/s ÷ ceiling calls/s. The client (the SDK's, in one process) shares the two cores with
 the server, and for the gateway also with the simulator, so both rates are lower than a server alone would reach.
-The CPU columns are each process's CPU time during the run (from /proc) divided by the calls; the simulator's is
-Kling's side (the creates, and the status queries of the gateway following each task), work this machine does only
-because Kling runs on it. All the clients share one process, which one core bounds: when it nears a whole core, the
+The CPU columns are each process's CPU time (from /proc) over the run and until the gateway has stopped following
+its tasks, divided by the calls; the simulator's is Kling's side (the creates, and the status queries of the gateway
+following each task), work this machine does only because Kling runs on it. All the clients share one process, which one core bounds: when it nears a whole core, the
 ceiling is the client's as much as the SDK server's, and the server CPU per call is the closer measure of what the
 gateway's work adds.
 """

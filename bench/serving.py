@@ -56,13 +56,20 @@ class Server:
 
 @contextlib.asynccontextmanager
 async def served(
-    factory: str, env: dict[str, str], *, ready_path: str = "/healthz", port: int | None = None, gateway: bool = False
+    factory: str,
+    env: dict[str, str],
+    *,
+    ready_path: str = "/healthz",
+    port: int | None = None,
+    gateway: bool = False,
+    root: Path = ROOT,
 ) -> AsyncIterator[Server]:
-    """Run `factory` (MODULE:FACTORY) in a new process with only `env` (plus PATH) as its environment."""
+    """Run `factory` (MODULE:FACTORY) in a new process with only `env` (plus PATH) as its environment, from the
+    code under `root` (another checkout's, to compare two commits)."""
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     argv = ["-m", "bench.serving", factory, str(port), *(["--gateway"] if gateway else [])]
-    async with python_process(argv, env, url + ready_path, cwd=ROOT) as process:
+    async with python_process(argv, env, url + ready_path, cwd=root) as process:
         yield Server(url, process.pid, port)
 
 

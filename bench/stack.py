@@ -3,19 +3,22 @@ created through the admin API with limits high enough that only the machine limi
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
+import re
 import secrets
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx2
 
 from app.sealing import new_master_key
 from app.simulator import SimAccount
-from bench.serving import Server, served
+from bench.serving import ROOT, Server, served
 from tests.servers import free_port
 
 ADMIN_TOKEN = "bench-admin-" + secrets.token_urlsafe(24)
@@ -65,9 +68,10 @@ async def gateway(
     factory: str = "app.main:create_app",
     callbacks: bool = False,
     extra_env: dict[str, str] | None = None,
+    root: Path = ROOT,
 ) -> AsyncIterator[Server]:
-    """A gateway process on the default settings; `callbacks` sets KGW_PUBLIC_URL to its own address, so
-    the simulator calls it back as Kling would."""
+    """A gateway process on the default settings, from the code under `root`; `callbacks` sets KGW_PUBLIC_URL
+    to its own address, so the simulator calls it back as Kling would."""
     port = free_port()
     env = {"KGW_KLING_BASE_URL": kling_url, "KGW_ADMIN_TOKEN": ADMIN_TOKEN, **(extra_env or {})}
     if redis_url is not None:
@@ -75,8 +79,19 @@ async def gateway(
                 "KGW_MASTER_KEY": new_master_key()}  # fmt: skip
     if callbacks:
         env["KGW_PUBLIC_URL"] = f"http://127.0.0.1:{port}"
-    async with served(factory, env, port=port, gateway=True) as server:
+    async with served(factory, env, port=port, gateway=True, root=root) as server:
         yield server
+
+
+async def settled(gateway_url: str, within_s: float = 30.0) -> None:
+    """Until the gateway follows no task any more (`kgw_tasks_in_flight` 0): the polls and releases that come
+    after the answers are part of what a run costs it."""
+    async with httpx2.AsyncClient(timeout=10) as http, asyncio.timeout(within_s):
+        while True:
+            metrics = (await http.get(f"{gateway_url}/metrics")).text
+            if re.search(r"^kgw_tasks_in_flight(\{[^}]*\})? 0(\.0)?$", metrics, re.MULTILINE):
+                return
+            await asyncio.sleep(0.1)  # a gauge: nothing to await but its next reading
 
 
 async def api_keys(gateway_url: str, accounts: tuple[SimAccount, ...], limits: dict[str, int] = UNLIMITED) -> list[str]:

@@ -226,7 +226,7 @@ admin API's ceiling and each Kling account has 1,000 slots (one tenant per 1,000
 Then the simulator finished all {end.creates:,} tasks within {end.finish_s:.0f} s (the time spent ramping up), in the
 order they were created:
 
-| loop lag p99 ms, finishing | succeeded | upstream reads per task (list calls among them) | callbacks per task | result after Kling finished, p50 / p99 s |
+| loop lag p99 ms, finishing | succeeded | upstream reads per task (list calls, in all) | callbacks per task | result after Kling finished, p50 / p99 s |
 |---|---|---|---|---|
 | {end.lag_p99_ms:.1f} | {end.succeeded:,}{_failed(end.failures)} | **{end.queries / max(1, end.creates):.2f}** ({end.lists:,}) | {end.callbacks / max(1, end.creates):.2f}{f" ({end.callbacks_failed:,} failed)" if end.callbacks_failed else ""} | {end.delivered_p50_s:.2f} / {end.delivered_p99_s:.2f} |
 

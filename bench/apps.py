@@ -3,6 +3,8 @@ configured by BENCH_* variables since a factory takes no arguments:
 
 - `simulator_app`: the Kling simulator (BENCH_SIM_DELAY, BENCH_SIM_ACCOUNTS as JSON [[ak, sk, slots], ...]);
 - `ceiling_app`: a bare FastAPI endpoint, what any REST route costs under these uvicorn settings;
+- `floor_app`: the same route sending the create through the gateway's own Kling client, and nothing else: what any
+  gateway on this stack pays before its own work (BENCH_KLING_URL, BENCH_KLING_ACCOUNT as JSON [ak, sk]);
 - `noop_mcp_app`: the MCP SDK's own ceiling, a no-op tool on the gateway's transport settings;
 - `lag_probed_gateway`: the gateway plus an event-loop lag monitor, read at `/_bench/lag`;
 - `profiled_gateway`: the gateway plus pyinstrument, started and stopped at `/_bench/profile`.
@@ -11,9 +13,12 @@ configured by BENCH_* variables since a factory takes no arguments:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
+import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI
@@ -24,7 +29,10 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.http_pool import create_kling_pool
+from app.kling import KlingClient, KlingCredentials, build_generation_body
 from app.main import create_app
+from app.models import GenerateRequest
 from app.simulator import SimAccount, SimulatorConfig, create_simulator_app
 
 LAG_TICK_S = 0.005
@@ -50,6 +58,35 @@ def ceiling_app() -> FastAPI:
     @app.post("/generate", status_code=202)
     async def generate(body: CeilingBody) -> dict[str, Any]:
         return {"task_id": "0", "status": "submitted", "prompt": body.prompt}
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app
+
+
+def floor_app() -> FastAPI:
+    """`POST /generate` as the gateway's route takes it (the same body model), sending the same create through the
+    gateway's own Kling client on its pool (a cached JWT, the same timeouts and circuit breaker), then answering
+    202 with Kling's task id. No key, limits, record, usage or follow-up: those are the gateway's own work."""
+    access_key, secret_key = json.loads(os.environ["BENCH_KLING_ACCOUNT"])
+    credentials = KlingCredentials(access_key, secret_key)
+    pool = create_kling_pool()
+    kling = KlingClient(pool, os.environ["BENCH_KLING_URL"])
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await pool.aclose()
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.post("/generate", status_code=202)
+    async def generate(body: GenerateRequest) -> dict[str, Any]:
+        create = build_generation_body(body, external_task_id=f"kgw-{uuid.uuid4().hex}")
+        task = await kling.create_image_task(credentials, create)
+        return {"task_id": task.task_id, "status": task.task_status}
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

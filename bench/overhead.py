@@ -1,6 +1,7 @@
 """Gateway-added latency and the REST ceiling: `POST /generate` (wait 0) through the gateway, with the memory
-store and with Redis, against the same create sent straight to the simulator, and a bare FastAPI endpoint,
-at 1, 16 and 64 concurrent clients.
+store and with Redis, against the same create sent straight to the simulator, a bare FastAPI endpoint, and the
+floor (a FastAPI route sending the create through the gateway's own Kling client, and doing nothing else), at 1,
+16 and 64 concurrent clients.
 
     python -m bench.overhead [--quick]
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -30,6 +32,7 @@ PACED_CLIENTS, PACED_PER_SECOND = 16, 150.0
 SIM_DELAY_S = 0.2  # short, so the simulator keeps few tasks in flight; the gateway still follows each one
 PROMPT = "a lighthouse at dawn, oil on canvas"
 GOAL_P50_MS, GOAL_P99_MS = 1.0, 5.0
+FLOOR = "floor: FastAPI + the gateway's Kling client"
 PACED = f"{PACED_CLIENTS}, paced at {PACED_PER_SECOND:.0f} req/s"
 VERDICT_LABELS = {"16": "16 clients, closed loop", PACED: f"16 clients paced at {PACED_PER_SECOND:.0f} req/s"}
 # Four Kling accounts per gateway: each task keeps its slots until the gateway's follower sees it end.
@@ -63,19 +66,24 @@ async def main(quick: bool) -> str:
     rounds = 2 if quick else 3
     requests = {1: 60, 16: 240, 64: 384} if quick else {1: 200, 16: 640, 64: 960}
     paced_requests = 150 if quick else 450
-    accounts = accounts_for((1 + 2 * ACCOUNTS_PER_GATEWAY) * ACCOUNT_SLOTS)
-    direct_account, memory_accounts, redis_accounts = accounts[0], accounts[1:5], accounts[5:9]
+    accounts = accounts_for((2 + 2 * ACCOUNTS_PER_GATEWAY) * ACCOUNT_SLOTS)
+    direct_account, floor_account = accounts[0], accounts[1]
+    memory_accounts, redis_accounts = accounts[2:6], accounts[6:10]
     with redis_server() as redis_url:
         async with contextlib.AsyncExitStack() as stack:
             sim = await stack.enter_async_context(simulator(SIM_DELAY_S, accounts))
             memory = await stack.enter_async_context(gateway(sim.url))
             redis = await stack.enter_async_context(gateway(sim.url, redis_url=redis_url))
             ceiling = await stack.enter_async_context(served("bench.apps:ceiling_app", {}))
+            floor = await stack.enter_async_context(served("bench.apps:floor_app", {
+                "BENCH_KLING_URL": sim.url, "BENCH_KLING_ACCOUNT": json.dumps([floor_account.access_key,
+                                                                               floor_account.secret_key])}))  # fmt: skip
             targets = {
                 "direct to the simulator": (sim.url, direct_sender(
                     KlingCredentials(direct_account.access_key, direct_account.secret_key)), 200),
                 "gateway, memory store": (memory.url, rest_sender(await api_keys(memory.url, memory_accounts)), 202),
                 "gateway, Redis": (redis.url, rest_sender(await api_keys(redis.url, redis_accounts)), 202),
+                FLOOR: (floor.url, rest_sender(["-"]), 202),
                 "bare FastAPI endpoint": (ceiling.url, rest_sender(["-"]), 202),
             }  # fmt: skip
             for url, send, expect in targets.values():  # warm up: connections, caches, JWTs, Lua scripts
@@ -101,6 +109,19 @@ async def main(quick: bool) -> str:
     return body
 
 
+def own_work(by_target: dict[str, list[Run]]) -> str:
+    """What the gateway adds over the floor: its own work, apart from what FastAPI and one Kling call cost."""
+    gateway, floor, direct = by_target["gateway, memory store"], by_target[FLOOR], by_target["direct to the simulator"]
+    floor_p50, floor_p99 = (median([r.p50_ms for r in floor]) - median([r.p50_ms for r in direct]),
+                            median([r.p99_ms for r in floor]) - median([r.p99_ms for r in direct]))  # fmt: skip
+    own_p50, own_p99 = (median([r.p50_ms for r in gateway]) - median([r.p50_ms for r in floor]),
+                        median([r.p99_ms for r in gateway]) - median([r.p99_ms for r in floor]))  # fmt: skip
+    return (
+        f"Of that, the floor (FastAPI and the Kling call alone) adds {floor_p50:.2f} ms at p50 and {floor_p99:.2f} ms "
+        f"at p99, and the gateway's own work {own_p50:+.2f} ms and {own_p99:+.2f} ms over the floor."
+    )
+
+
 def render(
     results: dict[str, dict[str, list[Run]]], rounds: int, requests: dict[int, int], paced_requests: int, quick: bool
 ) -> str:
@@ -112,14 +133,15 @@ def render(
             p50, p99, rate = median([r.p50_ms for r in runs]), median([r.p99_ms for r in runs]), median(
                 [r.per_second for r in runs])  # fmt: skip
             timings = [t for r in runs for t in r.server_timings_ms]
-            added = f"{p50 - base_p50:+.2f} | {p99 - base_p99:+.2f}" if name.startswith("gateway") else "| "
+            proxies = name.startswith("gateway") or name == FLOOR
+            added = f"{p50 - base_p50:+.2f} | {p99 - base_p99:+.2f}" if proxies else "| "
             timing = f"{median(timings):.2f}" if timings else "–"
             rows.append(f"| {load} | {name} | {p50:.2f} | {p99:.2f} | {rate:,.0f} | {added} | {timing} |")
             if load in ("16", PACED) and name == "gateway, memory store":
                 met = p50 - base_p50 < GOAL_P50_MS and p99 - base_p99 < GOAL_P99_MS
                 verdicts.append(f"- {VERDICT_LABELS[load]}: the gateway (memory store) adds {p50 - base_p50:.2f} ms at p50 and "
                                 f"{p99 - base_p99:.2f} ms at p99: the goal (< {GOAL_P50_MS:g} ms, < {GOAL_P99_MS:g} ms) "
-                                f"is **{'met' if met else 'not met'}**.")  # fmt: skip
+                                f"is **{'met' if met else 'not met'}**. {own_work(by_target)}")  # fmt: skip
     command = "python -m bench.overhead" + (" --quick" if quick else "")
     return f"""## Gateway-added latency and the REST ceiling (`{command}`)
 

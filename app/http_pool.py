@@ -40,6 +40,9 @@ _CONNECT_ERRORS: dict[type[Exception], type[Exception]] = {TimeoutError: httpcor
                                                            RuntimeError: httpcore2.ConnectError}  # fmt: skip
 # RFC 8305's recommended wait before racing the next address of a name that has several.
 HAPPY_EYEBALLS_DELAY_S = 0.25
+# Writes are held (see AsyncioStream.write) until a read, or until this many bytes wait: a typical Kling create is
+# a few hundred bytes, an inline reference image up to ~10 MB, which is better sent as it is written.
+COALESCE_BYTES = 64 * 1024
 _EXTRA_INFO = {"client_addr": "sockname", "server_addr": "peername", "ssl_object": "ssl_object", "socket": "socket"}
 
 
@@ -60,21 +63,39 @@ class AsyncioStream(httpcore2.AsyncNetworkStream):
         self._reader = reader
         self._writer = writer
         self._socket: socket.socket = writer.get_extra_info("socket")
+        self._unsent: list[bytes] = []
+        self._unsent_bytes = 0
+        self._write_timeout: float | None = None
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        if self._unsent:
+            await self._send_unsent()
         with map_exceptions(_READ_ERRORS):
             async with asyncio.timeout(timeout):
                 return await self._reader.read(max_bytes)
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        # httpcore2 writes a request's head and its body apart, then reads the answer. Held until that read,
+        # a request leaves in one send: one system call and one TCP segment (one TLS record) instead of two,
+        # and the server reads it whole at once. A write of COALESCE_BYTES or more goes out at once.
         if not buffer:
             return
+        self._unsent.append(buffer)
+        self._unsent_bytes += len(buffer)
+        self._write_timeout = timeout
+        if self._unsent_bytes >= COALESCE_BYTES:
+            await self._send_unsent()
+
+    async def _send_unsent(self) -> None:
+        data = self._unsent[0] if len(self._unsent) == 1 else b"".join(self._unsent)
+        self._unsent.clear()
+        self._unsent_bytes = 0
         with map_exceptions(_WRITE_ERRORS):
             if self._writer.is_closing():
                 raise ConnectionResetError("the connection is closed")
-            self._writer.write(buffer)
+            self._writer.write(data)
             if self._writer.transport.get_write_buffer_size():  # only then can the write have to wait
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout(self._write_timeout):
                     await self._writer.drain()
 
     async def aclose(self) -> None:

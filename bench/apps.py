@@ -6,6 +6,7 @@ configured by BENCH_* variables since a factory takes no arguments:
 - `floor_app`: the same route sending the create through the gateway's own Kling client, and nothing else: what any
   gateway on this stack pays before its own work (BENCH_KLING_URL, BENCH_KLING_ACCOUNT as JSON [ak, sk]);
 - `noop_mcp_app`: the MCP SDK's own ceiling, a no-op tool on the gateway's transport settings;
+- `floor_mcp_app`: the same server with a tool that sends the create through the gateway's Kling client;
 - `lag_probed_gateway`: the gateway plus an event-loop lag monitor, read at `/_bench/lag`;
 - `profiled_gateway`: the gateway plus pyinstrument, started and stopped at `/_bench/profile`.
 """
@@ -30,7 +31,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.http_pool import create_kling_pool
-from app.kling import KlingClient, KlingCredentials, build_generation_body
+from app.kling import KlingClient, KlingCredentials, KlingTask, build_generation_body
 from app.main import create_app
 from app.models import GenerateRequest
 from app.simulator import SimAccount, SimulatorConfig, create_simulator_app
@@ -66,26 +67,38 @@ def ceiling_app() -> FastAPI:
     return app
 
 
+class FloorKling:
+    """The one thing the floors do: the gateway's create for a request, sent through the gateway's own Kling client
+    on its pool (a cached JWT, the same timeouts and circuit breaker), from BENCH_KLING_URL and BENCH_KLING_ACCOUNT
+    (JSON [ak, sk])."""
+
+    def __init__(self) -> None:
+        access_key, secret_key = json.loads(os.environ["BENCH_KLING_ACCOUNT"])
+        self._credentials = KlingCredentials(access_key, secret_key)
+        self.pool = create_kling_pool()
+        self._kling = KlingClient(self.pool, os.environ["BENCH_KLING_URL"])
+
+    async def create(self, request: GenerateRequest) -> KlingTask:
+        body = build_generation_body(request, external_task_id=f"kgw-{uuid.uuid4().hex}")
+        return await self._kling.create_image_task(self._credentials, body)
+
+
 def floor_app() -> FastAPI:
-    """`POST /generate` as the gateway's route takes it (the same body model), sending the same create through the
-    gateway's own Kling client on its pool (a cached JWT, the same timeouts and circuit breaker), then answering
-    202 with Kling's task id. No key, limits, record, usage or follow-up: those are the gateway's own work."""
-    access_key, secret_key = json.loads(os.environ["BENCH_KLING_ACCOUNT"])
-    credentials = KlingCredentials(access_key, secret_key)
-    pool = create_kling_pool()
-    kling = KlingClient(pool, os.environ["BENCH_KLING_URL"])
+    """`POST /generate` as the gateway's route takes it (the same body model), sending the same create to Kling,
+    then answering 202 with Kling's task id. No key, limits, record, usage or follow-up: those are the gateway's
+    own work."""
+    kling = FloorKling()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
-        await pool.aclose()
+        await kling.pool.aclose()
 
     app = FastAPI(lifespan=lifespan)
 
     @app.post("/generate", status_code=202)
     async def generate(body: GenerateRequest) -> dict[str, Any]:
-        create = build_generation_body(body, external_task_id=f"kgw-{uuid.uuid4().hex}")
-        task = await kling.create_image_task(credentials, create)
+        task = await kling.create(body)
         return {"task_id": task.task_id, "status": task.task_status}
 
     @app.get("/healthz")
@@ -93,6 +106,21 @@ def floor_app() -> FastAPI:
         return {"status": "ok"}
 
     return app
+
+
+def floor_mcp_app() -> Starlette:
+    """The no-op's server (`noop_mcp_app`) with a tool that sends the gateway's create to Kling and returns its task
+    id: what a `generate_image` costs on this SDK before the gateway's own work. Its pool is closed by the process's
+    exit (the SDK runs a server's lifespan per request when stateless)."""
+    mcp = MCPServer("floor")
+    kling = FloorKling()
+
+    @mcp.tool()
+    async def generate_image(prompt: str, wait_seconds: int = 0) -> str:
+        """Create a Kling task and return its id."""
+        return (await kling.create(GenerateRequest(prompt=prompt, wait_seconds=wait_seconds))).task_id
+
+    return mcp.streamable_http_app(streamable_http_path="/mcp", stateless_http=True, json_response=False)
 
 
 def noop_mcp_app() -> Starlette:

@@ -1,5 +1,6 @@
 """MCP tool calls per second over streamable HTTP: the gateway's `generate_image` (wait 0) against a no-op tool
-on the same SDK and transport settings (the SDK's own ceiling), in both protocol eras, with the SDK's client.
+on the same SDK and transport settings (the SDK's own ceiling) and the floor (a tool that only sends the same
+create through the gateway's Kling client), in both protocol eras, with the SDK's client.
 
     python -m bench.mcp_calls [--quick]
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -27,6 +29,8 @@ from bench.stack import accounts_for, api_keys, gateway, settled, simulator
 ERAS = {"2026-07-28": "auto", "2025-11-25": "legacy"}  # SDK Client modes that negotiate each era
 CLIENTS = 8
 GOAL_COST = 0.20
+GATEWAY, CEILING = "gateway `generate_image`", "no-op tool (SDK ceiling)"
+FLOOR = "floor: SDK + the gateway's Kling create"
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,7 @@ class Target:
     tool: str
     keys: list[str]
     simulator: Server | None = None  # what the tool calls, on the same cores
+    follows_tasks: bool = False  # the gateway, which goes on polling the tasks it created
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,7 @@ async def measured_calls(target: Target, mode: str, clients: int, per_client: in
     before = {name: process.cpu_seconds() for name, process in processes.items()}
     client_before = time.process_time()
     run = await calls(target, mode, clients, per_client)
-    if target.simulator is not None:  # the gateway: its following of the run's tasks is part of their cost
+    if target.follows_tasks:  # the gateway: its following of the run's tasks is part of their cost
         await settled(target.server.url)
     count = clients * per_client
     cpu_ms = {"client": (time.process_time() - client_before) * 1000 / count, "simulator": 0.0}
@@ -88,8 +93,14 @@ async def main(quick: bool) -> str:
         sim = await stack.enter_async_context(simulator(SIM_DELAY_S, accounts))
         gw = await stack.enter_async_context(gateway(sim.url))
         noop = await stack.enter_async_context(served("bench.apps:noop_mcp_app", {}))
-        targets = {"gateway `generate_image`": Target(gw, "generate_image", await api_keys(gw.url, accounts), sim.server),
-                   "no-op tool (SDK ceiling)": Target(noop, "noop", ["-"])}  # fmt: skip
+        floor_account = accounts[-1]
+        floor = await stack.enter_async_context(served("bench.apps:floor_mcp_app", {
+            "BENCH_KLING_URL": sim.url,
+            "BENCH_KLING_ACCOUNT": json.dumps([floor_account.access_key, floor_account.secret_key])}))  # fmt: skip
+        keys = await api_keys(gw.url, accounts[:-1])
+        targets = {GATEWAY: Target(gw, "generate_image", keys, sim.server, follows_tasks=True),
+                   FLOOR: Target(floor, "generate_image", ["-"], sim.server),
+                   CEILING: Target(noop, "noop", ["-"])}  # fmt: skip
         results: dict[str, dict[str, list[Measured]]] = {}
         for era, mode in ERAS.items():
 
@@ -110,8 +121,10 @@ def render(results: dict[str, dict[str, list[Measured]]], rounds: int, per_clien
         rates = {name: median([m.run.per_second for m in runs]) for name, runs in by_target.items()}
         cpu = {name: {part: median([m.cpu_ms[part] for m in runs]) for part in ("client", "server", "simulator")}
                for name, runs in by_target.items()}  # fmt: skip
-        gateway, ceiling = "gateway `generate_image`", "no-op tool (SDK ceiling)"
+        gateway, ceiling = GATEWAY, CEILING
         cost = 1 - rates[gateway] / rates[ceiling]
+        floor_cost, own_cost = 1 - rates[FLOOR] / rates[ceiling], 1 - rates[gateway] / rates[FLOOR]
+        own_cpu = cpu[gateway]["server"] - cpu[FLOOR]["server"]
         client_cores = cpu[ceiling]["client"] * rates[ceiling] / 1000
         server_extra = cpu[gateway]["server"] - cpu[ceiling]["server"]
         for name, runs in by_target.items():
@@ -122,16 +135,20 @@ def render(results: dict[str, dict[str, list[Measured]]], rounds: int, per_clien
         verdicts.append(f"{era}: the gateway's work costs **{cost:.0%}** of the SDK's ceiling "
                         f"({'within' if cost <= GOAL_COST else 'over'} the {GOAL_COST:.0%} goal). Per call the gateway's "
                         f"server spends {cpu[gateway]['server']:.2f} ms of CPU, {server_extra:.2f} ms more than the "
-                        f"no-op's; the SDK client used {client_cores:.0%} of a core in the ceiling's runs.")  # fmt: skip
+                        f"no-op's; the SDK client used {client_cores:.0%} of a core in the ceiling's runs. The Kling "
+                        f"create alone (the floor) costs {floor_cost:.0%} of the ceiling; over the floor, the gateway's "
+                        f"own work costs {own_cost:.0%} of the floor's rate and {own_cpu:.2f} ms of server CPU per call.")  # fmt: skip
     command = "python -m bench.mcp_calls" + (" --quick" if quick else "")
     return f"""## MCP tool calls per second (`{command}`)
 
 Run {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}. {CLIENTS} MCP SDK clients (`mcp.Client`, each with its own
 httpx2 pool) call a tool {per_client} times each in a row with `wait_seconds: 0`: the gateway's `generate_image`
-(which creates a Kling task on the simulator), and a no-op tool on an `MCPServer` with the gateway's transport
+(which creates a Kling task on the simulator), a no-op tool on an `MCPServer` with the gateway's transport
 settings (`stateless_http=True`, `json_response=False`) under the same uvicorn settings: the SDK's own ceiling on
-this machine. `auto` negotiates 2026-07-28 (sessionless), `legacy` 2025-11-25 (an `initialize` per client). The
-two targets run in turn, {rounds} rounds; figures are medians over the rounds.
+this machine, and the floor: the same server with a tool that sends the gateway's create through the gateway's
+own Kling client and returns the task id, nothing else. `auto` negotiates 2026-07-28 (sessionless), `legacy`
+2025-11-25 (an `initialize` per client). The three targets run in turn, {rounds} rounds; figures are medians over
+the rounds.
 
 | era | target | calls/s | p50 ms | p99 ms | of the ceiling | CPU ms per call: client / server / simulator |
 |---|---|---|---|---|---|---|

@@ -134,7 +134,7 @@ def _has_ancestor(frame: Frame, function: str, path: str | None) -> bool:
 
 async def main(quick: bool, save: str | None = None) -> str:
     raise_fd_limit()
-    requests = 600 if quick else 1500
+    requests = 400 if quick else 1500
     accounts = accounts_for(4000)
     with tempfile.TemporaryDirectory() as workdir:
         out = Path(workdir) / "profile.json"

@@ -23,7 +23,7 @@ from mcp.types import TextContent
 from bench.measure import Run, alternating, median
 from bench.overhead import PROMPT, SIM_DELAY_S
 from bench.report import write_section
-from bench.serving import Server, raise_fd_limit, served
+from bench.serving import Server, enter_together, raise_fd_limit, served
 from bench.stack import accounts_for, api_keys, gateway, settled, simulator
 
 ERAS = {"2026-07-28": "auto", "2025-11-25": "legacy"}  # SDK Client modes that negotiate each era
@@ -87,16 +87,18 @@ async def calls(target: Target, mode: str, clients: int, per_client: int) -> Run
 
 async def main(quick: bool) -> str:
     raise_fd_limit()
-    rounds, per_client = (2, 15) if quick else (5, 80)
+    rounds, per_client = (2, 8) if quick else (5, 80)
     accounts = accounts_for(4000)
     async with contextlib.AsyncExitStack() as stack:
         sim = await stack.enter_async_context(simulator(SIM_DELAY_S, accounts))
-        gw = await stack.enter_async_context(gateway(sim.url))
-        noop = await stack.enter_async_context(served("bench.apps:noop_mcp_app", {}))
         floor_account = accounts[-1]
-        floor = await stack.enter_async_context(served("bench.apps:floor_mcp_app", {
-            "BENCH_KLING_URL": sim.url,
-            "BENCH_KLING_ACCOUNT": json.dumps([floor_account.access_key, floor_account.secret_key])}))  # fmt: skip
+        gw, noop, floor = await enter_together(
+            stack,
+            gateway(sim.url),
+            served("bench.apps:noop_mcp_app", {}),
+            served("bench.apps:floor_mcp_app", {"BENCH_KLING_URL": sim.url, "BENCH_KLING_ACCOUNT": json.dumps(
+                [floor_account.access_key, floor_account.secret_key])}),
+        )  # fmt: skip
         keys = await api_keys(gw.url, accounts[:-1])
         targets = {GATEWAY: Target(gw, "generate_image", keys, sim.server, follows_tasks=True),
                    FLOOR: Target(floor, "generate_image", ["-"], sim.server),

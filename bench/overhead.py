@@ -21,7 +21,7 @@ from app.models import GenerateRequest
 from bench.http import Connection, Reply
 from bench.measure import Run, alternating, closed_loop, median, paced
 from bench.report import write_section
-from bench.serving import raise_fd_limit, served
+from bench.serving import enter_together, raise_fd_limit, served
 from bench.stack import ACCOUNT_SLOTS, accounts_for, api_keys, gateway, simulator
 from tests.servers import redis_server
 
@@ -64,20 +64,22 @@ def rest_sender(keys: list[str]) -> Callable[[Connection, int], Awaitable[Reply]
 async def main(quick: bool) -> str:
     raise_fd_limit()
     rounds = 2 if quick else 3
-    requests = {1: 60, 16: 240, 64: 384} if quick else {1: 200, 16: 640, 64: 960}
-    paced_requests = 150 if quick else 450
+    requests = {1: 40, 16: 160, 64: 192} if quick else {1: 200, 16: 640, 64: 960}
+    paced_requests = 75 if quick else 450
     accounts = accounts_for((2 + 2 * ACCOUNTS_PER_GATEWAY) * ACCOUNT_SLOTS)
     direct_account, floor_account = accounts[0], accounts[1]
     memory_accounts, redis_accounts = accounts[2:6], accounts[6:10]
     with redis_server() as redis_url:
         async with contextlib.AsyncExitStack() as stack:
             sim = await stack.enter_async_context(simulator(SIM_DELAY_S, accounts))
-            memory = await stack.enter_async_context(gateway(sim.url))
-            redis = await stack.enter_async_context(gateway(sim.url, redis_url=redis_url))
-            ceiling = await stack.enter_async_context(served("bench.apps:ceiling_app", {}))
-            floor = await stack.enter_async_context(served("bench.apps:floor_app", {
-                "BENCH_KLING_URL": sim.url, "BENCH_KLING_ACCOUNT": json.dumps([floor_account.access_key,
-                                                                               floor_account.secret_key])}))  # fmt: skip
+            memory, redis, ceiling, floor = await enter_together(
+                stack,
+                gateway(sim.url),
+                gateway(sim.url, redis_url=redis_url),
+                served("bench.apps:ceiling_app", {}),
+                served("bench.apps:floor_app", {"BENCH_KLING_URL": sim.url, "BENCH_KLING_ACCOUNT": json.dumps(
+                    [floor_account.access_key, floor_account.secret_key])}),
+            )  # fmt: skip
             targets = {
                 "direct to the simulator": (sim.url, direct_sender(
                     KlingCredentials(direct_account.access_key, direct_account.secret_key)), 200),

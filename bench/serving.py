@@ -10,6 +10,7 @@ settings as `serve` passes.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import resource
@@ -17,6 +18,7 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import uvicorn
 from uvicorn.importer import import_from_string
@@ -26,6 +28,7 @@ from app import cli
 from tests.servers import free_port, python_process
 
 ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
 
 
 def raise_fd_limit() -> int:
@@ -71,6 +74,16 @@ async def served(
     argv = ["-m", "bench.serving", factory, str(port), *(["--gateway"] if gateway else [])]
     async with python_process(argv, env, url + ready_path, cwd=root) as process:
         yield Server(url, process.pid, port)
+
+
+async def enter_together(
+    stack: contextlib.AsyncExitStack, *servers: contextlib.AbstractAsyncContextManager[T]
+) -> list[T]:
+    """Start `servers` at once, each left to `stack` to stop: a server's process takes seconds to import and
+    start on this machine, so one after the other would be most of a quick run."""
+    async with asyncio.TaskGroup() as group:  # one failing cancels the others (each stops its own process)
+        started = [group.create_task(stack.enter_async_context(server)) for server in servers]
+    return [task.result() for task in started]
 
 
 def main(factory: str, port: int, as_gateway: bool) -> None:

@@ -553,3 +553,25 @@ async def test_a_paused_redis_fails_fast_and_admissions_resume_after_it(redis_cl
                 break
             except LimitsUnavailable:
                 await anyio.sleep(0.05)
+
+
+async def test_a_command_or_pipeline_cut_off_by_the_deadline_leaves_no_answer_for_the_next(redis_url: str) -> None:
+    """The deadline ends a command mid-read; its late answer must never be read as a later command's."""
+    async with production_client(redis_url) as client, production_client(redis_url) as admin:
+        await client.set("kgw:test:a", "A")
+        await admin.client_pause(3000, all=True)
+        started = time.monotonic()
+        with pytest.raises(RedisTimeoutError):
+            await client.get("kgw:test:a")
+        with pytest.raises(RedisTimeoutError):
+            await client.pipeline(transaction=False).get("kgw:test:a").incr("kgw:test:n").execute()
+        assert time.monotonic() - started < 2.8  # a deadline of a second each, not the pause's end
+        with anyio.fail_after(5):
+            while True:  # the pause ends; asking again is the observation
+                try:
+                    await client.set("kgw:test:b", "B")
+                    break
+                except RedisTimeoutError:
+                    await anyio.sleep(0.05)
+        assert await client.get("kgw:test:b") == b"B"
+        assert await client.pipeline(transaction=False).get("kgw:test:a").get("kgw:test:b").execute() == [b"A", b"B"]

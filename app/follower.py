@@ -371,7 +371,8 @@ class TaskFollower:
         except (RedisError, OSError):
             logger.warning("could not release the leases of task %s; they expire by themselves", record.task_id)
         finally:
-            await self._give_up_polling(record.task_id)
+            if not record.status.is_terminal:  # a finished task's poll lease goes with its follow mark (`_ended`)
+                await self._give_up_polling(record.task_id)
             self._finished[record.task_id] = record
             while len(self._finished) > FINISHED_KEPT:
                 self._finished.popitem(last=False)
@@ -381,11 +382,13 @@ class TaskFollower:
             await self._ended(record)
 
     async def _ended(self, record: TaskRecord) -> None:
-        """The task is over: hand it to `on_finished` (webhooks), then nobody needs to follow it any more."""
+        """The task is over: hand it to `on_finished` (webhooks), then nobody needs to follow it any more, nor
+        poll it (the lease, if this replica holds it: kept until now, it tells other replicas' watchers to read
+        the record rather than ask Kling)."""
         try:
             if self._on_finished is not None:
                 await self._on_finished(record)
-            await self._tasks.unmark_followed(record.task_id)
+            await self._tasks.unmark_followed(record.task_id, self._replica)
         except (RedisError, OSError):
             logger.warning("could not finish the bookkeeping of task %s; another replica will", record.task_id)
 

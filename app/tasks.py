@@ -42,6 +42,11 @@ RELEASE_POLLING = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+# A task's end, handled: its poll lease (if ARGV[1] holds it) and its follow mark go in one round trip.
+UNFOLLOW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return redis.call('ZREM', KEYS[2], ARGV[2])
+"""
 # Write a task's state unless the stored one is newer (Kling's updated_at): a poll answer that was under way
 # while another replica recorded a callback's terminal state must not turn the record back.
 SAVE_IF_NOT_OLDER = """
@@ -181,7 +186,9 @@ class TaskStore(Protocol):
     async def mark_followed(self, task_id: str, at: float | None = None) -> None:
         """Record that a replica follows the task now (`at`, default now): the mark goes stale if it stops."""
 
-    async def unmark_followed(self, task_id: str) -> None: ...
+    async def unmark_followed(self, task_id: str, poller: str | None = None) -> None:
+        """Nobody is to follow the task any more. With `poller`, its poll lease goes too, if `poller` holds it:
+        a task's end, handled, costs one round trip rather than two."""
 
     async def stale_followed(self, older_than_s: float, limit: int) -> list[str]:
         """Tasks whose follow mark is older than `older_than_s`: their follower stopped before their end."""
@@ -267,8 +274,10 @@ class MemoryTaskStore:
     async def mark_followed(self, task_id: str, at: float | None = None) -> None:
         self._followed[task_id] = time.time() if at is None else at
 
-    async def unmark_followed(self, task_id: str) -> None:
+    async def unmark_followed(self, task_id: str, poller: str | None = None) -> None:
         self._followed.pop(task_id, None)
+        if poller is not None:
+            await self.release_polling(task_id, poller)
 
     async def stale_followed(self, older_than_s: float, limit: int) -> list[str]:
         cutoff = time.time() - older_than_s
@@ -282,6 +291,7 @@ class RedisTaskStore:
         self._if_owner = redis.register_script(IF_OWNER)
         self._claim_polling = redis.register_script(CLAIM_POLLING)
         self._release_polling = redis.register_script(RELEASE_POLLING)
+        self._unfollow = redis.register_script(UNFOLLOW)
         self._save_if_not_older = redis.register_script(SAVE_IF_NOT_OLDER)
 
     async def save(self, record: TaskRecord) -> bool:
@@ -337,8 +347,12 @@ class RedisTaskStore:
     async def mark_followed(self, task_id: str, at: float | None = None) -> None:
         await self._redis.zadd(f"{self._ns}:followed", {task_id: time.time() if at is None else at})
 
-    async def unmark_followed(self, task_id: str) -> None:
-        await self._redis.zrem(f"{self._ns}:followed", task_id)
+    async def unmark_followed(self, task_id: str, poller: str | None = None) -> None:
+        if poller is None:
+            await self._redis.zrem(f"{self._ns}:followed", task_id)
+            return
+        keys = [f"{self._ns}:poller:{task_id}", f"{self._ns}:followed"]
+        await self._unfollow(keys=keys, args=[poller, task_id])
 
     async def stale_followed(self, older_than_s: float, limit: int) -> list[str]:
         cutoff = time.time() - older_than_s

@@ -84,6 +84,7 @@ async def test_a_task_whose_replica_stopped_is_adopted_once_and_its_end_handled(
     assert [end.status for end in ends] == [TaskStatus.SUCCEEDED]
     assert (await store.get(record.task_id)) == ends[0]
     assert await store.stale_followed(-60, 10) == []  # nobody needs to follow it any more
+    assert not await store.is_polled(record.task_id)  # nor poll it
 
 
 async def test_an_end_heard_where_no_loop_follows_the_task_is_still_handled(kling: KlingClient, redis: Redis) -> None:
@@ -137,3 +138,13 @@ async def test_a_task_given_up_on_is_not_adopted_again(kling: KlingClient, redis
     finally:
         await adopter.aclose()
     assert await store.stale_followed(-60, 10) == []
+
+
+async def test_unfollowing_an_ended_task_gives_up_only_its_own_poll_lease(redis: Redis) -> None:
+    store = RedisTaskStore(redis)
+    for task_id, holder in (("mine", "replica-a"), ("theirs", "replica-b")):
+        assert (await store.claim_polling(task_id, holder, ttl_s=60)).claimed  # which marks it followed too
+        await store.unmark_followed(task_id, "replica-a")
+    assert await store.stale_followed(-60, 10) == []
+    assert not await store.is_polled("mine")
+    assert await store.is_polled("theirs")  # another replica's lease is left to it

@@ -563,8 +563,11 @@ async def test_a_command_or_pipeline_cut_off_by_the_deadline_leaves_no_answer_fo
         started = time.monotonic()
         with pytest.raises(RedisTimeoutError):
             await client.get("kgw:test:a")
+        cut_off = client.pipeline(transaction=False)
+        cut_off.get("kgw:test:a")  # queued: a pipeline's commands are sent by execute()
+        cut_off.incr("kgw:test:n")
         with pytest.raises(RedisTimeoutError):
-            await client.pipeline(transaction=False).get("kgw:test:a").incr("kgw:test:n").execute()
+            await cut_off.execute()
         assert time.monotonic() - started < 2.8  # a deadline of a second each, not the pause's end
         with anyio.fail_after(5):
             while True:  # the pause ends; asking again is the observation
@@ -574,4 +577,7 @@ async def test_a_command_or_pipeline_cut_off_by_the_deadline_leaves_no_answer_fo
                 except RedisTimeoutError:
                     await anyio.sleep(0.05)
         assert await client.get("kgw:test:b") == b"B"
-        assert await client.pipeline(transaction=False).get("kgw:test:a").get("kgw:test:b").execute() == [b"A", b"B"]
+        answered = client.pipeline(transaction=False)
+        answered.get("kgw:test:a")
+        answered.get("kgw:test:b")
+        assert await answered.execute() == [b"A", b"B"]

@@ -149,14 +149,15 @@ def render(
 
 Run {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}. `POST /generate` with `wait_seconds: 0` through one
 gateway worker, against the same create (same body, a JWT signed by the client) sent straight to the simulator's
-`POST /v1/images/generations`, and a bare FastAPI endpoint that parses a small JSON body. Each server runs in its
-own process under the same uvicorn settings; clients are keep-alive connections. In the closed-loop rows each
-client sends its next request as soon as the last is answered ({", ".join(f"{n} requests at {c}" for c, n in requests.items())} per run);
+`POST /v1/images/generations`, a bare FastAPI endpoint that parses a small JSON body, and the floor: a FastAPI route
+that takes the same body and sends the same create through the gateway's own Kling client (its pool, JWT cache and
+timeouts), doing nothing else. Each server runs in its own process under the same uvicorn settings; clients are
+keep-alive connections. In the closed-loop rows each client sends its next request as soon as the last is answered ({", ".join(f"{n} requests at {c}" for c, n in requests.items())} per run);
 in the paced rows {PACED_CLIENTS} clients share a fixed schedule of {PACED_PER_SECOND:.0f} requests per second
-({paced_requests} per run), each latency counted from the request's due time. The four targets run in turn,
-{rounds} rounds; each figure is the median over the rounds. "added" is the gateway's percentile minus the direct
-one; `Server-Timing` is the median of the gateway's own `gateway;dur` header. That is the request's time
-outside Kling calls and waits, so on a saturated worker (the closed loops at 16 and 64) it also holds the
+({paced_requests} per run), each latency counted from the request's due time. The five targets run in turn,
+{rounds} rounds; each figure is the median over the rounds. "added" is a percentile minus the direct one;
+`Server-Timing` is the median of the gateway's own `gateway;dur` header. That is the request's time outside Kling
+calls and waits, so on a saturated worker (the closed loops at 16 and 64) it also holds the
 time the request's next step waited behind other requests' work on the event loop.
 
 | clients | target | p50 ms | p99 ms | requests/s | added p50 ms | added p99 ms | `Server-Timing` ms |
@@ -172,6 +173,13 @@ which is more than the bare FastAPI endpoint manages at one client: the gateway 
 does, then a Kling call of its own (the simulator's whole work) on the same two cores. The paced rows are the
 fair reading of the goal: the same 16 clients at a rate the worker keeps up with, so each figure is what the
 gateway adds to a request rather than the queue in front of a saturated worker.
+
+**The floor is most of what the gateway adds.** Any gateway on this stack receives the request through uvicorn
+and FastAPI and sends it on through an HTTP client, and on this machine that alone adds more than the goal: in one
+process against the simulator, a create sent through httpcore2's pool (HTTP/1.1 in pure Python, h11) took about
+0.9 ms of CPU, against 0.2 ms through the benchmark's own minimal client (measured 2026-11-26; the pool's share
+of the profile below says the same). The goal's 1 ms is below the floor here; what the gateway's design decides
+is its own work over the floor, given in each verdict above.
 
 The gateway's path includes what the direct path does not: authenticating the key, the tenant's rate, concurrency
 and daily limits, the Kling account's slots, usage counters, recording the task, and following it (one status

@@ -389,7 +389,11 @@ class TaskFollower:
             if self._on_finished is not None:
                 await self._on_finished(record)
             await self._tasks.unmark_followed(record.task_id, self._replica)
-        except (RedisError, OSError):
+        except BaseException as exc:
+            # The follow mark stays, so another replica takes the end up; the poll lease is of no use to it.
+            await self._give_up_polling(record.task_id)
+            if not isinstance(exc, RedisError | OSError):
+                raise
             logger.warning("could not finish the bookkeeping of task %s; another replica will", record.task_id)
 
     def _drop(self, watch: _Watch) -> None:
@@ -449,12 +453,12 @@ class TaskFollower:
             return 0
         too_old = record is not None and time.time() * 1000 - record.created_at_ms > self._max_follow_s * 1000
         if record is None or too_old:  # gone, or given up on: nobody is to follow it any more
-            await self._tasks.unmark_followed(task_id)
+            await self._tasks.unmark_followed(task_id, self._replica)
             return 0
         assert self._credentials_of is not None
         kling = await self._credentials_of(record.credential_id)
         if kling is None:  # the credential is gone: nobody can ask Kling about the task any more
-            await self._tasks.unmark_followed(task_id)
+            await self._tasks.unmark_followed(task_id, self._replica)
             return 0
         watch = self._watches.get(task_id)  # a caller here may have started watching it meanwhile
         if watch is not None:

@@ -16,6 +16,7 @@ transport (uvloop's, in C, under `serve`), and the check asks the stream and the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import ipaddress
 import socket
@@ -57,7 +58,9 @@ class BufferedReader(asyncio.StreamReader):
 
 
 class AsyncioStream(httpcore2.AsyncNetworkStream):
-    """One connection as asyncio's reader and writer pair, in httpcore2's stream interface."""
+    """One connection as asyncio's reader and writer pair, in httpcore2's stream interface, for HTTP/1.1 (the
+    pools here never speak HTTP/2, nor hand a stream out for an upgrade): small writes are held until the next
+    read, which over HTTP/1.1 always follows from the same request."""
 
     def __init__(self, reader: BufferedReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
@@ -69,7 +72,10 @@ class AsyncioStream(httpcore2.AsyncNetworkStream):
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         if self._unsent:
-            await self._send_unsent()
+            # A send that fails is left to the read to report, as httpcore2 does for a failed write: the server
+            # may have answered (an error) and closed, and that answer, or its hang-up, is what the caller needs.
+            with contextlib.suppress(httpcore2.WriteError):
+                await self._send_unsent()
         with map_exceptions(_READ_ERRORS):
             async with asyncio.timeout(timeout):
                 return await self._reader.read(max_bytes)
@@ -87,13 +93,11 @@ class AsyncioStream(httpcore2.AsyncNetworkStream):
             await self._send_unsent()
 
     async def _send_unsent(self) -> None:
-        data = self._unsent[0] if len(self._unsent) == 1 else b"".join(self._unsent)
-        self._unsent.clear()
-        self._unsent_bytes = 0
+        unsent, self._unsent, self._unsent_bytes = self._unsent, [], 0
         with map_exceptions(_WRITE_ERRORS):
             if self._writer.is_closing():
                 raise ConnectionResetError("the connection is closed")
-            self._writer.write(data)
+            self._writer.writelines(unsent)  # uvloop sends the parts together without joining (copying) them
             if self._writer.transport.get_write_buffer_size():  # only then can the write have to wait
                 async with asyncio.timeout(self._write_timeout):
                     await self._writer.drain()

@@ -31,7 +31,6 @@ CLIENTS = (1, 16, 64)
 # PACED_SHARE of the slowest target's closed-loop rate at 16 clients in the same run, and at most
 # PACED_PER_SECOND: a fixed pace would saturate the Redis-backed gateway on a slow day of this shared host.
 PACED_CLIENTS, PACED_PER_SECOND, PACED_SHARE = 16, 150.0, 0.5
-PACED_RUN_S = 3.0
 SIM_DELAY_S = 0.2  # short, so the simulator keeps few tasks in flight; the gateway still follows each one
 PROMPT = "a lighthouse at dawn, oil on canvas"
 GOAL_P50_MS, GOAL_P99_MS = 1.0, 5.0
@@ -40,7 +39,10 @@ FLOOR = "floor: FastAPI + the gateway's Kling client"
 ACCOUNTS_PER_GATEWAY = 4
 
 
-def direct_sender(credentials: KlingCredentials) -> Callable[[Connection, int], Awaitable[Reply]]:
+Send = Callable[[Connection, int], Awaitable[Reply]]
+
+
+def direct_sender(credentials: KlingCredentials) -> Send:
     """The create the gateway would send for a wait-0 /generate: same body, a fresh external_task_id."""
     jwts = JwtCache()
 
@@ -52,7 +54,7 @@ def direct_sender(credentials: KlingCredentials) -> Callable[[Connection, int], 
     return send
 
 
-def rest_sender(keys: list[str]) -> Callable[[Connection, int], Awaitable[Reply]]:
+def rest_sender(keys: list[str]) -> Send:
     headers = [{"Authorization": f"Bearer {key}"} for key in keys]
 
     async def send(connection: Connection, index: int) -> Reply:
@@ -66,7 +68,7 @@ async def main(quick: bool) -> str:
     raise_fd_limit()
     rounds = 2 if quick else 3
     requests = {1: 40, 16: 160, 64: 192} if quick else {1: 200, 16: 640, 64: 960}
-    paced_run_s = PACED_RUN_S / 6 if quick else PACED_RUN_S
+    paced_requests = 60 if quick else 300
     accounts = accounts_for((2 + 2 * ACCOUNTS_PER_GATEWAY) * ACCOUNT_SLOTS)
     direct_account, floor_account = accounts[0], accounts[1]
     memory_accounts, redis_accounts = accounts[2:6], accounts[6:10]
@@ -92,27 +94,30 @@ async def main(quick: bool) -> str:
             for url, send, expect in targets.values():  # warm up: connections, caches, JWTs, Lua scripts
                 await closed_loop(url, send, clients=16, requests=200, expect=expect)
             results: dict[str, dict[str, list[Run]]] = {}
+            pace = PACED_PER_SECOND
             for clients in CLIENTS:
-
-                def contender(url: str, send: Callable[[Connection, int], Awaitable[Reply]], expect: int,
-                              n: int = clients) -> Callable[[], Awaitable[Run]]:  # fmt: skip
-                    return lambda: closed_loop(url, send, clients=n, requests=requests[n], expect=expect)
-
-                results[str(clients)] = await alternating(rounds, {name: contender(*t) for name, t in targets.items()})
-            slowest = min(median([r.per_second for r in runs]) for runs in results[str(PACED_CLIENTS)].values())
-            pace = min(PACED_PER_SECOND, PACED_SHARE * slowest)
-            paced_requests = round(pace * paced_run_s)
-
-            def paced_contender(url: str, send: Callable[[Connection, int], Awaitable[Reply]],
-                                expect: int) -> Callable[[], Awaitable[Run]]:  # fmt: skip
-                return lambda: paced(url, send, clients=PACED_CLIENTS, per_second=pace, requests=paced_requests,
-                                     expect=expect)  # fmt: skip
-
-            results[paced_load(pace)] = await alternating(rounds, {n: paced_contender(*t) for n, t in targets.items()})
-    order = ("1", "16", paced_load(pace), "64")  # the paced rows next to the closed loop of the same clients
-    body = render({load: results[load] for load in order}, rounds, requests, pace, paced_requests, quick)
+                closed = {name: closed_contender(url, send, expect, clients, requests[clients])
+                          for name, (url, send, expect) in targets.items()}  # fmt: skip
+                results[str(clients)] = await alternating(rounds, closed)
+                if clients == PACED_CLIENTS:  # right after the closed loop whose rates set the pace
+                    slowest = min(median([r.per_second for r in runs]) for runs in results[str(clients)].values())
+                    pace = min(PACED_PER_SECOND, PACED_SHARE * slowest)
+                    at_pace = {name: paced_contender(url, send, expect, pace, paced_requests)
+                               for name, (url, send, expect) in targets.items()}  # fmt: skip
+                    results[paced_load(pace)] = await alternating(rounds, at_pace)
+    body = render(results, rounds, requests, pace, paced_requests, quick)
     write_section("overhead", body)
     return body
+
+
+def closed_contender(url: str, send: Send, expect: int, clients: int, requests: int) -> Callable[[], Awaitable[Run]]:
+    return lambda: closed_loop(url, send, clients=clients, requests=requests, expect=expect)
+
+
+def paced_contender(
+    url: str, send: Send, expect: int, per_second: float, requests: int
+) -> Callable[[], Awaitable[Run]]:
+    return lambda: paced(url, send, clients=PACED_CLIENTS, per_second=per_second, requests=requests, expect=expect)
 
 
 def own_work(by_target: dict[str, list[Run]]) -> str:

@@ -13,7 +13,7 @@ from app.follower import Leases, TaskFollower
 from app.http_pool import create_kling_pool
 from app.kling import KlingClient, KlingCredentials
 from app.models import TaskStatus
-from app.tasks import RedisTaskStore, TaskRecord
+from app.tasks import MemoryTaskStore, RedisTaskStore, TaskRecord, TaskStore
 from tests.conftest import PRIMARY, Simulator
 
 pytestmark = pytest.mark.anyio
@@ -63,8 +63,11 @@ async def test_a_task_whose_replica_stopped_is_adopted_once_and_its_end_handled(
 
     ends: list[TaskRecord] = []
     ended = anyio.Event()
+    polled_while_handed_on: list[bool] = []
 
     async def on_finished(finished: TaskRecord) -> None:
+        # The adopter still holds the poll lease: other replicas' watchers read the record, not Kling.
+        polled_while_handed_on.append(await store.is_polled(finished.task_id))
         ends.append(finished)
         ended.set()
 
@@ -84,7 +87,8 @@ async def test_a_task_whose_replica_stopped_is_adopted_once_and_its_end_handled(
     assert [end.status for end in ends] == [TaskStatus.SUCCEEDED]
     assert (await store.get(record.task_id)) == ends[0]
     assert await store.stale_followed(-60, 10) == []  # nobody needs to follow it any more
-    assert not await store.is_polled(record.task_id)  # nor poll it
+    assert polled_while_handed_on == [True]
+    assert not await store.is_polled(record.task_id)  # and nobody polls it after
 
 
 async def test_an_end_heard_where_no_loop_follows_the_task_is_still_handled(kling: KlingClient, redis: Redis) -> None:
@@ -140,8 +144,9 @@ async def test_a_task_given_up_on_is_not_adopted_again(kling: KlingClient, redis
     assert await store.stale_followed(-60, 10) == []
 
 
-async def test_unfollowing_an_ended_task_gives_up_only_its_own_poll_lease(redis: Redis) -> None:
-    store = RedisTaskStore(redis)
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_unfollowing_an_ended_task_gives_up_only_its_own_poll_lease(backend: str, redis: Redis) -> None:
+    store: TaskStore = MemoryTaskStore() if backend == "memory" else RedisTaskStore(redis)
     for task_id, holder in (("mine", "replica-a"), ("theirs", "replica-b")):
         assert (await store.claim_polling(task_id, holder, ttl_s=60)).claimed  # which marks it followed too
         await store.unmark_followed(task_id, "replica-a")

@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 
 from app.kling import KlingTask
 from app.lifecycle import subscribed
-from app.tasks import TaskRecord, TaskStore, record_from_json, record_to_json
+from app.tasks import TASK_UPDATES_CHANNEL, TaskRecord, TaskStore, record_from_json
 
 logger = logging.getLogger(__name__)
 CALLBACK_PATH = "/callbacks/kling"
@@ -62,15 +62,12 @@ def verify_standard_webhook(secret: str, headers: Mapping[str, str], body: bytes
 
 
 class TaskUpdates:
-    """Fan-out of task states to every replica over Redis pub/sub (nothing to fan out to without Redis)."""
+    """Fan-out of task states to every replica over Redis pub/sub (nothing to fan out to without Redis). The
+    task store publishes a state as it records it (`TaskStore.save(..., announce=True)`); this hears them."""
 
-    def __init__(self, redis: Redis | None, channel: str = "kgw:task-updates") -> None:
+    def __init__(self, redis: Redis | None, channel: str = TASK_UPDATES_CHANNEL) -> None:
         self._redis = redis
         self._channel = channel
-
-    async def publish(self, record: TaskRecord) -> None:
-        if self._redis is not None:
-            await self._redis.publish(self._channel, record_to_json(record))
 
     def listening(self, heard: Callable[[TaskRecord], None]) -> contextlib.AbstractAsyncContextManager[None]:
         """Hear other replicas' updates for the app's lifetime; polling covers any gap in the channel."""
@@ -103,8 +100,9 @@ def build_callback_router(
             # Not (yet) recorded, or not the task this token was made for: polling will catch up.
             return JSONResponse({"ok": True, "recorded": False})
         latest = record.updated_from(task)
-        # Saved only if no newer state was recorded meanwhile (a poll answer on another replica, say).
-        if latest.supersedes(record) and await tasks.save(latest):
+        # Saved (and published to every replica) only if no newer state was recorded meanwhile (a poll answer on
+        # another replica, say); then this replica's waiters learn of it too.
+        if latest.supersedes(record) and await tasks.save(latest, announce=True):
             await announce(latest)
         return JSONResponse({"ok": True, "recorded": True})
 

@@ -54,7 +54,6 @@ RECORDING_AT_ONCE = 4
 # (each turn held for seconds) news would otherwise reach waiters minutes late, and shutdown wait as long.
 RECORDING_QUEUE_S = 0.5
 CredentialsOf = Callable[[str], Awaitable[KlingCredentials | None]]
-Broadcast = Callable[[TaskRecord], Awaitable[None]]
 OnFinished = Callable[[TaskRecord], Awaitable[None]]
 
 
@@ -86,10 +85,6 @@ class _Watch:
         return self.waiters == 0 and self.leases is None and not self.adopted
 
 
-async def _no_broadcast(_: TaskRecord) -> None:
-    """Without Redis there is one process: local waiters are all there is to wake."""
-
-
 class TaskFollower:
     def __init__(
         self,
@@ -98,7 +93,6 @@ class TaskFollower:
         *,
         first_interval_s: float,
         max_follow_s: float = MAX_FOLLOW_S,
-        broadcast: Broadcast = _no_broadcast,
         on_finished: OnFinished | None = None,
         credentials_of: CredentialsOf | None = None,
         callbacks: bool = False,
@@ -114,7 +108,6 @@ class TaskFollower:
         self._lease_s = 3 * self._max_interval_s
         self._refresh_every_s = lease_refresh_s  # how often a submitted task's leases are renewed while it runs
         self._max_follow_s = max_follow_s
-        self._broadcast = broadcast
         self._on_finished = on_finished
         self._credentials_of = credentials_of
         self._finishing: set[asyncio.Task[None]] = set()  # shielded ends, awaited at shutdown
@@ -176,12 +169,9 @@ class TaskFollower:
             watch.loop.cancel()
 
     async def announce(self, record: TaskRecord) -> None:
-        """A newer state learnt here (a poll or a Kling callback): wake local waiters, tell every replica."""
+        """A newer state learnt here (a poll or a Kling callback) and recorded, which told every replica (the
+        store publishes what it saves with `announce=True`): wake this replica's waiters."""
         self.heard(record)
-        try:
-            await self._broadcast(record)
-        except (RedisError, OSError):
-            logger.warning("could not broadcast the state of task %s; other replicas poll", record.task_id)
         if record.status.is_terminal and record.task_id not in self._watches:
             # Learnt here (a callback) while this replica runs no loop on it: its end is handled from here,
             # once across replicas (the webhook's own claim), in case no loop anywhere sees it.
@@ -331,10 +321,10 @@ class TaskFollower:
             if not latest.supersedes(known):
                 return known  # nothing new, or older than what a callback brought while the query was under way
             try:
-                saved = await self._tasks.save(latest)
+                saved = await self._tasks.save(latest, announce=True)
             except RedisError:
-                saved = True  # not recorded, but this replica's waiters still learn of it
-                logger.warning("could not record the state of task %s", record.task_id)
+                saved = True  # neither recorded nor published, but this replica's waiters still learn of it
+                logger.warning("could not record the state of task %s; other replicas poll", record.task_id)
             if not saved:
                 return known  # a newer state is recorded (a callback on another replica, which announced it)
             await self.announce(latest)

@@ -242,7 +242,7 @@ def build_gateway(settings: Settings, tracing: Tracing | None = None) -> Gateway
     webhooks = WebhookSender(webhook_http, stores.tasks, directory.webhook_secret, references)
     queries = StatusQueries(kling)
     follower = TaskFollower(
-        kling, stores.tasks, first_interval_s=settings.poll_interval_seconds, broadcast=updates.publish,
+        kling, stores.tasks, first_interval_s=settings.poll_interval_seconds,
         on_finished=webhooks.task_finished,
         # With Redis, replicas adopt each other's tasks when one stops; alone in memory there is nobody to.
         credentials_of=directory.kling_credentials_by_id if redis is not None else None,

@@ -48,7 +48,8 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return redis.call('ZREM', KEYS[2], ARGV[2])
 """
 # Write a task's state unless the stored one is newer (Kling's updated_at): a poll answer that was under way
-# while another replica recorded a callback's terminal state must not turn the record back.
+# while another replica recorded a callback's terminal state must not turn the record back. A state written is
+# published on the channel ARGV[4] names (none when empty): recorded and announced in one round trip.
 SAVE_IF_NOT_OLDER = """
 local current = redis.call('GET', KEYS[1])
 if current then
@@ -58,8 +59,11 @@ if current then
   end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[3]))
+if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[4], ARGV[1]) end
 return 1
 """
+# Where every replica hears the task states recorded by the others (app/callbacks.py, TaskUpdates).
+TASK_UPDATES_CHANNEL = "kgw:task-updates"
 IDEMPOTENCY_TTL_S = 86_400
 
 _KLING_STATUS = {
@@ -146,8 +150,9 @@ class IdempotencyClaim:
 
 
 class TaskStore(Protocol):
-    async def save(self, record: TaskRecord) -> bool:
-        """Store the task's state unless the stored one is newer (a higher `updated_at_ms`); True if stored."""
+    async def save(self, record: TaskRecord, *, announce: bool = False) -> bool:
+        """Store the task's state unless the stored one is newer (a higher `updated_at_ms`); True if stored. With
+        `announce`, a stored state is also published to every replica (TASK_UPDATES_CHANNEL), in the same step."""
 
     async def get(self, task_id: str) -> TaskRecord | None: ...
 
@@ -206,7 +211,8 @@ class MemoryTaskStore:
         self._followed: dict[str, float] = {}
         self._max_records = max_records
 
-    async def save(self, record: TaskRecord) -> bool:
+    async def save(self, record: TaskRecord, *, announce: bool = False) -> bool:
+        # One process, no other replica to tell: `announce` has nothing to do here.
         stored = self._records.get(record.task_id)
         if stored is not None and stored.updated_at_ms > record.updated_at_ms:
             return False
@@ -285,17 +291,19 @@ class MemoryTaskStore:
 
 
 class RedisTaskStore:
-    def __init__(self, redis: Redis, namespace: str = "kgw") -> None:
+    def __init__(self, redis: Redis, namespace: str = "kgw", updates_channel: str = TASK_UPDATES_CHANNEL) -> None:
         self._redis = redis
         self._ns = namespace
+        self._updates_channel = updates_channel
         self._if_owner = redis.register_script(IF_OWNER)
         self._claim_polling = redis.register_script(CLAIM_POLLING)
         self._release_polling = redis.register_script(RELEASE_POLLING)
         self._unfollow = redis.register_script(UNFOLLOW)
         self._save_if_not_older = redis.register_script(SAVE_IF_NOT_OLDER)
 
-    async def save(self, record: TaskRecord) -> bool:
-        args: list[str | int] = [record_to_json(record), record.updated_at_ms, TASK_TTL_S]
+    async def save(self, record: TaskRecord, *, announce: bool = False) -> bool:
+        channel = self._updates_channel if announce else ""
+        args: list[str | int] = [record_to_json(record), record.updated_at_ms, TASK_TTL_S, channel]
         return bool(await self._save_if_not_older(keys=[f"{self._ns}:task:{record.task_id}"], args=args))
 
     async def get(self, task_id: str) -> TaskRecord | None:

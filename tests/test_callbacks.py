@@ -12,7 +12,7 @@ import anyio
 import pytest
 from redis.asyncio import Redis
 
-from app.callbacks import CallbackTokens, verify_standard_webhook
+from app.callbacks import CallbackTokens, TaskUpdates, verify_standard_webhook
 from app.models import TaskStatus
 from app.tasks import MemoryTaskStore, RedisTaskStore, TaskRecord, TaskStore
 from tests.conftest import RunningGateway, Simulator, bearer, redis_gateway_settings, replica_env, running_gateway
@@ -74,3 +74,24 @@ async def test_a_state_older_than_the_recorded_one_never_replaces_it(backend: st
     corrected = replace(succeeded, status_message="re-sent")  # the same moment again: the later write wins
     assert await store.save(corrected)
     assert await store.get("task-late-poll") == corrected
+
+
+async def test_only_a_state_recorded_with_announce_reaches_the_other_replicas(redis: Redis) -> None:
+    """Recording and publishing are one step: what was refused (older) or saved quietly is never heard."""
+    store = RedisTaskStore(redis)
+    submitted = TaskRecord(
+        task_id="task-announced", tenant_id="t_1", external_task_id="e_1", model_name="kling-v1", num_images=1,
+        status=TaskStatus.SUBMITTED, created_at_ms=1_000, updated_at_ms=1_000,
+    )  # fmt: skip
+    succeeded = replace(submitted, status=TaskStatus.SUCCEEDED, updated_at_ms=3_000, images=[(0, "https://x/0")])
+    processing = replace(submitted, status=TaskStatus.PROCESSING, updated_at_ms=2_000)
+    sent, heard = anyio.create_memory_object_stream[TaskRecord](10)
+    later = replace(succeeded, status_message="later")
+    async with sent, heard, TaskUpdates(redis).listening(sent.send_nowait):
+        assert await store.save(submitted)  # quietly, as a new task is recorded
+        assert await store.save(succeeded, announce=True)
+        assert not await store.save(processing, announce=True)  # older: neither recorded nor published
+        assert await store.save(later, announce=True)
+        with anyio.fail_after(5):
+            # One channel delivers in order: had the quiet or the refused state been published, it came first.
+            assert [await heard.receive(), await heard.receive()] == [succeeded, later]

@@ -67,7 +67,6 @@ class AsyncioStream(httpcore2.AsyncNetworkStream):
         self._writer = writer
         self._socket: socket.socket = writer.get_extra_info("socket")
         self._unsent: list[bytes] = []
-        self._unsent_bytes = 0
         self._write_timeout: float | None = None
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
@@ -87,13 +86,12 @@ class AsyncioStream(httpcore2.AsyncNetworkStream):
         if not buffer:
             return
         self._unsent.append(buffer)
-        self._unsent_bytes += len(buffer)
         self._write_timeout = timeout
-        if self._unsent_bytes >= COALESCE_BYTES:
+        if sum(map(len, self._unsent)) >= COALESCE_BYTES:  # a head and a body at most
             await self._send_unsent()
 
     async def _send_unsent(self) -> None:
-        unsent, self._unsent, self._unsent_bytes = self._unsent, [], 0
+        unsent, self._unsent = self._unsent, []
         with map_exceptions(_WRITE_ERRORS):
             if self._writer.is_closing():
                 raise ConnectionResetError("the connection is closed")

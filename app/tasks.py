@@ -291,10 +291,9 @@ class MemoryTaskStore:
 
 
 class RedisTaskStore:
-    def __init__(self, redis: Redis, namespace: str = "kgw", updates_channel: str = TASK_UPDATES_CHANNEL) -> None:
+    def __init__(self, redis: Redis, namespace: str = "kgw") -> None:
         self._redis = redis
         self._ns = namespace
-        self._updates_channel = updates_channel
         self._if_owner = redis.register_script(IF_OWNER)
         self._claim_polling = redis.register_script(CLAIM_POLLING)
         self._release_polling = redis.register_script(RELEASE_POLLING)
@@ -302,7 +301,7 @@ class RedisTaskStore:
         self._save_if_not_older = redis.register_script(SAVE_IF_NOT_OLDER)
 
     async def save(self, record: TaskRecord, *, announce: bool = False) -> bool:
-        channel = self._updates_channel if announce else ""
+        channel = TASK_UPDATES_CHANNEL if announce else ""
         args: list[str | int] = [record_to_json(record), record.updated_at_ms, TASK_TTL_S, channel]
         return bool(await self._save_if_not_older(keys=[f"{self._ns}:task:{record.task_id}"], args=args))
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from app.kling import KlingCredentials
 from bench.http import Connection, Reply
 from bench.measure import Run, alternating, closed_loop, paced
-from bench.overhead import PACED_PER_SECOND, PACED_SHARE, SIM_DELAY_S, direct_sender, rest_sender
+from bench.overhead import SIM_DELAY_S, direct_sender, pace_below, rest_sender
 from bench.serving import ROOT, Server, raise_fd_limit
 from bench.stack import ACCOUNT_SLOTS, accounts_for, api_keys, gateway, settled, simulator
 from tests.servers import redis_server
@@ -97,10 +97,9 @@ async def compare(revs: list[str], redis: bool, rounds: int) -> str:
             for load in LOADS:
                 contenders = {name: _contender(*target, load) for name, target in targets.items()}
                 results[load.name] = await alternating(rounds, contenders)
-            slowest = min(
+            pace = pace_below(
                 statistics.median(run.per_second for run, _ in runs) for runs in results["16 clients"].values()
             )
-            pace = min(PACED_PER_SECOND, PACED_SHARE * slowest)
             at_pace = Load(f"16 paced at {pace:.0f}/s", 16, PACED_REQUESTS, pace)
             contenders = {name: _contender(*target, at_pace) for name, target in targets.items()}
             results[at_pace.name] = await alternating(rounds, contenders)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from bench.measure import Run, alternating, median
 from bench.overhead import PROMPT, SIM_DELAY_S
 from bench.report import write_section
 from bench.serving import Server, enter_together, raise_fd_limit, served
-from bench.stack import accounts_for, api_keys, gateway, settled, simulator
+from bench.stack import accounts_for, api_keys, floor_server, gateway, settled, simulator
 
 ERAS = {"2026-07-28": "auto", "2025-11-25": "legacy"}  # SDK Client modes that negotiate each era
 CLIENTS = 8
@@ -96,9 +95,8 @@ async def main(quick: bool) -> str:
             stack,
             gateway(sim.url),
             served("bench.apps:noop_mcp_app", {}),
-            served("bench.apps:floor_mcp_app", {"BENCH_KLING_URL": sim.url, "BENCH_KLING_ACCOUNT": json.dumps(
-                [floor_account.access_key, floor_account.secret_key])}),
-        )  # fmt: skip
+            floor_server("bench.apps:floor_mcp_app", sim.url, floor_account),
+        )
         keys = await api_keys(gw.url, accounts[:-1])
         targets = {GATEWAY: Target(gw, "generate_image", keys, sim.server, follows_tasks=True),
                    FLOOR: Target(floor, "generate_image", ["-"], sim.server),
@@ -123,7 +121,7 @@ def render(results: dict[str, dict[str, list[Measured]]], rounds: int, per_clien
         rates = {name: median([m.run.per_second for m in runs]) for name, runs in by_target.items()}
         cpu = {name: {part: median([m.cpu_ms[part] for m in runs]) for part in ("client", "server", "simulator")}
                for name, runs in by_target.items()}  # fmt: skip
-        gateway, ceiling = GATEWAY, CEILING
+        gateway, ceiling = GATEWAY, CEILING  # short names for the lines below
         cost = 1 - rates[gateway] / rates[ceiling]
         floor_cost, own_cost = 1 - rates[FLOOR] / rates[ceiling], 1 - rates[gateway] / rates[FLOOR]
         own_cpu = cpu[gateway]["server"] - cpu[FLOOR]["server"]

@@ -11,10 +11,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 from app.kling import GENERATIONS_PATH, JwtCache, KlingCredentials, build_generation_body
 from app.models import GenerateRequest
@@ -22,7 +21,7 @@ from bench.http import Connection, Reply
 from bench.measure import Run, alternating, closed_loop, median, paced
 from bench.report import write_section
 from bench.serving import enter_together, raise_fd_limit, served
-from bench.stack import ACCOUNT_SLOTS, accounts_for, api_keys, gateway, simulator
+from bench.stack import ACCOUNT_SLOTS, accounts_for, api_keys, floor_server, gateway, simulator
 from tests.servers import redis_server
 
 CLIENTS = (1, 16, 64)
@@ -80,9 +79,8 @@ async def main(quick: bool) -> str:
                 gateway(sim.url),
                 gateway(sim.url, redis_url=redis_url),
                 served("bench.apps:ceiling_app", {}),
-                served("bench.apps:floor_app", {"BENCH_KLING_URL": sim.url, "BENCH_KLING_ACCOUNT": json.dumps(
-                    [floor_account.access_key, floor_account.secret_key])}),
-            )  # fmt: skip
+                floor_server("bench.apps:floor_app", sim.url, floor_account),
+            )
             targets = {
                 "direct to the simulator": (sim.url, direct_sender(
                     KlingCredentials(direct_account.access_key, direct_account.secret_key)), 200),
@@ -100,14 +98,18 @@ async def main(quick: bool) -> str:
                           for name, (url, send, expect) in targets.items()}  # fmt: skip
                 results[str(clients)] = await alternating(rounds, closed)
                 if clients == PACED_CLIENTS:  # right after the closed loop whose rates set the pace
-                    slowest = min(median([r.per_second for r in runs]) for runs in results[str(clients)].values())
-                    pace = min(PACED_PER_SECOND, PACED_SHARE * slowest)
+                    pace = pace_below(median([r.per_second for r in runs]) for runs in results[str(clients)].values())
                     at_pace = {name: paced_contender(url, send, expect, pace, paced_requests)
                                for name, (url, send, expect) in targets.items()}  # fmt: skip
                     results[paced_load(pace)] = await alternating(rounds, at_pace)
     body = render(results, rounds, requests, pace, paced_requests, quick)
     write_section("overhead", body)
     return body
+
+
+def pace_below(closed_loop_rates: Iterable[float]) -> float:
+    """The paced rows' rate: PACED_SHARE of the slowest target's closed-loop rate, at most PACED_PER_SECOND."""
+    return min(PACED_PER_SECOND, PACED_SHARE * min(closed_loop_rates))
 
 
 def closed_contender(url: str, send: Send, expect: int, clients: int, requests: int) -> Callable[[], Awaitable[Run]]:

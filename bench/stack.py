@@ -83,6 +83,14 @@ async def gateway(
         yield server
 
 
+@contextlib.asynccontextmanager
+async def floor_server(factory: str, kling_url: str, account: SimAccount) -> AsyncIterator[Server]:
+    """A floor (bench/apps.py `floor_app` or `floor_mcp_app`) sending its creates to `kling_url` as `account`."""
+    env = {"BENCH_KLING_URL": kling_url, "BENCH_KLING_ACCOUNT": json.dumps([account.access_key, account.secret_key])}
+    async with served(factory, env) as server:
+        yield server
+
+
 async def settled(gateway_url: str, within_s: float = 30.0) -> None:
     """Until the gateway follows no task any more (`kgw_tasks_in_flight` 0): the polls and releases that come
     after the answers are part of what a run costs it."""

@@ -556,8 +556,8 @@ async def test_a_paused_redis_fails_fast_and_admissions_resume_after_it(redis_cl
                 await anyio.sleep(0.05)
 
 
-async def test_a_command_or_pipeline_cut_off_by_the_deadline_leaves_no_answer_for_the_next(redis_url: str) -> None:
-    """The deadline ends a command mid-read; its late answer must never be read as a later command's."""
+async def test_a_command_or_pipeline_cut_off_by_the_timeout_leaves_no_answer_for_the_next(redis_url: str) -> None:
+    """The client's socket timeout ends a command mid-read; its late answer must never be read as a later one's."""
     async with production_client(redis_url) as client, production_client(redis_url) as admin:
         await client.set("kgw:test:a", "A")
         # Two connections open before the pause: the command's is dropped when it is cut off, and the pipeline
@@ -572,7 +572,7 @@ async def test_a_command_or_pipeline_cut_off_by_the_deadline_leaves_no_answer_fo
         cut_off.incr("kgw:test:n")
         with pytest.raises(RedisTimeoutError, match="reading"):
             await cut_off.execute()
-        assert time.monotonic() - started < 2.8  # a deadline of a second each, not the pause's end
+        assert time.monotonic() - started < 2.8  # a timeout of a second each, not the pause's end
         with anyio.fail_after(5):
             while True:  # the pause ends; asking again is the observation
                 try:

@@ -24,8 +24,8 @@ from app.kling import KlingCredentials
 from bench.http import Connection, Reply
 from bench.measure import Run, alternating, closed_loop, paced
 from bench.overhead import SIM_DELAY_S, direct_sender, pace_below, rest_sender
-from bench.serving import ROOT, Server, raise_fd_limit
-from bench.stack import ACCOUNT_SLOTS, accounts_for, api_keys, gateway, settled, simulator
+from bench.serving import ROOT, Server, enter_together, raise_fd_limit
+from bench.stack import ACCOUNT_SLOTS, SimulatorProcess, accounts_for, api_keys, gateway, settled
 from tests.servers import redis_server
 
 DIRECT = "direct to the simulator"
@@ -84,11 +84,13 @@ async def compare(revs: list[str], redis: bool, rounds: int) -> str:
         # A Redis each: they would otherwise hear each other's broadcasts and adopt each other's tasks.
         redis_urls = {rev: trees.enter_context(redis_server()) if redis else None for rev in revs}
         async with contextlib.AsyncExitStack() as stack:
-            sim = await stack.enter_async_context(simulator(SIM_DELAY_S, accounts))
+            kling = SimulatorProcess(SIM_DELAY_S, accounts)
+            sim, *gateways = await enter_together(
+                stack, kling, *(gateway(kling.url, redis_url=redis_urls[rev], root=root) for rev, root in roots.items())
+            )
             direct = direct_sender(KlingCredentials(accounts[0].access_key, accounts[0].secret_key))
             targets: dict[str, tuple[str, Send, int, Server | None]] = {DIRECT: (sim.url, direct, 200, None)}
-            for index, (rev, root) in enumerate(roots.items()):
-                server = await stack.enter_async_context(gateway(sim.url, redis_url=redis_urls[rev], root=root))
+            for index, (rev, server) in enumerate(zip(roots, gateways, strict=True)):
                 own = accounts[1 + index * ACCOUNTS_PER_GATEWAY : 1 + (index + 1) * ACCOUNTS_PER_GATEWAY]
                 targets[rev] = (server.url, rest_sender(await api_keys(server.url, own)), 202, server)
             for url, send, expect, _ in targets.values():  # warm up: connections, caches, JWTs, Lua scripts

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import re
 import tempfile
 import time
@@ -23,8 +24,8 @@ from bench.apps import PROFILE_INTERVAL_S, PROFILE_PATH
 from bench.measure import closed_loop
 from bench.overhead import SIM_DELAY_S, rest_sender
 from bench.report import write_section
-from bench.serving import raise_fd_limit
-from bench.stack import accounts_for, api_keys, gateway, simulator
+from bench.serving import enter_together, raise_fd_limit
+from bench.stack import SimulatorProcess, accounts_for, api_keys, gateway
 
 CLIENTS = 16
 PROFILED_FACTORY = "bench.apps:profiled_gateway"
@@ -138,10 +139,10 @@ async def main(quick: bool, save: str | None = None) -> str:
     accounts = accounts_for(4000)
     with tempfile.TemporaryDirectory() as workdir:
         out = Path(workdir) / "profile.json"
-        async with (
-            simulator(SIM_DELAY_S, accounts) as sim,
-            gateway(sim.url, factory=PROFILED_FACTORY, extra_env={"BENCH_PROFILE_OUT": str(out), **EXTRA_ENV}) as gw,
-        ):
+        kling = SimulatorProcess(SIM_DELAY_S, accounts)
+        profiled = gateway(kling.url, factory=PROFILED_FACTORY, extra_env={"BENCH_PROFILE_OUT": str(out), **EXTRA_ENV})
+        async with contextlib.AsyncExitStack() as stack:
+            _, gw = await enter_together(stack, kling, profiled)
             send = rest_sender(await api_keys(gw.url, accounts))
             await closed_loop(gw.url, send, clients=CLIENTS, requests=300, expect=202)  # warm up
             async with httpx2.AsyncClient(timeout=30) as http:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import secrets
 import statistics
 import time
@@ -27,6 +28,7 @@ from app.sealing import new_master_key
 from app.simulator import SimAccount, SimulatorConfig, create_simulator_app
 from bench.measure import alternating
 from bench.report import machine, write_section
+from bench.serving import enter_together
 from bench.stack import ACCOUNT_SLOTS, ADMIN_TOKEN, api_keys
 from tests.servers import gateway_process, redis_server, serve
 
@@ -140,7 +142,8 @@ async def admission_accuracy(redis_url: str, clients: int, per_minute: int, roun
     async with serve(create_simulator_app(SimulatorConfig((account,), delay=0.5))) as kling_url:
         env = {"KGW_REDIS_URL": redis_url, "KGW_KEY_PEPPER": pepper, "KGW_MASTER_KEY": new_master_key(),
                "KGW_ADMIN_TOKEN": ADMIN_TOKEN, "KGW_KLING_BASE_URL": kling_url}  # fmt: skip
-        async with gateway_process(env) as first, gateway_process(env) as second:
+        async with contextlib.AsyncExitStack() as stack:
+            first, second = await enter_together(stack, gateway_process(env), gateway_process(env))
             limits = httpx2.Limits(max_connections=clients * 2)
             async with httpx2.AsyncClient(timeout=60, limits=limits) as http:
                 return [await _one_round(http, [first.url, second.url], account, clients, per_minute)

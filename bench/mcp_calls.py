@@ -23,7 +23,7 @@ from bench.measure import Run, alternating, median
 from bench.overhead import PROMPT, SIM_DELAY_S
 from bench.report import write_section
 from bench.serving import Server, enter_together, raise_fd_limit, served
-from bench.stack import accounts_for, api_keys, floor_server, gateway, settled, simulator
+from bench.stack import SimulatorProcess, accounts_for, api_keys, floor_server, gateway, settled
 
 ERAS = {"2026-07-28": "auto", "2025-11-25": "legacy"}  # SDK Client modes that negotiate each era
 CLIENTS = 8
@@ -89,17 +89,17 @@ async def main(quick: bool) -> str:
     rounds, per_client = (2, 8) if quick else (5, 80)
     accounts = accounts_for(4000)
     async with contextlib.AsyncExitStack() as stack:
-        sim = await stack.enter_async_context(simulator(SIM_DELAY_S, accounts))
-        floor_account = accounts[-1]
-        gw, noop, floor = await enter_together(
+        kling = SimulatorProcess(SIM_DELAY_S, accounts)
+        sim, gw, noop, floor = await enter_together(
             stack,
-            gateway(sim.url),
+            kling,
+            gateway(kling.url),
             served("bench.apps:noop_mcp_app", {}),
-            floor_server("bench.apps:floor_mcp_app", sim.url, floor_account),
+            floor_server("bench.apps:floor_mcp_app", kling.url, accounts[-1]),
         )
         keys = await api_keys(gw.url, accounts[:-1])
-        targets = {GATEWAY: Target(gw, "generate_image", keys, sim.server, follows_tasks=True),
-                   FLOOR: Target(floor, "generate_image", ["-"], sim.server),
+        targets = {GATEWAY: Target(gw, "generate_image", keys, sim, follows_tasks=True),
+                   FLOOR: Target(floor, "generate_image", ["-"], sim),
                    CEILING: Target(noop, "noop", ["-"])}  # fmt: skip
         results: dict[str, dict[str, list[Measured]]] = {}
         for era, mode in ERAS.items():

@@ -21,7 +21,7 @@ from bench.http import Connection, Reply
 from bench.measure import Run, alternating, closed_loop, median, paced
 from bench.report import write_section
 from bench.serving import enter_together, raise_fd_limit, served
-from bench.stack import ACCOUNT_SLOTS, accounts_for, api_keys, floor_server, gateway, simulator
+from bench.stack import ACCOUNT_SLOTS, SimulatorProcess, accounts_for, api_keys, floor_server, gateway
 from tests.servers import redis_server
 
 CLIENTS = (1, 16, 64)
@@ -67,19 +67,21 @@ async def main(quick: bool) -> str:
     raise_fd_limit()
     rounds = 2 if quick else 3
     requests = {1: 40, 16: 160, 64: 192} if quick else {1: 200, 16: 640, 64: 960}
-    paced_requests = 60 if quick else 300
+    paced_requests = 48 if quick else 300
+    warm_up = 64 if quick else 200  # each client's connection, the caches, JWTs and Lua scripts: a few requests each
     accounts = accounts_for((2 + 2 * ACCOUNTS_PER_GATEWAY) * ACCOUNT_SLOTS)
     direct_account, floor_account = accounts[0], accounts[1]
     memory_accounts, redis_accounts = accounts[2:6], accounts[6:10]
     with redis_server() as redis_url:
         async with contextlib.AsyncExitStack() as stack:
-            sim = await stack.enter_async_context(simulator(SIM_DELAY_S, accounts))
-            memory, redis, ceiling, floor = await enter_together(
+            kling = SimulatorProcess(SIM_DELAY_S, accounts)
+            sim, memory, redis, ceiling, floor = await enter_together(
                 stack,
-                gateway(sim.url),
-                gateway(sim.url, redis_url=redis_url),
+                kling,
+                gateway(kling.url),
+                gateway(kling.url, redis_url=redis_url),
                 served("bench.apps:ceiling_app", {}),
-                floor_server("bench.apps:floor_app", sim.url, floor_account),
+                floor_server("bench.apps:floor_app", kling.url, floor_account),
             )
             targets = {
                 "direct to the simulator": (sim.url, direct_sender(
@@ -89,8 +91,8 @@ async def main(quick: bool) -> str:
                 FLOOR: (floor.url, rest_sender(["-"]), 202),
                 "bare FastAPI endpoint": (ceiling.url, rest_sender(["-"]), 202),
             }  # fmt: skip
-            for url, send, expect in targets.values():  # warm up: connections, caches, JWTs, Lua scripts
-                await closed_loop(url, send, clients=16, requests=200, expect=expect)
+            for url, send, expect in targets.values():
+                await closed_loop(url, send, clients=16, requests=warm_up, expect=expect)
             results: dict[str, dict[str, list[Run]]] = {}
             pace = PACED_PER_SECOND
             for clients in CLIENTS:

@@ -11,8 +11,8 @@ import re
 import secrets
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx2
 
@@ -28,22 +28,6 @@ UNLIMITED = {"requests_per_minute": 1_000_000, "concurrent_tasks": 100_000, "ima
 ACCOUNT_SLOTS = 1000  # the largest `concurrency` the admin API accepts for one Kling account
 
 
-@dataclass(frozen=True)
-class Simulator:
-    server: Server
-    accounts: tuple[SimAccount, ...]
-
-    @property
-    def url(self) -> str:
-        return self.server.url
-
-    async def stats(self) -> dict[str, int]:
-        async with httpx2.AsyncClient(timeout=30) as http:
-            response = await http.get(f"{self.url}/_sim/stats")
-            response.raise_for_status()
-            return {name: value for name, value in response.json().items() if isinstance(value, int)}
-
-
 def accounts_for(slots: int) -> tuple[SimAccount, ...]:
     """Enough simulated Kling accounts of ACCOUNT_SLOTS image slots each to hold `slots` images at once."""
     return tuple(
@@ -52,12 +36,22 @@ def accounts_for(slots: int) -> tuple[SimAccount, ...]:
     )
 
 
-@contextlib.asynccontextmanager
-async def simulator(delay_s: float, accounts: tuple[SimAccount, ...]) -> AsyncIterator[Simulator]:
-    env = {"BENCH_SIM_DELAY": str(delay_s),
-           "BENCH_SIM_ACCOUNTS": json.dumps([[a.access_key, a.secret_key, a.concurrency] for a in accounts])}  # fmt: skip
-    async with served("bench.apps:simulator_app", env, ready_path="/_sim/stats") as server:
-        yield Simulator(server, accounts)
+class SimulatorProcess(contextlib.AbstractAsyncContextManager[Server]):
+    """The simulator in a process of its own, holding `accounts`, finishing each task after `delay_s`. Its URL
+    is known before it starts, so the gateways that call it can start alongside it (`enter_together`)."""
+
+    def __init__(self, delay_s: float, accounts: tuple[SimAccount, ...]) -> None:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        env = {"BENCH_SIM_DELAY": str(delay_s),
+               "BENCH_SIM_ACCOUNTS": json.dumps([[a.access_key, a.secret_key, a.concurrency] for a in accounts])}  # fmt: skip
+        self._served = served("bench.apps:simulator_app", env, ready_path="/_sim/stats", port=port)
+
+    async def __aenter__(self) -> Server:
+        return await self._served.__aenter__()
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self._served.__aexit__(*exc_info)
 
 
 @contextlib.asynccontextmanager

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,8 +25,8 @@ from bench.http import Connection, Reply
 from bench.measure import percentile
 from bench.overhead import PROMPT
 from bench.report import write_section
-from bench.serving import Server, raise_fd_limit
-from bench.stack import accounts_for, api_keys, gateway, simulator
+from bench.serving import Server, enter_together, raise_fd_limit
+from bench.stack import SimulatorProcess, accounts_for, api_keys, gateway
 
 HOLD_S = 3.0  # how long the waiters are held at each milestone while the gateway is measured
 RAMP_BACKLOG = 256  # requests sent but not yet created at Kling: keeps the listen backlog from overflowing
@@ -134,8 +135,11 @@ async def hold(gw: Server) -> tuple[list[float], float]:
 async def run(milestones: tuple[int, ...]) -> tuple[list[Milestone], Ending]:
     """One simulator and gateway; the waiters ramp up to each milestone in turn and are held there."""
     accounts = accounts_for(milestones[-1] * 11 // 10)  # slack: refused waiters are replaced, unevenly over keys
-    async with simulator(SIM_DELAY_S, accounts) as sim, gateway(sim.url, factory="bench.apps:lag_probed_gateway",
-                                                                  callbacks=True) as gw:  # fmt: skip
+    kling = SimulatorProcess(SIM_DELAY_S, accounts)
+    async with contextlib.AsyncExitStack() as stack:
+        sim, gw = await enter_together(
+            stack, kling, gateway(kling.url, factory="bench.apps:lag_probed_gateway", callbacks=True)
+        )
         keys = await api_keys(gw.url, accounts)
         control, stats = Connection(gw.url), Connection(sim.url)
         before = await sim_counts(stats)

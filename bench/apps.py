@@ -69,14 +69,18 @@ def ceiling_app() -> FastAPI:
 
 class FloorKling:
     """The one thing the floors do: the gateway's create for a request, sent through the gateway's own Kling client
-    on its pool (a cached JWT, the same timeouts and circuit breaker), from BENCH_KLING_URL and BENCH_KLING_ACCOUNT
-    (JSON [ak, sk])."""
+    on its pool (a cached JWT, the same timeouts and circuit breaker)."""
 
-    def __init__(self) -> None:
-        access_key, secret_key = json.loads(os.environ["BENCH_KLING_ACCOUNT"])
-        self._credentials = KlingCredentials(access_key, secret_key)
+    def __init__(self, kling_url: str, credentials: KlingCredentials) -> None:
+        self._credentials = credentials
         self.pool = create_kling_pool()
-        self._kling = KlingClient(self.pool, os.environ["BENCH_KLING_URL"])
+        self._kling = KlingClient(self.pool, kling_url)
+
+    @classmethod
+    def from_env(cls) -> FloorKling:
+        """Configured by BENCH_KLING_URL and BENCH_KLING_ACCOUNT (JSON [ak, sk]), for the floors' factories."""
+        access_key, secret_key = json.loads(os.environ["BENCH_KLING_ACCOUNT"])
+        return cls(os.environ["BENCH_KLING_URL"], KlingCredentials(access_key, secret_key))
 
     async def create(self, request: GenerateRequest) -> KlingTask:
         body = build_generation_body(request, external_task_id=f"kgw-{uuid.uuid4().hex}")
@@ -87,7 +91,7 @@ def floor_app() -> FastAPI:
     """`POST /generate` as the gateway's route takes it (the same body model), sending the same create to Kling,
     then answering 202 with Kling's task id. No key, limits, record, usage or follow-up: those are the gateway's
     own work."""
-    kling = FloorKling()
+    kling = FloorKling.from_env()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -113,7 +117,7 @@ def floor_mcp_app() -> Starlette:
     id: what a `generate_image` costs on this SDK before the gateway's own work. Its pool is closed by the process's
     exit (the SDK runs a server's lifespan per request when stateless)."""
     mcp = MCPServer("floor")
-    kling = FloorKling()
+    kling = FloorKling.from_env()
 
     @mcp.tool()
     async def generate_image(prompt: str, wait_seconds: int = 0) -> str:

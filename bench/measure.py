@@ -6,7 +6,7 @@ import asyncio
 import re
 import statistics
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -91,7 +91,7 @@ async def _load(
     return Run(latencies, time.perf_counter() - started, timings)
 
 
-async def alternating(rounds: int, contenders: dict[str, Callable[[], Awaitable[T]]]) -> dict[str, list[T]]:
+async def alternating(rounds: int, contenders: Mapping[str, Callable[[], Awaitable[T]]]) -> dict[str, list[T]]:
     """Run each contender once per round, in turn (A, B, A, B...), so the shared machine's noise falls on
     all of them alike; returns each one's results in order."""
     results: dict[str, list[T]] = {name: [] for name in contenders}

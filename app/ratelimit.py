@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import logging
 import math
@@ -21,7 +22,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import date, timedelta
 from typing import Any, Protocol
 
 from redis.asyncio import Redis
@@ -36,6 +37,8 @@ REDIS_FAILURES = (RedisError, OSError, TimeoutError)
 
 ACCOUNT_QUEUE_STALE_MS = 5_000  # a queued waiter that has not asked again for this long has gone away
 CONCURRENCY_RETRY_HINT_S = 5  # leases free when tasks end, which no one can predict
+SECONDS_PER_DAY = 86_400  # a UTC day in POSIX time, leap seconds never counted
+_EPOCH = date(1970, 1, 1)
 
 
 @dataclass(frozen=True)
@@ -98,11 +101,18 @@ def count_admitted(limits: TenantLimits, *, task: bool) -> None:
 
 def seconds_until_utc_midnight(now: float | None = None) -> int:
     now = time.time() if now is None else now
-    return 86_400 - int(now) % 86_400
+    return SECONDS_PER_DAY - int(now) % SECONDS_PER_DAY
 
 
 def utc_day(now: float | None = None) -> str:
-    return datetime.fromtimestamp(time.time() if now is None else now, tz=UTC).strftime("%Y-%m-%d")
+    return _day_name(int((time.time() if now is None else now) // SECONDS_PER_DAY))
+
+
+@functools.lru_cache(maxsize=4)
+def _day_name(days_since_epoch: int) -> str:
+    # Every admission asks for today's name: a datetime and a strftime each time cost more than the rest of a
+    # memory-backed decision, for a name that changes once a day (a POSIX day is exactly 86,400 s).
+    return (_EPOCH + timedelta(days=days_since_epoch)).isoformat()
 
 
 def new_lease_id(day: str) -> str:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 HEADER = (
-    "# Benchmarks\n\n`make bench` (a few minutes) or `make bench-quick` (about a minute, fewer repeats) runs them all and\n"
-    "rewrites this file; each section names the command that reruns it alone.\n"
+    "# Benchmarks\n\n`make bench` (about five minutes) or `make bench-quick` (under a minute on a quiet host, fewer\n"
+    "repeats) runs them all and rewrites this file; each section names the command that reruns it alone.\n"
 )
 PACKAGES = ("uvicorn", "uvloop", "httptools", "fastapi", "starlette", "pydantic", "mcp", "httpx2", "httpcore2", "redis",
             "pyinstrument")  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ from pydantic import ValidationError
 from app.errors import invalid_request_from
 from app.kling import build_generation_body
 from app.models import GenerateRequest, check_reference_url
-from app.ratelimit import MemoryLimiter, TenantLimits
+from app.ratelimit import MemoryLimiter, TenantLimits, utc_day
 
 INTERNAL_NETWORKS = ["127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16",
                      "100.64.0.0/10", "0.0.0.0/8"]  # fmt: skip
@@ -81,3 +82,13 @@ def test_a_tenants_first_request_is_admitted_whatever_the_clock_reads(now: float
     limiter = MemoryLimiter(lease_ttl_s=60, clock=lambda: now)
     remaining = asyncio.run(limiter.admit_request("t_1", "k_1", TenantLimits(requests_per_minute=per_minute)))
     assert remaining.requests_this_minute == per_minute - 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(now=st.floats(min_value=0, max_value=4e9, allow_nan=False))
+def test_images_are_counted_on_the_utc_day_a_calendar_gives_for_any_instant(now: float) -> None:
+    """Daily image quotas are kept per UTC day by name, worked out from POSIX days rather than a calendar per call:
+    the name must be the calendar's for every instant, midnights included."""
+    for instant in (now, float(int(now) - int(now) % 86_400), float(int(now) - int(now) % 86_400) - 1e-3):
+        if instant >= 0:
+            assert utc_day(instant) == datetime.fromtimestamp(instant, tz=UTC).strftime("%Y-%m-%d")

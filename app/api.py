@@ -161,8 +161,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 class RestRequestGuard:
-    """Pure ASGI, in front of every route but the MCP transports (`skip_prefix`: /mcp, and the legacy /sse and
-    /messages/), which have their own body limits and cancellation:
+    """Pure ASGI, in front of the REST routes (the MCP transports, which have their own body limits and
+    cancellation, are dispatched before it, by `McpTransports`):
 
     - a body over `max_body_bytes` is refused with a JSON 413 before anything parses it;
     - when the caller hangs up, its request is cancelled, as the MCP transport does for tools. Otherwise a
@@ -170,13 +170,12 @@ class RestRequestGuard:
       a task nobody will ever see; cancelling releases its leases and queue place at once.
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, skip_prefix: str | tuple[str, ...] = "/mcp") -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
         self._app = app
         self._max_body_bytes = max_body_bytes
-        self._skip_prefix = skip_prefix
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].startswith(self._skip_prefix):
+        if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
         body = await self._read_body(scope, receive, send)

@@ -18,6 +18,7 @@ from redis import DriverInfo
 from redis.asyncio import Redis
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+from starlette.types import ASGIApp
 
 from app import __version__
 from app.admin import build_admin_router
@@ -32,7 +33,7 @@ from app.http_pool import create_http_client, create_kling_pool
 from app.images import ImageService, ServiceTimings
 from app.kling import KlingClient
 from app.lifecycle import Drain
-from app.mcp_server import MESSAGE_PATH, SSE_PATH, McpTransports, build_mcp_server, legacy_sse_app
+from app.mcp_server import MCP_PATH, McpTransports, build_mcp_server, legacy_sse_app
 from app.metrics import (
     CountingConnectionPool,
     CountingRetry,
@@ -319,8 +320,10 @@ def build_gateway(settings: Settings, tracing: Tracing | None = None) -> Gateway
         telemetry={"tracing": False},
     )
     install_error_handlers(app)
-    mcp_paths = ("/mcp", SSE_PATH, MESSAGE_PATH)
-    app.add_middleware(RestRequestGuard, max_body_bytes=settings.max_body_bytes, skip_prefix=mcp_paths)
+    app.add_middleware(RestRequestGuard, max_body_bytes=settings.max_body_bytes)
+    # In front of the REST stack: MCP requests go straight to their transports.
+    streamable, legacy = mcp_transports(settings, mcp, authenticator)
+    app.add_middleware(McpTransports, streamable=streamable, legacy=legacy)
     # Outermost: the request id, timings and the log line cover everything, 413s and /mcp included.
     app.add_middleware(ObservabilityMiddleware)
     add_health_routes(app, stores.tenants, drain)
@@ -332,8 +335,6 @@ def build_gateway(settings: Settings, tracing: Tracing | None = None) -> Gateway
     app.include_router(build_callback_router(tokens, stores.tasks, follower.announce, secret))
     if settings.admin_token is not None:
         app.include_router(build_admin_router(directory, stores, settings.admin_token))
-    # Mounted last: our own routes match first, and /mcp is served without a 307 redirect.
-    app.mount("/", mcp_transports(settings, mcp, authenticator))
     return Gateway(settings=settings, directory=directory, app=app)
 
 
@@ -346,16 +347,16 @@ def service_timings(settings: Settings) -> ServiceTimings:
     )
 
 
-def mcp_transports(settings: Settings, mcp: MCPServer, authenticator: Authenticator) -> McpTransports:
-    """Streamable HTTP at /mcp and, unless turned off, the legacy HTTP+SSE transport, behind one authentication
-    and one Host/Origin check."""
+def mcp_transports(settings: Settings, mcp: MCPServer, authenticator: Authenticator) -> tuple[ASGIApp, ASGIApp | None]:
+    """Streamable HTTP at /mcp and, unless turned off, the legacy HTTP+SSE transport (None when off), behind one
+    authentication and one Host/Origin check."""
     transport_security = TransportSecuritySettings(
         enable_dns_rebinding_protection=not settings.host_check_disabled(),
         allowed_hosts=settings.mcp_allowed_hosts(),
         allowed_origins=settings.mcp_allowed_origins(),
     )
     streamable = mcp.streamable_http_app(
-        streamable_http_path="/mcp",
+        streamable_http_path=MCP_PATH,
         stateless_http=True,  # any replica can serve any request
         json_response=False,  # SSE, so progress notifications reach the client while a tool waits
         max_request_body_size=settings.max_body_bytes,
@@ -364,7 +365,7 @@ def mcp_transports(settings: Settings, mcp: MCPServer, authenticator: Authentica
     legacy = None
     if settings.legacy_sse:
         legacy = legacy_sse_app(mcp, authenticator, transport_security, settings.max_body_bytes)
-    return McpTransports(McpAuthMiddleware(streamable, authenticator), legacy)
+    return McpAuthMiddleware(streamable, authenticator, path_prefix=MCP_PATH), legacy
 
 
 async def apply_file(directory: TenantDirectory, audit: AuditLog, path: str) -> None:

@@ -275,3 +275,13 @@ async def test_the_events_stream_of_another_tenants_task_is_404(gateway: Running
     task = (await gateway.http.post(f"{gateway.url}/generate", json={"prompt": "x"}, headers=acme)).json()
     response = await gateway.http.get(f"{gateway.url}/tasks/{task['task_id']}/events", headers=globex)
     assert response.status_code == 404
+
+
+async def test_a_path_nothing_serves_answers_the_json_404_every_rest_error_has(gateway: RunningGateway) -> None:
+    """Only /mcp and the legacy SSE paths go to the MCP transports; anything else unknown is the REST API's 404."""
+    for path in ("/nope", "/sse/extra", "/messages", "/tasks"):
+        response = await gateway.http.get(f"{gateway.url}{path}")
+        assert response.status_code == 404, path
+        assert response.json()["error"]["type"] == "not_found", path
+    unauthenticated = await gateway.http.post(f"{gateway.url}/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "ping"})
+    assert unauthenticated.status_code == 401

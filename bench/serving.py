@@ -96,12 +96,11 @@ async def enter_together(
 
 
 async def _stop_together(servers: list[contextlib.AbstractAsyncContextManager[T]]) -> None:
-    async def stop(server: contextlib.AbstractAsyncContextManager[T]) -> None:
-        await server.__aexit__(None, None, None)
-
-    async with asyncio.TaskGroup() as group:
-        for server in servers:
-            group.create_task(stop(server))
+    """Every server is stopped and waited for, even when another one's stop fails: a failure is raised after."""
+    stopped = await asyncio.gather(*(server.__aexit__(None, None, None) for server in servers), return_exceptions=True)
+    failures = [outcome for outcome in stopped if isinstance(outcome, BaseException)]
+    if failures:
+        raise failures[0]
 
 
 def main(factory: str, port: int, as_gateway: bool) -> None:

@@ -327,7 +327,9 @@ def build_gateway(settings: Settings, tracing: Tracing | None = None) -> Gateway
     # Outermost: the request id, timings and the log line cover everything, 413s and /mcp included.
     app.add_middleware(ObservabilityMiddleware)
     add_health_routes(app, stores.tenants, drain)
-    app.add_route("/metrics", metrics_endpoint, include_in_schema=False)
+    # A FastAPI route, not Starlette's add_route: only FastAPI's routes name themselves in the scope, and the
+    # route's name is what keeps scrapes out of the request log and off the "unmatched" label.
+    app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
     if oauth is not None:
         add_resource_metadata_routes(app, oauth)
     app.include_router(build_api_router(service, authenticator, stores.usage))

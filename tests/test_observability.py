@@ -318,3 +318,15 @@ async def test_a_failed_redis_connection_is_counted_once() -> None:
         await client.ping()
     await client.aclose()
     assert REGISTRY.get_sample_value("kgw_redis_errors_total", {"kind": "connection"}) == before + 1
+
+
+async def test_scrapes_and_probes_are_counted_under_their_route_and_kept_out_of_the_request_log(
+    gateway: RunningGateway, log_lines: io.StringIO
+) -> None:
+    for path in ("/metrics", "/healthz", "/metrics"):
+        assert (await gateway.http.get(f"{gateway.url}{path}")).status_code == 200
+    metrics = (await gateway.http.get(f"{gateway.url}/metrics")).text
+    assert sample(metrics, "kgw_http_requests_total", method="GET", route="/metrics", status="200") >= 2
+    assert sample(metrics, "kgw_http_requests_total", method="GET", route="/healthz", status="200") >= 1
+    logged = [json.loads(line) for line in log_lines.getvalue().splitlines()]
+    assert [line for line in logged if line["logger"] == "app.requests"] == []

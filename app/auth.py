@@ -179,16 +179,16 @@ def principal_dependency(authenticator: Authenticator) -> Callable[..., Awaitabl
 
 
 class McpAuthMiddleware:
-    """Pure ASGI (safe in front of SSE): authenticates every request to the MCP endpoint and exposes the
-    principal to tools through `current_principal`, which the SDK carries into tool calls."""
+    """Pure ASGI (safe in front of SSE): authenticates every HTTP request it is handed (`McpTransports` hands it
+    only the MCP transports' paths) and exposes the principal to tools through `current_principal`, which the
+    SDK carries into tool calls."""
 
-    def __init__(self, app: ASGIApp, authenticator: Authenticator, path_prefix: str = "/mcp") -> None:
+    def __init__(self, app: ASGIApp, authenticator: Authenticator) -> None:
         self._app = app
         self._authenticator = authenticator
-        self._prefix = path_prefix
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(self._prefix):
+        if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
         headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}

@@ -65,13 +65,12 @@ class TaskUpdates:
     """Fan-out of task states to every replica over Redis pub/sub (nothing to fan out to without Redis). The
     task store publishes a state as it records it (`TaskStore.save(..., announce=True)`); this hears them."""
 
-    def __init__(self, redis: Redis | None, channel: str = TASK_UPDATES_CHANNEL) -> None:
+    def __init__(self, redis: Redis | None) -> None:
         self._redis = redis
-        self._channel = channel
 
     def listening(self, heard: Callable[[TaskRecord], None]) -> contextlib.AbstractAsyncContextManager[None]:
         """Hear other replicas' updates for the app's lifetime; polling covers any gap in the channel."""
-        return subscribed(self._redis, self._channel, lambda data: heard(record_from_json(data)), lambda: None)
+        return subscribed(self._redis, TASK_UPDATES_CHANNEL, lambda data: heard(record_from_json(data)), lambda: None)
 
 
 def build_callback_router(

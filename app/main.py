@@ -367,7 +367,7 @@ def mcp_transports(settings: Settings, mcp: MCPServer, authenticator: Authentica
     legacy = None
     if settings.legacy_sse:
         legacy = legacy_sse_app(mcp, authenticator, transport_security, settings.max_body_bytes)
-    return McpAuthMiddleware(streamable, authenticator, path_prefix=MCP_PATH), legacy
+    return McpAuthMiddleware(streamable, authenticator), legacy
 
 
 async def apply_file(directory: TenantDirectory, audit: AuditLog, path: str) -> None:

@@ -230,7 +230,7 @@ def legacy_sse_app(
     app = mcp.sse_app(
         sse_path=SSE_PATH, message_path=MESSAGE_PATH, max_request_body_size=max_body_bytes, transport_security=security
     )
-    return McpAuthMiddleware(LegacySessionGuard(app, security), authenticator, path_prefix="/")
+    return McpAuthMiddleware(LegacySessionGuard(app, security), authenticator)
 
 
 class LegacySessionGuard:

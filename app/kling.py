@@ -271,12 +271,7 @@ class KlingClient:
 
     async def _send(self, request: _Request[T], *, force_new_token: bool) -> T:
         method, path, body = request.method, request.path, request.body
-        token = self._jwts.token(request.credentials, force_new=force_new_token)
-        headers = [(b"Authorization", f"Bearer {token}".encode()), (b"Accept", b"application/json")]
-        content = None
-        if body is not None:
-            content = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
-            headers.append((b"Content-Type", b"application/json"))
+        headers, content = encode_call(self._jwts.token(request.credentials, force_new=force_new_token), body)
         url = httpcore2.URL(scheme=self._scheme, host=self._host, port=self._port, target=self._prefix + path)
         with kling_call(request.endpoint, failure_code) as call:
             try:
@@ -298,6 +293,15 @@ class KlingClient:
             data = request.parse(parse_envelope(response))
             call.answered(0, data.task_id if isinstance(data, KlingTask) else None)
         return data
+
+
+def encode_call(token: str, body: dict[str, Any] | None) -> tuple[list[tuple[bytes, bytes]], bytes | None]:
+    """The headers and body (compact JSON) of a call to Kling signed with `token`."""
+    headers = [(b"Authorization", f"Bearer {token}".encode()), (b"Accept", b"application/json")]
+    if body is None:
+        return headers, None
+    headers.append((b"Content-Type", b"application/json"))
+    return headers, json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def _report_breaker(credentials: KlingCredentials, *, opened: bool) -> None:

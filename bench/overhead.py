@@ -20,7 +20,7 @@ import httpcore2
 import httpx2
 
 from app.http_pool import TIMEOUTS, create_kling_pool
-from app.kling import GENERATIONS_PATH, JwtCache, KlingCredentials, build_generation_body
+from app.kling import GENERATIONS_PATH, JwtCache, KlingCredentials, build_generation_body, encode_call
 from app.models import GenerateRequest
 from app.simulator import SimAccount
 from bench.apps import FloorKling
@@ -143,9 +143,7 @@ async def outbound_cpu_ms(kling_url: str, account: SimAccount, *, creates: int, 
 
     async def through_pool(_: int) -> object:
         body = build_generation_body(GenerateRequest(prompt=PROMPT), external_task_id=f"kgw-{uuid.uuid4().hex}")
-        headers = [(b"Authorization", f"Bearer {jwts.token(credentials)}".encode()), (b"Accept", b"application/json"),
-                   (b"Content-Type", b"application/json")]  # fmt: skip
-        content = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        headers, content = encode_call(jwts.token(credentials), body)
         response = await pool.request("POST", target, headers=headers, content=content,
                                       extensions={"timeout": TIMEOUTS})  # fmt: skip
         return _created(response.status, response.content)

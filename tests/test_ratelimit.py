@@ -564,15 +564,13 @@ async def test_a_command_or_pipeline_cut_off_by_the_timeout_leaves_no_answer_for
         # must be sent on the other (a new one's handshake would be held by the pause, and nothing sent).
         await asyncio.gather(client.get("kgw:test:a"), client.get("kgw:test:a"))
         await admin.client_pause(3000, all=True)
-        started = time.monotonic()
         with pytest.raises(RedisTimeoutError, match="reading"):
             await client.get("kgw:test:a")
         cut_off = client.pipeline(transaction=False)
         cut_off.get("kgw:test:a")  # queued: a pipeline's commands are sent by execute()
         cut_off.incr("kgw:test:n")
-        with pytest.raises(RedisTimeoutError, match="reading"):
+        with pytest.raises(RedisTimeoutError, match="reading"):  # raised, not answered: cut off before the pause's end
             await cut_off.execute()
-        assert time.monotonic() - started < 2.8  # a timeout of a second each, not the pause's end
         with anyio.fail_after(5):
             while True:  # the pause ends; asking again is the observation
                 try:

@@ -28,7 +28,6 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
-from redis.asyncio import BlockingConnectionPool
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -36,6 +35,8 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.requests import Request
 from starlette.responses import Response
+
+from app.redis_pool import BoundedConnectionPool
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 T = TypeVar("T")
@@ -184,12 +185,10 @@ class CountingRetry(Retry):
             return await super().call_with_retry(do, fail, is_retryable, with_failure_count)
 
 
-class CountingConnectionPool(BlockingConnectionPool):
+class CountingConnectionPool(BoundedConnectionPool):
     """A pool that counts failures to connect (or to get a connection in time): those happen before a
     command's retry loop, and are what a Redis outage looks like."""
 
     async def get_connection(self, *args: Any, **options: Any) -> AbstractConnection:
         with _counting_redis_errors():
-            # Passed on as given: redis-py deprecates the arguments, and leaves this method untyped.
-            connection: AbstractConnection = await super().get_connection(*args, **options)  # type: ignore[no-untyped-call]
-            return connection
+            return await super().get_connection(*args, **options)

@@ -1,0 +1,62 @@
+"""The Redis pool holds at most its connections, makes a command wait for one when all are in use, and fails
+it with redis-py's ConnectionError when none comes back in time."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from app.main import create_redis
+from app.redis_pool import BoundedConnectionPool
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_a_burst_larger_than_the_pool_waits_its_turn_instead_of_failing(redis_url: str) -> None:
+    client = create_redis(redis_url, max_connections=2)
+    try:
+        await client.set("burst", "ok")
+        answers = await asyncio.gather(*(client.get("burst") for _ in range(50)))
+        assert answers == [b"ok"] * 50
+        pool = client.connection_pool
+        assert isinstance(pool, BoundedConnectionPool)
+        assert len(pool._available_connections) + len(pool._in_use_connections) <= 2
+    finally:
+        await client.aclose()
+
+
+async def test_a_command_waiting_for_a_connection_gets_the_one_given_back(redis_url: str) -> None:
+    pool = BoundedConnectionPool.from_url(redis_url, max_connections=1, timeout=30)
+    client = Redis.from_pool(pool)
+    try:
+        held = await pool.get_connection()
+
+        async def ping() -> bool:
+            return bool(await client.ping())
+
+        waiting = asyncio.create_task(ping())
+        async with asyncio.timeout(10):
+            while not pool._waiting:  # noqa: ASYNC110 - until the command finds the pool full (the pool has no event)
+                await asyncio.sleep(0)
+        assert not waiting.done()
+        await pool.release(held)
+        async with asyncio.timeout(10):
+            assert await waiting is True
+    finally:
+        await client.aclose()
+
+
+async def test_a_command_that_finds_no_connection_in_time_fails_as_a_connection_error(redis_url: str) -> None:
+    pool = BoundedConnectionPool.from_url(redis_url, max_connections=1, timeout=0.05)
+    client = Redis.from_pool(pool)
+    try:
+        held = await pool.get_connection()
+        with pytest.raises(RedisConnectionError, match="No connection available"):
+            await client.ping()
+        await pool.release(held)
+        assert await client.ping() is True  # the pool is whole again: the failed wait took nothing
+    finally:
+        await client.aclose()

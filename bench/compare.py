@@ -23,12 +23,11 @@ from pathlib import Path
 from app.kling import KlingCredentials
 from bench.http import Connection, Reply
 from bench.measure import Run, alternating, closed_loop, paced
-from bench.overhead import SIM_DELAY_S, direct_sender, pace_below, rest_sender
+from bench.overhead import DIRECT, PACED_LEAD_IN_S, SIM_DELAY_S, cpu_ms, direct_sender, pace_below, rest_sender
 from bench.serving import ROOT, Server, enter_together, raise_fd_limit
-from bench.stack import ACCOUNT_SLOTS, SimulatorProcess, accounts_for, api_keys, gateway, settled
+from bench.stack import ACCOUNT_SLOTS, SimulatorProcess, accounts_for, api_keys, gateway, with_server_cpu
 from tests.servers import redis_server
 
-DIRECT = "direct to the simulator"
 WORKING_TREE = "working tree"
 ACCOUNTS_PER_GATEWAY = 4
 Send = Callable[[Connection, int], Awaitable[Reply]]
@@ -40,6 +39,7 @@ class Load:
     clients: int
     requests: int
     per_second: float | None = None
+    lead_in: int = 0  # paced requests sent first and not counted (bench.overhead PACED_LEAD_IN_S)
 
 
 LOADS = (Load("1 client", 1, 300), Load("16 clients", 16, 640))
@@ -61,19 +61,19 @@ def checked_out(rev: str) -> Iterator[Path]:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)], check=False)
 
 
-async def measured(url: str, send: Send, load: Load, expect: int, server: Server | None) -> tuple[Run, float]:
-    """One run of `load`, and the server's CPU per request in ms (0 when it is not ours to read), up to the end of
-    its following of the run's tasks."""
-    before = server.cpu_seconds() if server else 0.0
-    if load.per_second is None:
-        run = await closed_loop(url, send, clients=load.clients, requests=load.requests, expect=expect)
-    else:
-        run = await paced(url, send, clients=load.clients, per_second=load.per_second, requests=load.requests,
-                          expect=expect)  # fmt: skip
-    if server:
-        await settled(server.url)
-    used = (server.cpu_seconds() - before) if server else 0.0
-    return run, used * 1000 / load.requests
+async def measured(url: str, send: Send, load: Load, expect: int, server: Server | None) -> Run:
+    """One run of `load`, with the gateway's CPU per request up to the end of its following of the run's tasks
+    (none for the simulator, which is not ours to read)."""
+
+    async def run() -> Run:
+        if load.per_second is None:
+            return await closed_loop(url, send, clients=load.clients, requests=load.requests, expect=expect)
+        return await paced(url, send, clients=load.clients, per_second=load.per_second, requests=load.requests,
+                           expect=expect, lead_in=load.lead_in)  # fmt: skip
+
+    if server is None:
+        return await run()
+    return await with_server_cpu(server, load.lead_in + load.requests, run, follows_tasks=True)
 
 
 async def compare(revs: list[str], redis: bool, rounds: int) -> str:
@@ -99,30 +99,28 @@ async def compare(revs: list[str], redis: bool, rounds: int) -> str:
             for load in LOADS:
                 contenders = {name: _contender(*target, load) for name, target in targets.items()}
                 results[load.name] = await alternating(rounds, contenders)
-            pace = pace_below(
-                statistics.median(run.per_second for run, _ in runs) for runs in results["16 clients"].values()
-            )
-            at_pace = Load(f"16 paced at {pace:.0f}/s", 16, PACED_REQUESTS, pace)
+            pace = pace_below(results["16 clients"], roots)
+            at_pace = Load(f"16 paced at {pace:.0f}/s", 16, PACED_REQUESTS, pace, round(PACED_LEAD_IN_S * pace))
             contenders = {name: _contender(*target, at_pace) for name, target in targets.items()}
             results[at_pace.name] = await alternating(rounds, contenders)
     return render(results, revs, redis, rounds)
 
 
-def _contender(url: str, send: Send, expect: int, server: Server | None, load: Load) -> Callable[[], Awaitable[tuple[Run, float]]]:  # fmt: skip
+def _contender(url: str, send: Send, expect: int, server: Server | None, load: Load) -> Callable[[], Awaitable[Run]]:
     return lambda: measured(url, send, load, expect, server)
 
 
-def render(results: dict[str, dict[str, list[tuple[Run, float]]]], revs: list[str], redis: bool, rounds: int) -> str:
+def render(results: dict[str, dict[str, list[Run]]], revs: list[str], redis: bool, rounds: int) -> str:
     rows = []
     for load, by_target in results.items():
-        direct_p50 = statistics.median(run.p50_ms for run, _ in by_target[DIRECT])
-        direct_p99 = statistics.median(run.p99_ms for run, _ in by_target[DIRECT])
+        direct_p50 = statistics.median(run.p50_ms for run in by_target[DIRECT])
+        direct_p99 = statistics.median(run.p99_ms for run in by_target[DIRECT])
         for rev in revs:
             runs = by_target[rev]
-            p50 = statistics.median(run.p50_ms for run, _ in runs) - direct_p50
-            p99 = statistics.median(run.p99_ms for run, _ in runs) - direct_p99
-            timing = statistics.median(statistics.median(run.server_timings_ms or [0.0]) for run, _ in runs)
-            cpu = statistics.median(cpu for _, cpu in runs)
+            p50 = statistics.median(run.p50_ms for run in runs) - direct_p50
+            p99 = statistics.median(run.p99_ms for run in runs) - direct_p99
+            timing = statistics.median(statistics.median(run.server_timings_ms or [0.0]) for run in runs)
+            cpu = cpu_ms(runs)
             rows.append(f"| {load} | {rev} | +{p50:.2f} | +{p99:.2f} | {timing:.2f} | {cpu:.2f} |")
     store = "Redis" if redis else "the memory store"
     return f"""Gateway with {store}, {rounds} rounds, medians; "added" is over the simulator called directly.

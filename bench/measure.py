@@ -24,11 +24,13 @@ def percentile(values: Sequence[float], fraction: float) -> float:
 
 @dataclass(frozen=True)
 class Run:
-    """One closed-loop run: every request's latency, the wall time, and any `Server-Timing: gateway` values."""
+    """One run: every counted request's latency, the wall time, any `Server-Timing: gateway` values, and the
+    server's CPU per request when it was measured (`bench.stack.with_server_cpu`)."""
 
     latencies_s: list[float]
     elapsed_s: float
     server_timings_ms: list[float] = field(default_factory=list)
+    server_cpu_ms: float | None = None
 
     @property
     def p50_ms(self) -> float:
@@ -52,20 +54,25 @@ async def closed_loop(base_url: str, send: Send, *, clients: int, requests: int,
     return await _load(base_url, send, clients=clients, requests=requests, expect=expect, per_second=None)
 
 
-async def paced(base_url: str, send: Send, *, clients: int, per_second: float, requests: int, expect: int) -> Run:
+async def paced(
+    base_url: str, send: Send, *, clients: int, per_second: float, requests: int, expect: int, lead_in: int = 0
+) -> Run:
     """`clients` connections sharing one fixed schedule of `per_second` requests in all (request i is due at
     i / per_second), so the server is measured below its saturation. A latency runs from the request's due
-    time, so a request held back by a busy connection counts its wait (no coordinated omission)."""
-    return await _load(base_url, send, clients=clients, requests=requests, expect=expect, per_second=per_second)
+    time, so a request held back by a busy connection counts its wait (no coordinated omission). The first
+    `lead_in` requests are sent on the schedule but not counted: they bring the server to its steady state."""
+    return await _load(base_url, send, clients=clients, requests=lead_in + requests, expect=expect,
+                       per_second=per_second, lead_in=lead_in)  # fmt: skip
 
 
 async def _load(
-    base_url: str, send: Send, *, clients: int, requests: int, expect: int, per_second: float | None
+    base_url: str, send: Send, *, clients: int, requests: int, expect: int, per_second: float | None, lead_in: int = 0
 ) -> Run:
     latencies: list[float] = []
     timings: list[float] = []
     next_index = 0
     started = time.perf_counter()
+    counted_from = started + lead_in / per_second if per_second else started
 
     async def client() -> None:
         nonlocal next_index
@@ -78,9 +85,12 @@ async def _load(
                     due = started + index / per_second
                     await asyncio.sleep(max(0.0, due - time.perf_counter()))
                 reply = await send(connection, index)
-                latencies.append(time.perf_counter() - due)
+                answered = time.perf_counter()
                 if reply.status != expect:
                     raise RuntimeError(f"{base_url}: HTTP {reply.status} (expected {expect}): {reply.body[:300]!r}")
+                if index < lead_in:
+                    continue
+                latencies.append(answered - due)
                 timing = SERVER_TIMING.search(reply.headers.get("server-timing", ""))
                 if timing:
                     timings.append(float(timing[1]))
@@ -88,7 +98,7 @@ async def _load(
             await connection.close()
 
     await asyncio.gather(*(client() for _ in range(clients)))
-    return Run(latencies, time.perf_counter() - started, timings)
+    return Run(latencies, time.perf_counter() - counted_from, timings)
 
 
 async def alternating(rounds: int, contenders: Mapping[str, Callable[[], Awaitable[T]]]) -> dict[str, list[T]]:

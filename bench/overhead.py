@@ -15,6 +15,7 @@ import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 
 import httpcore2
 import httpx2
@@ -27,8 +28,16 @@ from bench.apps import FloorKling
 from bench.http import Connection, Reply
 from bench.measure import Run, alternating, closed_loop, median, paced
 from bench.report import write_section
-from bench.serving import enter_together, raise_fd_limit, served
-from bench.stack import ACCOUNT_SLOTS, SimulatorProcess, accounts_for, api_keys, floor_server, gateway
+from bench.serving import Server, enter_together, raise_fd_limit, served
+from bench.stack import (
+    ACCOUNT_SLOTS,
+    SimulatorProcess,
+    accounts_for,
+    api_keys,
+    floor_server,
+    gateway,
+    with_server_cpu,
+)
 from tests.servers import redis_server
 
 CLIENTS = (1, 16, 64)
@@ -37,10 +46,13 @@ CLIENTS = (1, 16, 64)
 # PACED_SHARE of the slowest target's closed-loop rate at 16 clients in the same run, and at most
 # PACED_PER_SECOND: a fixed pace would saturate the Redis-backed gateway on a slow day of this shared host.
 PACED_CLIENTS, PACED_PER_SECOND, PACED_SHARE = 16, 150.0, 0.5
+# Requests sent on a paced schedule before those counted: each task's first status query comes a second after its
+# create (KGW_POLL_INTERVAL_SECONDS), so until then a gateway would be measured without that part of its work.
+PACED_LEAD_IN_S = 1.5
 SIM_DELAY_S = 0.2  # short, so the simulator keeps few tasks in flight; the gateway still follows each one
 PROMPT = "a lighthouse at dawn, oil on canvas"
 GOAL_P50_MS, GOAL_P99_MS = 1.0, 5.0
-FLOOR = "floor: FastAPI + the gateway's Kling client"
+DIRECT, FLOOR = "direct to the simulator", "floor: FastAPI + the gateway's Kling client"
 # The goal holds for both stores: a deployment of several replicas runs on Redis.
 VERDICT_GATEWAYS = {"gateway, memory store": "memory store", "gateway, Redis": "Redis"}
 OUTBOUND_CLIENT, OUTBOUND_POOL = "the gateway's Kling client", "httpcore2's pool alone"
@@ -74,6 +86,15 @@ def rest_sender(keys: list[str]) -> Send:
     return send
 
 
+@dataclass(frozen=True)
+class Target:
+    url: str
+    send: Send
+    expect: int  # the status of a successful request
+    server: Server  # whose CPU is measured: for the direct target, the simulator's
+    follows_tasks: bool = False  # a gateway, which goes on polling and releasing each task after answering
+
+
 async def main(quick: bool) -> str:
     raise_fd_limit()
     rounds = 2 if quick else 3
@@ -95,25 +116,30 @@ async def main(quick: bool) -> str:
                 floor_server("bench.apps:floor_app", kling.url, floor_account),
             )
             targets = {
-                "direct to the simulator": (sim.url, direct_sender(
-                    KlingCredentials(direct_account.access_key, direct_account.secret_key)), 200),
-                "gateway, memory store": (memory.url, rest_sender(await api_keys(memory.url, memory_accounts)), 202),
-                "gateway, Redis": (redis.url, rest_sender(await api_keys(redis.url, redis_accounts)), 202),
-                FLOOR: (floor.url, rest_sender(["-"]), 202),
-                "bare FastAPI endpoint": (ceiling.url, rest_sender(["-"]), 202),
+                DIRECT: Target(sim.url, direct_sender(
+                    KlingCredentials(direct_account.access_key, direct_account.secret_key)), 200, sim),
+                "gateway, memory store": Target(memory.url, rest_sender(await api_keys(memory.url, memory_accounts)),
+                                                202, memory, follows_tasks=True),
+                "gateway, Redis": Target(redis.url, rest_sender(await api_keys(redis.url, redis_accounts)), 202, redis,
+                                         follows_tasks=True),
+                FLOOR: Target(floor.url, rest_sender(["-"]), 202, floor),
+                "bare FastAPI endpoint": Target(ceiling.url, rest_sender(["-"]), 202, ceiling),
             }  # fmt: skip
-            for url, send, expect in targets.values():
-                await closed_loop(url, send, clients=16, requests=warm_up, expect=expect)
+            for target in targets.values():
+                await with_server_cpu(target.server, warm_up, closed_contender(target, 16, warm_up),
+                                      follows_tasks=target.follows_tasks)  # fmt: skip
             results: dict[str, dict[str, list[Run]]] = {}
             pace = PACED_PER_SECOND
             for clients in CLIENTS:
-                closed = {name: closed_contender(url, send, expect, clients, requests[clients])
-                          for name, (url, send, expect) in targets.items()}  # fmt: skip
+                closed = {name: measured(target, requests[clients], closed_contender(target, clients, requests[clients]))
+                          for name, target in targets.items()}  # fmt: skip
                 results[str(clients)] = await alternating(rounds, closed)
                 if clients == PACED_CLIENTS:  # right after the closed loop whose rates set the pace
-                    pace = pace_below(median([r.per_second for r in runs]) for runs in results[str(clients)].values())
-                    at_pace = {name: paced_contender(url, send, expect, pace, paced_requests)
-                               for name, (url, send, expect) in targets.items()}  # fmt: skip
+                    pace = pace_below(results[str(clients)], [name for name, t in targets.items() if t.follows_tasks])
+                    lead_in = round(PACED_LEAD_IN_S * pace)
+                    at_pace = {name: measured(target, lead_in + paced_requests,
+                                              paced_contender(target, pace, paced_requests, lead_in))
+                               for name, target in targets.items()}  # fmt: skip
                     results[paced_load(pace)] = await alternating(rounds, at_pace)
             outbound = await outbound_cpu_ms(sim.url, direct_account, creates=100 if quick else 400, rounds=rounds)
     body = render(results, outbound, rounds, requests, pace, paced_requests, quick)
@@ -170,32 +196,48 @@ def _created(status: int, body: bytes) -> object:
     return answer["data"]
 
 
-def pace_below(closed_loop_rates: Iterable[float]) -> float:
-    """The paced rows' rate: PACED_SHARE of the slowest target's closed-loop rate, at most PACED_PER_SECOND."""
-    return min(PACED_PER_SECOND, PACED_SHARE * min(closed_loop_rates))
+def pace_below(closed_loop: dict[str, list[Run]], gateways: Iterable[str]) -> float:
+    """The paced rows' rate: PACED_SHARE of the slowest target's closed-loop rate, and of the most tasks per second
+    the costliest gateway's CPU per task would let one worker take on a core of its own; at most PACED_PER_SECOND.
+    The CPU bound matters where the closed loop flatters a gateway: its runs end before most of their tasks' status
+    queries, which a paced run long enough to reach its steady state carries in full."""
+    rates = [median([run.per_second for run in runs]) for runs in closed_loop.values()]
+    most_cpu_ms = max(median([run.server_cpu_ms or 0.0 for run in closed_loop[name]]) for name in gateways)
+    return min(PACED_PER_SECOND, PACED_SHARE * min(rates), PACED_SHARE * 1000 / most_cpu_ms)
 
 
-def closed_contender(url: str, send: Send, expect: int, clients: int, requests: int) -> Callable[[], Awaitable[Run]]:
-    return lambda: closed_loop(url, send, clients=clients, requests=requests, expect=expect)
+def measured(target: Target, requests: int, load: Callable[[], Awaitable[Run]]) -> Callable[[], Awaitable[Run]]:
+    return lambda: with_server_cpu(target.server, requests, load, follows_tasks=target.follows_tasks)
 
 
-def paced_contender(
-    url: str, send: Send, expect: int, per_second: float, requests: int
-) -> Callable[[], Awaitable[Run]]:
-    return lambda: paced(url, send, clients=PACED_CLIENTS, per_second=per_second, requests=requests, expect=expect)
+def closed_contender(target: Target, clients: int, requests: int) -> Callable[[], Awaitable[Run]]:
+    return lambda: closed_loop(target.url, target.send, clients=clients, requests=requests, expect=target.expect)
+
+
+def paced_contender(target: Target, per_second: float, requests: int, lead_in: int) -> Callable[[], Awaitable[Run]]:
+    return lambda: paced(target.url, target.send, clients=PACED_CLIENTS, per_second=per_second, requests=requests,
+                         expect=target.expect, lead_in=lead_in)  # fmt: skip
 
 
 def own_work(by_target: dict[str, list[Run]], gateway_name: str) -> str:
     """What a gateway adds over the floor: its own work, apart from what FastAPI and one Kling call cost."""
-    gateway, floor, direct = by_target[gateway_name], by_target[FLOOR], by_target["direct to the simulator"]
+    gateway, floor, direct = by_target[gateway_name], by_target[FLOOR], by_target[DIRECT]
     floor_p50, floor_p99 = (median([r.p50_ms for r in floor]) - median([r.p50_ms for r in direct]),
                             median([r.p99_ms for r in floor]) - median([r.p99_ms for r in direct]))  # fmt: skip
     own_p50, own_p99 = (median([r.p50_ms for r in gateway]) - median([r.p50_ms for r in floor]),
                         median([r.p99_ms for r in gateway]) - median([r.p99_ms for r in floor]))  # fmt: skip
+    gateway_cpu, floor_cpu = cpu_ms(gateway), cpu_ms(floor)
     return (
         f"Of that, the floor (FastAPI and the Kling call alone) adds {floor_p50:.2f} ms at p50 and {floor_p99:.2f} ms "
-        f"at p99, and the gateway's own work {own_p50:+.2f} ms and {own_p99:+.2f} ms over the floor."
+        f"at p99, and the gateway's own work {own_p50:+.2f} ms and {own_p99:+.2f} ms over the floor. In CPU, a task "
+        f"costs the gateway {gateway_cpu:.2f} ms over its whole life and a request the floor {floor_cpu:.2f} ms: "
+        f"{gateway_cpu - floor_cpu:.2f} ms of the gateway's own."
     )
+
+
+def cpu_ms(runs: list[Run]) -> float:
+    """The server's CPU per request, median over the runs."""
+    return median([run.server_cpu_ms or 0.0 for run in runs])
 
 
 def paced_load(per_second: float) -> str:
@@ -214,7 +256,7 @@ def render(
     labels = {"16": "16 clients, closed loop", paced_load(pace): f"16 clients paced at {pace:.0f} req/s"}
     rows, verdicts = [], []
     for load, by_target in results.items():
-        base = by_target["direct to the simulator"]
+        base = by_target[DIRECT]
         base_p50, base_p99 = median([r.p50_ms for r in base]), median([r.p99_ms for r in base])
         for name, runs in by_target.items():
             p50, p99, rate = median([r.p50_ms for r in runs]), median([r.p99_ms for r in runs]), median(
@@ -223,13 +265,21 @@ def render(
             proxies = name.startswith("gateway") or name == FLOOR
             added = f"{p50 - base_p50:+.2f} | {p99 - base_p99:+.2f}" if proxies else "| "
             timing = f"{median(timings):.2f}" if timings else "–"
-            rows.append(f"| {load} | {name} | {p50:.2f} | {p99:.2f} | {rate:,.0f} | {added} | {timing} |")
+            rows.append(f"| {load} | {name} | {p50:.2f} | {p99:.2f} | {rate:,.0f} | {added} | {timing} | "
+                        f"{cpu_ms(runs):.2f} |")  # fmt: skip
             if load in labels and name in VERDICT_GATEWAYS:
                 met = p50 - base_p50 < GOAL_P50_MS and p99 - base_p99 < GOAL_P99_MS
                 verdicts.append(f"- {labels[load]}: the gateway ({VERDICT_GATEWAYS[name]}) adds {p50 - base_p50:.2f} ms "
                                 f"at p50 and {p99 - base_p99:.2f} ms at p99: the goal (< {GOAL_P50_MS:g} ms, "
                                 f"< {GOAL_P99_MS:g} ms) is **{'met' if met else 'not met'}**. "
                                 f"{own_work(by_target, name)}")  # fmt: skip
+    busy, at_pace = results[str(PACED_CLIENTS)], results[paced_load(pace)]
+    capacity = ", ".join(
+        f"**{1000 / cpu_ms(busy[name]):,.0f}** tasks/s ({store})" for name, store in VERDICT_GATEWAYS.items()
+    )
+    costs = "; ".join(f"{store}, {cpu_ms(busy[name]):.2f} ms busy and {cpu_ms(at_pace[name]):.2f} ms paced, which kept "
+                      f"the worker busy {cpu_ms(at_pace[name]) * pace / 1000:.0%} of the time" for name, store in VERDICT_GATEWAYS.items())  # fmt: skip
+    lead_in = round(PACED_LEAD_IN_S * pace)
     command = "python -m bench.overhead" + (" --quick" if quick else "")
     return f"""## Gateway-added latency and the REST ceiling (`{command}`)
 
@@ -239,19 +289,31 @@ gateway worker, against the same create (same body, a JWT signed by the client) 
 that takes the same body and sends the same create through the gateway's own Kling client (its pool, JWT cache and
 timeouts), doing nothing else. Each server runs in its own process under the same uvicorn settings; clients are
 keep-alive connections. In the closed-loop rows each client sends its next request as soon as the last is answered ({", ".join(f"{n} requests at {c}" for c, n in requests.items())} per run);
-in the paced rows {PACED_CLIENTS} clients share a fixed schedule of {pace:.0f} requests per second ({paced_requests} per
-run; {PACED_SHARE:.0%} of the slowest target's closed-loop rate at 16 clients in this run, and at most
-{PACED_PER_SECOND:.0f}, so that every target keeps up), each latency counted from the request's due time. The five targets run in turn,
-{rounds} rounds; each figure is the median over the rounds. "added" is a percentile minus the direct one;
-`Server-Timing` is the median of the gateway's own `gateway;dur` header. That is the request's time outside Kling
-calls and waits, so on a saturated worker (the closed loops at 16 and 64) it also holds the
-time the request's next step waited behind other requests' work on the event loop.
+in the paced rows {PACED_CLIENTS} clients share a fixed schedule of {pace:.0f} requests per second ({paced_requests} counted per
+run). The pace is {PACED_SHARE:.0%} of the slowest target's closed-loop rate at 16 clients in this run, or of the most tasks
+per second one worker could take at the costliest gateway's CPU per task, whichever is lower, and at most
+{PACED_PER_SECOND:.0f}, so that every target keeps up. Each paced run starts with {lead_in} requests
+({PACED_LEAD_IN_S:g} s) sent but not counted: a gateway queries each task's status about a second after creating it, so
+the counted requests meet it in its steady state, following the earlier tasks as it would in service. Each latency is
+counted from the request's due time. The five targets run in turn, {rounds} rounds; each figure is the median over the
+rounds. "added" is a percentile minus the direct one; `Server-Timing` is the median of the gateway's own
+`gateway;dur` header. That is the request's time outside Kling calls and waits, so on a saturated worker (the closed
+loops at 16 and 64) it also holds the time the request's next step waited behind other requests' work on the event
+loop. **Server CPU** is the CPU time of the process serving the target (for the direct target, the simulator) per
+request; a gateway's run is followed to its end, until it follows none of its tasks, so its figure holds each task's
+whole life (status queries, recording, releases), and no target's run carries another's leftover work.
 
-| clients | target | p50 ms | p99 ms | requests/s | added p50 ms | added p99 ms | `Server-Timing` ms |
-|---|---|---|---|---|---|---|---|
+| clients | target | p50 ms | p99 ms | requests/s | added p50 ms | added p99 ms | `Server-Timing` ms | server CPU ms per request |
+|---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
 {chr(10).join(verdicts)}
+
+**What one worker sustains.** A task costs a gateway less CPU over its whole life when the worker is busy (the
+closed loop at 16 clients, where one wake-up serves several requests) than when paced (each request, status query
+and Redis answer wakes it): {costs}. So one worker on a core of its own takes at most about {capacity}; on this
+machine it shares its two cores with the client, the simulator and redis-server. This is the figure to size a
+deployment's replicas by, with headroom.
 
 **Why the closed loop at 16 clients cannot meet the goal here.** With 16 clients always waiting, the latency is
 16 ÷ the server's throughput (Little's law), so "added" is 16 ÷ the gateway's rate minus 16 ÷ the simulator's.

@@ -120,7 +120,8 @@ class TaskFollower:
     # --- what the service calls ---
 
     def follow(self, record: TaskRecord, kling: KlingCredentials, leases: Leases) -> None:
-        """Follow a task just submitted here to its end, then release its leases."""
+        """Follow a task just submitted here to its end, then release its leases. The caller records the task
+        as followed (`TaskStore.save(..., followed=True)`), in the round trip that records it."""
         TASKS_IN_FLIGHT.inc()
         if self._queries is not None:
             self._queries.created(kling, record.created_at_ms)
@@ -210,11 +211,10 @@ class TaskFollower:
     async def _run(self, watch: _Watch) -> None:
         started = time.monotonic()
         interval = self._first_interval_s
-        # A task submitted here was just answered by Kling; one watched or adopted may be long overdue.
+        # A task submitted here was just answered by Kling; one watched or adopted may be long overdue. One
+        # submitted here is marked followed as it is recorded (`TaskStore.save(..., followed=True)`): from then
+        # on, if this replica stops following it, another adopts it.
         quiet = watch.leases is not None
-        if watch.leases is not None:  # from now on, if this replica stops following it, another adopts it
-            with contextlib.suppress(RedisError):
-                await self._tasks.mark_followed(watch.record.task_id)
         try:
             while not watch.record.status.is_terminal and time.monotonic() - started < self._max_follow_s:
                 heard = False

@@ -296,9 +296,9 @@ class ImageService:
         except RedisError:
             return False
 
-    async def _save_quietly(self, record: TaskRecord) -> None:
+    async def _save_quietly(self, record: TaskRecord, *, followed: bool = False) -> None:
         try:
-            await self._tasks.save(record)
+            await self._tasks.save(record, followed=followed)
         except RedisError:
             logger.warning("could not record the state of task %s", record.task_id)
 
@@ -353,8 +353,11 @@ class ImageService:
             self._follower.follow(record, principal.kling, self._leases(principal, admission.lease_id, account_lease))
             # Both at once: with Redis, two round trips in the time of one. The request is counted with its
             # task, in one write rather than one on admission and one here. Both log Redis failures, not raise.
+            # The record marks the task followed too (the follow just started relies on it: should this replica
+            # stop, the mark goes stale and another adopts the task).
             await asyncio.gather(
-                self._save_quietly(record), self._record_usage(principal, requests=1, tasks=1, images=images)
+                self._save_quietly(record, followed=True),
+                self._record_usage(principal, requests=1, tasks=1, images=images),
             )
         return Outcome(record, admission.remaining)
 

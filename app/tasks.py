@@ -51,6 +51,7 @@ return redis.call('ZREM', KEYS[2], ARGV[2])
 # while another replica recorded a callback's terminal state must not turn the record back. A state written is
 # published on the channel ARGV[4] names (none when empty): recorded and announced in one round trip.
 SAVE_IF_NOT_OLDER = """
+if KEYS[2] then redis.call('ZADD', KEYS[2], ARGV[5], ARGV[6]) end
 local current = redis.call('GET', KEYS[1])
 if current then
   local ok, stored = pcall(cjson.decode, current)
@@ -150,9 +151,11 @@ class IdempotencyClaim:
 
 
 class TaskStore(Protocol):
-    async def save(self, record: TaskRecord, *, announce: bool = False) -> bool:
+    async def save(self, record: TaskRecord, *, announce: bool = False, followed: bool = False) -> bool:
         """Store the task's state unless the stored one is newer (a higher `updated_at_ms`); True if stored. With
-        `announce`, a stored state is also published to every replica (TASK_UPDATES_CHANNEL), in the same step."""
+        `announce`, a stored state is also published to every replica (TASK_UPDATES_CHANNEL), in the same step.
+        With `followed`, the task is also marked followed as of now (`mark_followed`), stored or not: one round
+        trip for a task just submitted, rather than two."""
 
     async def get(self, task_id: str) -> TaskRecord | None: ...
 
@@ -211,8 +214,10 @@ class MemoryTaskStore:
         self._followed: dict[str, float] = {}
         self._max_records = max_records
 
-    async def save(self, record: TaskRecord, *, announce: bool = False) -> bool:
+    async def save(self, record: TaskRecord, *, announce: bool = False, followed: bool = False) -> bool:
         # One process, no other replica to tell: `announce` has nothing to do here.
+        if followed:
+            await self.mark_followed(record.task_id)
         stored = self._records.get(record.task_id)
         if stored is not None and stored.updated_at_ms > record.updated_at_ms:
             return False
@@ -300,10 +305,14 @@ class RedisTaskStore:
         self._unfollow = redis.register_script(UNFOLLOW)
         self._save_if_not_older = redis.register_script(SAVE_IF_NOT_OLDER)
 
-    async def save(self, record: TaskRecord, *, announce: bool = False) -> bool:
+    async def save(self, record: TaskRecord, *, announce: bool = False, followed: bool = False) -> bool:
         channel = TASK_UPDATES_CHANNEL if announce else ""
-        args: list[str | int] = [record_to_json(record), record.updated_at_ms, TASK_TTL_S, channel]
-        return bool(await self._save_if_not_older(keys=[f"{self._ns}:task:{record.task_id}"], args=args))
+        keys = [f"{self._ns}:task:{record.task_id}"]
+        args: list[str | int | float] = [record_to_json(record), record.updated_at_ms, TASK_TTL_S, channel]
+        if followed:
+            keys.append(f"{self._ns}:followed")
+            args += [time.time(), record.task_id]
+        return bool(await self._save_if_not_older(keys=keys, args=args))
 
     async def get(self, task_id: str) -> TaskRecord | None:
         raw = await self._redis.get(f"{self._ns}:task:{task_id}")

@@ -14,7 +14,7 @@ from app.http_pool import create_kling_pool
 from app.kling import KlingClient, KlingCredentials
 from app.models import TaskStatus
 from app.tasks import MemoryTaskStore, RedisTaskStore, TaskRecord, TaskStore
-from tests.conftest import PRIMARY, Simulator
+from tests.conftest import PRIMARY, Simulator, bearer, redis_gateway_settings, running_gateway
 
 pytestmark = pytest.mark.anyio
 CREDENTIALS = KlingCredentials(PRIMARY.access_key, PRIMARY.secret_key, credential_id="c_primary")
@@ -33,20 +33,12 @@ async def _submitted(kling: KlingClient, store: RedisTaskStore) -> TaskRecord:
         status=TaskStatus.SUBMITTED, created_at_ms=task.created_at, updated_at_ms=task.updated_at,
         credential_id=CREDENTIALS.credential_id, webhook_url="https://hooks.example.com/x",
     ).updated_from(task)  # fmt: skip
-    await store.save(record)
+    await store.save(record, followed=True)  # as the gateway records a task it submits
     return record
 
 
 async def _no_op() -> None:
     return None
-
-
-async def _until_marked(redis: Redis, task_id: str) -> None:
-    for _ in range(100):  # the follow marks the task as its loop starts; Redis has no event for it
-        if await redis.zscore("kgw:followed", task_id) is not None:
-            return
-        await anyio.sleep(0.02)
-    raise AssertionError("the follower never marked its task")
 
 
 @pytest.mark.sim_delay(1.0)
@@ -57,7 +49,6 @@ async def test_a_task_whose_replica_stopped_is_adopted_once_and_its_end_handled(
     record = await _submitted(kling, store)
     stopped = TaskFollower(kling, store, first_interval_s=0.05)
     stopped.follow(record, CREDENTIALS, Leases(refresh=_no_op, release=_no_op))
-    await _until_marked(redis, record.task_id)
     await stopped.aclose()  # the replica stops (or dies) before Kling finishes: nothing follows the task now
     await store.mark_followed(record.task_id, at=0.0)  # and a poll lease's time has passed since its last turn
 
@@ -89,6 +80,21 @@ async def test_a_task_whose_replica_stopped_is_adopted_once_and_its_end_handled(
     assert await store.stale_followed(-60, 10) == []  # nobody needs to follow it any more
     assert polled_while_handed_on == [True]
     assert not await store.is_polled(record.task_id)  # and nobody polls it after
+
+
+async def test_a_task_submitted_through_the_gateway_is_adoptable_as_soon_as_it_is_recorded(
+    simulator: Simulator, redis: Redis, redis_url: str
+) -> None:
+    # No poll for 30 s: the follow mark can only come from the submission itself, not a first poll's claim.
+    settings = redis_gateway_settings(simulator, redis_url, poll_interval_seconds=30)
+    async with running_gateway(settings) as gateway:
+        key = await gateway.new_api_key("adoptable")
+        answer = await gateway.http.post(f"{gateway.url}/generate", json={"prompt": "x", "wait_seconds": 0},
+                                         headers=bearer(key))  # fmt: skip
+        assert answer.status_code == 202, answer.text
+        task_id = answer.json()["task_id"]
+        assert await redis.zscore("kgw:followed", task_id) is not None  # should this replica stop, another adopts it
+        assert await redis.exists(f"kgw:task:{task_id}")
 
 
 async def test_an_end_heard_where_no_loop_follows_the_task_is_still_handled(kling: KlingClient, redis: Redis) -> None:

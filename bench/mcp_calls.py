@@ -20,7 +20,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.types import TextContent
 
 from bench.measure import Run, alternating, median
-from bench.overhead import PROMPT, SIM_DELAY_S
+from bench.overhead import PACED_LEAD_IN_S, PROMPT, SIM_DELAY_S
 from bench.report import write_section
 from bench.serving import Server, enter_together, raise_fd_limit, served
 from bench.stack import SimulatorProcess, accounts_for, api_keys, floor_server, gateway, settled
@@ -28,6 +28,11 @@ from bench.stack import SimulatorProcess, accounts_for, api_keys, floor_server, 
 ERAS = {"2026-07-28": "auto", "2025-11-25": "legacy"}  # SDK Client modes that negotiate each era
 CLIENTS = 8
 GOAL_COST = 0.20
+LEAD_IN_S = PACED_LEAD_IN_S  # as bench.overhead's paced runs: until the first tasks' status queries are under way
+LEAD_IN_NOTE = (
+    " (the first ones bring the gateway to its steady state, following its earlier tasks as it would in service:"
+    " it queries each task's status about a second after creating it)"
+)
 GATEWAY, CEILING = "gateway `generate_image`", "no-op tool (SDK ceiling)"
 FLOOR = "floor: SDK + the gateway's Kling create"
 
@@ -47,46 +52,82 @@ class Measured:
     cpu_ms: dict[str, float]  # CPU per call of the "client", the "server" and the "simulator"
 
 
-async def measured_calls(target: Target, mode: str, clients: int, per_client: int) -> Measured:
-    """`calls`, and the CPU each process used for them."""
+@dataclass(frozen=True)
+class Span:
+    """How long each client calls: for `lead_in_s` first, uncounted, then for `window_s`, counted. The lead-in
+    brings a gateway to its steady state: its first status queries come a second after its first creates."""
+
+    lead_in_s: float
+    window_s: float
+
+
+@dataclass(frozen=True)
+class Calls:
+    run: Run  # the calls started after the lead-in
+    made: int  # all the calls, lead-in included
+    client_cpu_s: float  # the clients' CPU over the span (their sessions opened before it)
+
+
+async def measured_calls(target: Target, mode: str, clients: int, span: Span) -> Measured:
+    """`calls`, and the CPU each process used per call, lead-in included."""
     processes = {"server": target.server} | ({"simulator": target.simulator} if target.simulator else {})
     before = {name: process.cpu_seconds() for name, process in processes.items()}
-    client_before = time.process_time()
-    run = await calls(target, mode, clients, per_client)
+    made = await calls(target, mode, clients, span)
     if target.follows_tasks:  # the gateway: its following of the run's tasks is part of their cost
         await settled(target.server.url)
-    count = clients * per_client
-    cpu_ms = {"client": (time.process_time() - client_before) * 1000 / count, "simulator": 0.0}
-    cpu_ms |= {name: (process.cpu_seconds() - before[name]) * 1000 / count for name, process in processes.items()}
-    return Measured(run, cpu_ms)
+    cpu_ms = {"client": made.client_cpu_s * 1000 / made.made, "simulator": 0.0}
+    cpu_ms |= {name: (process.cpu_seconds() - before[name]) * 1000 / made.made for name, process in processes.items()}
+    return Measured(made.run, cpu_ms)
 
 
-async def calls(target: Target, mode: str, clients: int, per_client: int) -> Run:
-    """`clients` SDK clients, each with its own connection pool, calling the tool `per_client` times in a row."""
+async def calls(target: Target, mode: str, clients: int, span: Span) -> Calls:
+    """`clients` SDK clients, each with its own connection pool and session, calling the tool in a row for the
+    span, which starts once every session is open; the run of the calls started after the lead-in, and how many
+    calls were made in all."""
     latencies: list[float] = []
+    made = 0
+    opened = asyncio.Barrier(clients)
+    start: float | None = None
+    cpu_at_start = cpu_at_end = last_answer = 0.0
 
     async def client(index: int) -> None:
+        nonlocal made, start, cpu_at_start, cpu_at_end, last_answer
         headers = {"Authorization": f"Bearer {target.keys[index % len(target.keys)]}"}
-        async with (
-            httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=120)) as http,
-            Client(streamable_http_client(f"{target.server.url}/mcp", http_client=http), mode=mode) as session,
-        ):
-            for _ in range(per_client):
-                started = time.perf_counter()
-                result = await session.call_tool(target.tool, {"prompt": PROMPT, "wait_seconds": 0})
-                latencies.append(time.perf_counter() - started)
-                if result.is_error:
-                    text = " ".join(b.text for b in result.content if isinstance(b, TextContent))
-                    raise RuntimeError(f"{target.tool} failed: {text[:300]}")
+        try:
+            async with (
+                httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=120)) as http,
+                Client(streamable_http_client(f"{target.server.url}/mcp", http_client=http), mode=mode) as session,
+            ):
+                await opened.wait()
+                if start is None:
+                    start, cpu_at_start = time.perf_counter(), time.process_time()
+                counted_from, ends = start + span.lead_in_s, start + span.lead_in_s + span.window_s
+                answered = 0.0
+                while answered < ends:
+                    called = time.perf_counter()
+                    result = await session.call_tool(target.tool, {"prompt": PROMPT, "wait_seconds": 0})
+                    answered = time.perf_counter()
+                    made += 1
+                    if result.is_error:
+                        text = " ".join(b.text for b in result.content if isinstance(b, TextContent))
+                        raise RuntimeError(f"{target.tool} failed: {text[:300]}")
+                    if called >= counted_from:
+                        latencies.append(answered - called)
+                        last_answer = max(last_answer, answered)
+                cpu_at_end = time.process_time()  # the last client's last call: closing sessions is not a call's cost
+        except BaseException:
+            await opened.abort()  # the others would wait for this client's session for ever
+            raise
 
-    started = time.perf_counter()
     await asyncio.gather(*(client(index) for index in range(clients)))
-    return Run(latencies, time.perf_counter() - started)
+    assert start is not None
+    return Calls(Run(latencies, last_answer - (start + span.lead_in_s)), made, cpu_at_end - cpu_at_start)
 
 
 async def main(quick: bool) -> str:
     raise_fd_limit()
-    rounds, per_client = (2, 8) if quick else (5, 80)
+    # Quick runs skip the lead-in: their figures leave out part of the gateway's following of its tasks.
+    rounds, span = (2, Span(0.0, 0.4)) if quick else (4, Span(LEAD_IN_S, 2.0))
     accounts = accounts_for(4000)
     async with contextlib.AsyncExitStack() as stack:
         kling = SimulatorProcess(SIM_DELAY_S, accounts)
@@ -105,17 +146,17 @@ async def main(quick: bool) -> str:
         for era, mode in ERAS.items():
 
             def contender(target: Target, mode: str = mode) -> Callable[[], Awaitable[Measured]]:
-                return lambda: measured_calls(target, mode, CLIENTS, per_client)
+                return lambda: measured_calls(target, mode, CLIENTS, span)
 
             for target in targets.values():  # warm up
-                await calls(target, mode, CLIENTS, 5)
+                await calls(target, mode, CLIENTS, Span(0.0, 0.2))
             results[era] = await alternating(rounds, {name: contender(t) for name, t in targets.items()})
-    body = render(results, rounds, per_client, quick)
+    body = render(results, rounds, span, quick)
     write_section("mcp", body)
     return body
 
 
-def render(results: dict[str, dict[str, list[Measured]]], rounds: int, per_client: int, quick: bool) -> str:
+def render(results: dict[str, dict[str, list[Measured]]], rounds: int, span: Span, quick: bool) -> str:
     rows, verdicts = [], []
     for era, by_target in results.items():
         rates = {name: median([m.run.per_second for m in runs]) for name, runs in by_target.items()}
@@ -142,7 +183,8 @@ def render(results: dict[str, dict[str, list[Measured]]], rounds: int, per_clien
     return f"""## MCP tool calls per second (`{command}`)
 
 Run {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}. {CLIENTS} MCP SDK clients (`mcp.Client`, each with its own
-httpx2 pool) call a tool {per_client} times each in a row with `wait_seconds: 0`: the gateway's `generate_image`
+httpx2 pool and session, opened before the clock starts) call a tool in a row with `wait_seconds: 0` for {span.lead_in_s + span.window_s:g} s, of which the calls started in the
+last {span.window_s:g} s are counted{LEAD_IN_NOTE if span.lead_in_s else " (a quick run: no lead-in, so the gateway's figures leave out part of its following of its tasks)"}: the gateway's `generate_image`
 (which creates a Kling task on the simulator), a no-op tool on an `MCPServer` with the gateway's transport
 settings (`stateless_http=True`, `json_response=False`) under the same uvicorn settings: the SDK's own ceiling on
 this machine, and the floor: the same server with a tool that sends the gateway's create through the gateway's

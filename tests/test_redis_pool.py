@@ -4,15 +4,32 @@ it with redis-py's ConnectionError when none comes back in time."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from app.main import create_redis
 from app.redis_pool import BoundedConnectionPool
 
 pytestmark = pytest.mark.anyio
+
+
+@contextlib.asynccontextmanager
+async def full_pool(
+    redis_url: str, wait_s: float
+) -> AsyncIterator[tuple[BoundedConnectionPool, Redis, AbstractConnection]]:
+    """A pool of one connection, a client on it, and that connection held: the client's next command finds
+    the pool full."""
+    pool = BoundedConnectionPool.from_url(redis_url, max_connections=1, timeout=wait_s)
+    client = Redis.from_pool(pool)
+    try:
+        yield pool, client, await pool.get_connection()
+    finally:
+        await client.aclose()
 
 
 async def test_a_burst_larger_than_the_pool_waits_its_turn_instead_of_failing(redis_url: str) -> None:
@@ -29,10 +46,7 @@ async def test_a_burst_larger_than_the_pool_waits_its_turn_instead_of_failing(re
 
 
 async def test_a_command_waiting_for_a_connection_gets_the_one_given_back(redis_url: str) -> None:
-    pool = BoundedConnectionPool.from_url(redis_url, max_connections=1, timeout=30)
-    client = Redis.from_pool(pool)
-    try:
-        held = await pool.get_connection()
+    async with full_pool(redis_url, wait_s=30) as (pool, client, held):
 
         async def ping() -> bool:
             return bool(await client.ping())
@@ -45,18 +59,11 @@ async def test_a_command_waiting_for_a_connection_gets_the_one_given_back(redis_
         await pool.release(held)
         async with asyncio.timeout(10):
             assert await waiting is True
-    finally:
-        await client.aclose()
 
 
 async def test_a_command_that_finds_no_connection_in_time_fails_as_a_connection_error(redis_url: str) -> None:
-    pool = BoundedConnectionPool.from_url(redis_url, max_connections=1, timeout=0.05)
-    client = Redis.from_pool(pool)
-    try:
-        held = await pool.get_connection()
+    async with full_pool(redis_url, wait_s=0.05) as (pool, client, held):
         with pytest.raises(RedisConnectionError, match="No connection available"):
             await client.ping()
         await pool.release(held)
         assert await client.ping() is True  # the pool is whole again: the failed wait took nothing
-    finally:
-        await client.aclose()

@@ -46,6 +46,10 @@ CLIENTS = (1, 16, 64)
 # PACED_SHARE of the slowest target's closed-loop rate at 16 clients in the same run, and at most
 # PACED_PER_SECOND: a fixed pace would saturate the Redis-backed gateway on a slow day of this shared host.
 PACED_CLIENTS, PACED_PER_SECOND, PACED_SHARE = 16, 150.0, 0.5
+# And at most this share of the tasks per second the costliest gateway's CPU per task, busy, allows. A task paced
+# costs a worker about half as much again as one in a busy closed loop (each request, status query and Redis answer
+# wakes it): a third keeps that gateway's worker about half busy, as PACED_SHARE means to.
+PACED_CPU_SHARE = 1 / 3
 # Requests sent on a paced schedule before those counted: each task's first status query comes a second after its
 # create (KGW_POLL_INTERVAL_SECONDS), so until then a gateway would be measured without that part of its work.
 PACED_LEAD_IN_S = 1.5
@@ -197,13 +201,14 @@ def _created(status: int, body: bytes) -> object:
 
 
 def pace_below(closed_loop: dict[str, list[Run]], gateways: Iterable[str]) -> float:
-    """The paced rows' rate: PACED_SHARE of the slowest target's closed-loop rate, and of the most tasks per second
-    the costliest gateway's CPU per task would let one worker take on a core of its own; at most PACED_PER_SECOND.
+    """The paced rows' rate: PACED_SHARE of the slowest target's closed-loop rate, PACED_CPU_SHARE of the most tasks
+    per second the costliest gateway's CPU per task would let one worker take on a core of its own, and at most
+    PACED_PER_SECOND.
     The CPU bound matters where the closed loop flatters a gateway: its runs end before most of their tasks' status
     queries, which a paced run long enough to reach its steady state carries in full."""
     rates = [median([run.per_second for run in runs]) for runs in closed_loop.values()]
     most_cpu_ms = max(median([run.server_cpu_ms or 0.0 for run in closed_loop[name]]) for name in gateways)
-    return min(PACED_PER_SECOND, PACED_SHARE * min(rates), PACED_SHARE * 1000 / most_cpu_ms)
+    return min(PACED_PER_SECOND, PACED_SHARE * min(rates), PACED_CPU_SHARE * 1000 / most_cpu_ms)
 
 
 def measured(target: Target, requests: int, load: Callable[[], Awaitable[Run]]) -> Callable[[], Awaitable[Run]]:
@@ -290,9 +295,10 @@ that takes the same body and sends the same create through the gateway's own Kli
 timeouts), doing nothing else. Each server runs in its own process under the same uvicorn settings; clients are
 keep-alive connections. In the closed-loop rows each client sends its next request as soon as the last is answered ({", ".join(f"{n} requests at {c}" for c, n in requests.items())} per run);
 in the paced rows {PACED_CLIENTS} clients share a fixed schedule of {pace:.0f} requests per second ({paced_requests} counted per
-run). The pace is {PACED_SHARE:.0%} of the slowest target's closed-loop rate at 16 clients in this run, or of the most tasks
-per second one worker could take at the costliest gateway's CPU per task, whichever is lower, and at most
-{PACED_PER_SECOND:.0f}, so that every target keeps up. Each paced run starts with {lead_in} requests
+run). The pace is the lowest of {PACED_SHARE:.0%} of the slowest target's closed-loop rate at 16 clients in this run, a
+third of the tasks per second one worker could take at the costliest gateway's CPU per task in that closed loop (a
+paced task costs about half as much again, so that worker is about half busy), and {PACED_PER_SECOND:.0f}: every
+target keeps up. Each paced run starts with {lead_in} requests
 ({PACED_LEAD_IN_S:g} s) sent but not counted: a gateway queries each task's status about a second after creating it, so
 the counted requests meet it in its steady state, following the earlier tasks as it would in service. Each latency is
 counted from the request's due time. The five targets run in turn, {rounds} rounds; each figure is the median over the

@@ -22,20 +22,23 @@ from redis.exceptions import MaxConnectionsError
 
 class BoundedConnectionPool(ConnectionPool):
     """At most `max_connections` connections; a command that finds all in use waits up to `timeout` seconds
-    for one to come back, then fails with redis-py's ConnectionError, as `BlockingConnectionPool` does."""
+    (None: for ever) for one to come back, then fails with redis-py's ConnectionError, as `BlockingConnectionPool`
+    does."""
 
-    def __init__(self, *, timeout: float = 20.0, **kwargs: Any) -> None:
+    def __init__(self, *, timeout: float | None = 20.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.timeout = timeout
         self._returned = asyncio.Condition()
         self._waiting = 0
 
     async def get_connection(self, *args: Any, **options: Any) -> AbstractConnection:
-        deadline: float | None = None
+        deadline: float | None = None  # None: wait for ever (a timeout of None, as BlockingConnectionPool takes it)
+        waited = False
         while True:
             if not self.can_get_connection():
-                if deadline is None:
+                if not waited and self.timeout is not None:
                     deadline = asyncio.get_running_loop().time() + self.timeout
+                waited = True
                 await self._wait_for_a_connection(deadline)
             try:
                 # Passed on as given: redis-py deprecates the arguments, and leaves this method untyped.
@@ -50,11 +53,20 @@ class BoundedConnectionPool(ConnectionPool):
             async with self._returned:
                 self._returned.notify()
 
-    async def _wait_for_a_connection(self, deadline: float) -> None:
+    async def _wait_for_a_connection(self, deadline: float | None) -> None:
         self._waiting += 1
         try:
-            async with self._returned, asyncio.timeout_at(deadline):
-                await self._returned.wait_for(self.can_get_connection)
+            async with self._returned:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        await self._returned.wait_for(self.can_get_connection)
+                except BaseException:
+                    # Woken for a connection given back, then cancelled (its caller hung up) or timed out before
+                    # taking it: Python 3.11's condition does not pass the wake-up on, so the next waiter would
+                    # sit out its whole timeout beside an idle connection.
+                    if self.can_get_connection():
+                        self._returned.notify()
+                    raise
         except TimeoutError as exc:
             raise RedisConnectionError("No connection available.") from exc
         finally:

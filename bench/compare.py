@@ -25,7 +25,7 @@ from bench.http import Connection, Reply
 from bench.measure import Run, alternating, closed_loop, paced
 from bench.overhead import DIRECT, PACED_LEAD_IN_S, SIM_DELAY_S, cpu_ms, direct_sender, pace_below, rest_sender
 from bench.serving import ROOT, Server, enter_together, raise_fd_limit
-from bench.stack import ACCOUNT_SLOTS, SimulatorProcess, accounts_for, api_keys, gateway, with_server_cpu
+from bench.stack import ACCOUNT_SLOTS, SimulatorProcess, accounts_for, api_keys, gateway, settled, with_server_cpu
 from tests.servers import redis_server
 
 WORKING_TREE = "working tree"
@@ -93,8 +93,10 @@ async def compare(revs: list[str], redis: bool, rounds: int) -> str:
             for index, (rev, server) in enumerate(zip(roots, gateways, strict=True)):
                 own = accounts[1 + index * ACCOUNTS_PER_GATEWAY : 1 + (index + 1) * ACCOUNTS_PER_GATEWAY]
                 targets[rev] = (server.url, rest_sender(await api_keys(server.url, own)), 202, server)
-            for url, send, expect, _ in targets.values():  # warm up: connections, caches, JWTs, Lua scripts
+            for url, send, expect, followed in targets.values():  # warm up: connections, caches, JWTs, Lua scripts
                 await closed_loop(url, send, clients=16, requests=300, expect=expect)
+                if followed is not None:  # a gateway: its warm-up's tasks are followed to their end first
+                    await settled(followed.url)
             results = {}
             for load in LOADS:
                 contenders = {name: _contender(*target, load) for name, target in targets.items()}

@@ -120,7 +120,8 @@ async def calls(target: Target, mode: str, clients: int, span: Span) -> Calls:
             raise
 
     await asyncio.gather(*(client(index) for index in range(clients)))
-    assert start is not None
+    if start is None or not latencies:
+        raise RuntimeError(f"no call of {target.tool} started in the counted {span.window_s:g} s; lengthen the span")
     return Calls(Run(latencies, last_answer - (start + span.lead_in_s)), made, cpu_at_end - cpu_at_start)
 
 
@@ -148,8 +149,10 @@ async def main(quick: bool) -> str:
             def contender(target: Target, mode: str = mode) -> Callable[[], Awaitable[Measured]]:
                 return lambda: measured_calls(target, mode, CLIENTS, span)
 
-            for target in targets.values():  # warm up
+            for target in targets.values():  # warm up, and follow the warm-up's tasks to their end
                 await calls(target, mode, CLIENTS, Span(0.0, 0.2))
+                if target.follows_tasks:
+                    await settled(target.server.url)
             results[era] = await alternating(rounds, {name: contender(t) for name, t in targets.items()})
     body = render(results, rounds, span, quick)
     write_section("mcp", body)
@@ -200,8 +203,9 @@ the rounds.
 
 "Cost" is 1 − gateway calls/s ÷ ceiling calls/s. The client (the SDK's, in one process) shares the two cores with
 the server, and for the gateway also with the simulator, so both rates are lower than a server alone would reach.
-The CPU columns are each process's CPU time (from /proc) over the run and until the gateway has stopped following
-its tasks, divided by the calls; the simulator's is Kling's side (the creates, and the status queries of the gateway
+The server and simulator columns are each process's CPU time (from /proc) over the run, sessions opened included,
+and until the gateway has stopped following its tasks; the client's is its own over the span, its sessions already
+open; each is divided by the calls, lead-in included; the simulator's is Kling's side (the creates, and the status queries of the gateway
 following each task), work this machine does only because Kling runs on it. All the clients share one process, which one core bounds: when it nears a whole core, the
 ceiling is the client's as much as the SDK server's, and the server CPU per call is the closer measure of what the
 gateway's work adds.

@@ -36,6 +36,7 @@ from bench.stack import (
     api_keys,
     floor_server,
     gateway,
+    settled,
     with_server_cpu,
 )
 from tests.servers import redis_server
@@ -137,6 +138,8 @@ async def main(quick: bool) -> str:
             for clients in CLIENTS:
                 # A quick run follows to their end (and measures the CPU of) only the runs the pace comes from.
                 follow = not quick or clients == PACED_CLIENTS
+                if follow:  # none of an earlier, unfollowed run's work may land in these
+                    await asyncio.gather(*(settled(t.url) for t in targets.values() if t.follows_tasks))
                 closed = {name: measured(target, requests[clients], closed_contender(target, clients, requests[clients]))
                           if follow else closed_contender(target, clients, requests[clients])
                           for name, target in targets.items()}  # fmt: skip
@@ -290,7 +293,8 @@ def render(
     if quick:
         lead_in_note = ("This quick run sends no requests before those counted, so the gateways' status queries of "
                         "their first tasks mostly fall after them; nor does it follow its closed loops at 1 and 64 "
-                        "clients to their end (no CPU figure there).")  # fmt: skip
+                        "clients to their end (no CPU figure there), so the runs right after them can carry some of "
+                        "their work.")  # fmt: skip
     else:
         lead_in_note = (f"Each paced run starts with {round(PACED_LEAD_IN_S * pace)} requests ({PACED_LEAD_IN_S:g} s) "
                         "sent but not counted: a gateway queries each task's status about a second after creating "
@@ -315,7 +319,8 @@ rounds. "added" is a percentile minus the direct one; `Server-Timing` is the med
 loops at 16 and 64) it also holds the time the request's next step waited behind other requests' work on the event
 loop. **Server CPU** is the CPU time of the process serving the target (for the direct target, the simulator) per
 request; a gateway's run is followed to its end, until it follows none of its tasks, so its figure holds each task's
-whole life (status queries, recording, releases), and no target's run carries another's leftover work.
+whole life (status queries, recording, releases), and no target's run carries another's leftover work (but see the
+quick run's note above, for a quick run).
 
 | clients | target | p50 ms | p99 ms | requests/s | added p50 ms | added p99 ms | `Server-Timing` ms | server CPU ms per request |
 |---|---|---|---|---|---|---|---|---|

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import anyio
+import anyio.lowlevel
 import pytest
 from redis.asyncio import Redis
 
@@ -49,6 +50,7 @@ async def test_a_task_whose_replica_stopped_is_adopted_once_and_its_end_handled(
     record = await _submitted(kling, store)
     stopped = TaskFollower(kling, store, first_interval_s=0.05)
     stopped.follow(record, CREDENTIALS, Leases(refresh=_no_op, release=_no_op))
+    await anyio.lowlevel.checkpoint()  # its follow loop starts, and pauses until its first poll
     await stopped.aclose()  # the replica stops (or dies) before Kling finishes: nothing follows the task now
     await store.mark_followed(record.task_id, at=0.0)  # and a poll lease's time has passed since its last turn
 

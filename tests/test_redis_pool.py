@@ -61,6 +61,28 @@ async def test_a_command_waiting_for_a_connection_gets_the_one_given_back(redis_
             assert await waiting is True
 
 
+async def test_a_waiter_cancelled_as_it_is_woken_passes_the_connection_on_to_the_next(redis_url: str) -> None:
+    async with full_pool(redis_url, wait_s=30) as (pool, client, held):
+
+        async def ping() -> bool:
+            return bool(await client.ping())
+
+        first = asyncio.create_task(ping())
+        async with asyncio.timeout(10):
+            while pool._waiting < 1:  # noqa: ASYNC110 - the pool has no event for a command that waits
+                await asyncio.sleep(0)
+        second = asyncio.create_task(ping())
+        async with asyncio.timeout(10):
+            while pool._waiting < 2:  # noqa: ASYNC110 - the pool has no event for a command that waits
+                await asyncio.sleep(0)
+        await pool.release(held)  # wakes the first waiter...
+        first.cancel()  # ...whose caller hangs up before it takes the connection
+        async with asyncio.timeout(10):  # well within the pool's 30 s: the second is woken in its place
+            assert await second is True
+        with pytest.raises(asyncio.CancelledError):
+            await first
+
+
 async def test_a_command_that_finds_no_connection_in_time_fails_as_a_connection_error(redis_url: str) -> None:
     async with full_pool(redis_url, wait_s=0.05) as (pool, client, held):
         with pytest.raises(RedisConnectionError, match="No connection available"):

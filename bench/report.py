@@ -12,7 +12,7 @@ from pathlib import Path
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 HEADER = (
-    "# Benchmarks\n\n`make bench` (5 to 11 minutes, by host) or `make bench-quick` (about a minute, two on a slow host, fewer\n"
+    "# Benchmarks\n\n`make bench` (5 to 14 minutes, by host) or `make bench-quick` (about a minute, two on a slow host, fewer\n"
     "repeats) runs them all and rewrites this file; each section names the command that reruns it alone.\n"
 )
 PACKAGES = ("uvicorn", "uvloop", "httptools", "fastapi", "starlette", "pydantic", "mcp", "httpx2", "httpcore2", "redis",

@@ -32,6 +32,20 @@ async def full_pool(
         await client.aclose()
 
 
+async def waiting_ping(pool: BoundedConnectionPool, client: Redis) -> asyncio.Task[bool]:
+    """A PING sent on a full pool, once it waits for a connection (the pool has no event for that)."""
+
+    async def ping() -> bool:
+        return bool(await client.ping())
+
+    waiters = pool._waiting
+    sent = asyncio.create_task(ping())
+    async with asyncio.timeout(10):
+        while pool._waiting == waiters:  # noqa: ASYNC110 - the pool has no event for a command that waits
+            await asyncio.sleep(0)
+    return sent
+
+
 async def test_a_burst_larger_than_the_pool_waits_its_turn_instead_of_failing(redis_url: str) -> None:
     client = create_redis(redis_url, max_connections=2)
     try:
@@ -47,14 +61,7 @@ async def test_a_burst_larger_than_the_pool_waits_its_turn_instead_of_failing(re
 
 async def test_a_command_waiting_for_a_connection_gets_the_one_given_back(redis_url: str) -> None:
     async with full_pool(redis_url, wait_s=30) as (pool, client, held):
-
-        async def ping() -> bool:
-            return bool(await client.ping())
-
-        waiting = asyncio.create_task(ping())
-        async with asyncio.timeout(10):
-            while not pool._waiting:  # noqa: ASYNC110 - until the command finds the pool full (the pool has no event)
-                await asyncio.sleep(0)
+        waiting = await waiting_ping(pool, client)
         assert not waiting.done()
         await pool.release(held)
         async with asyncio.timeout(10):
@@ -63,18 +70,8 @@ async def test_a_command_waiting_for_a_connection_gets_the_one_given_back(redis_
 
 async def test_a_waiter_cancelled_as_it_is_woken_passes_the_connection_on_to_the_next(redis_url: str) -> None:
     async with full_pool(redis_url, wait_s=30) as (pool, client, held):
-
-        async def ping() -> bool:
-            return bool(await client.ping())
-
-        first = asyncio.create_task(ping())
-        async with asyncio.timeout(10):
-            while pool._waiting < 1:  # noqa: ASYNC110 - the pool has no event for a command that waits
-                await asyncio.sleep(0)
-        second = asyncio.create_task(ping())
-        async with asyncio.timeout(10):
-            while pool._waiting < 2:  # noqa: ASYNC110 - the pool has no event for a command that waits
-                await asyncio.sleep(0)
+        first = await waiting_ping(pool, client)
+        second = await waiting_ping(pool, client)
         await pool.release(held)  # wakes the first waiter...
         first.cancel()  # ...whose caller hangs up before it takes the connection
         async with asyncio.timeout(10):  # well within the pool's 30 s: the second is woken in its place

@@ -274,7 +274,7 @@ class McpTransports:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope["path"] if scope["type"] == "http" else ""
-        if path.startswith(MCP_PATH):
+        if path == MCP_PATH or path.startswith(MCP_PATH + "/"):
             await self._streamable(scope, receive, send)
         elif path == SSE_PATH or path.startswith(MESSAGE_PATH):
             await self._legacy(scope, receive, send)

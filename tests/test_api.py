@@ -279,7 +279,7 @@ async def test_the_events_stream_of_another_tenants_task_is_404(gateway: Running
 
 async def test_a_path_nothing_serves_answers_the_json_404_every_rest_error_has(gateway: RunningGateway) -> None:
     """Only /mcp and the legacy SSE paths go to the MCP transports; anything else unknown is the REST API's 404."""
-    for path in ("/nope", "/sse/extra", "/messages", "/tasks"):
+    for path in ("/nope", "/sse/extra", "/messages", "/tasks", "/mcpx"):
         response = await gateway.http.get(f"{gateway.url}{path}")
         assert response.status_code == 404, path
         assert response.json()["error"]["type"] == "not_found", path

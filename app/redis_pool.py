@@ -3,10 +3,10 @@
 redis-py's own `ConnectionPool` raises at once when it is full, which would fail requests during a burst that a
 moment's wait would serve. Its `BlockingConnectionPool` waits instead, but makes every command pay for that: it
 enters an `asyncio.Condition` and arms a timer to take a connection, and enters the condition again to give it
-back, even with connections to spare. That measured about 60 µs of CPU per command here (150 against 90 µs for
-a GET), and a task costs the gateway about ten Redis round trips. This pool takes a free connection the way
-redis-py's plain pool does; only a command that finds none waits, and only then are a condition and a timer
-involved.
+back, even with connections to spare: about 15 µs of CPU per command here (a GET 125 against 110 µs, 30 rounds
+alternating in one process), over the nine Redis round trips a task costs the gateway. This pool takes a free
+connection the way redis-py's plain pool does; only a command that finds none waits, and only then are a
+condition and a timer involved.
 """
 
 from __future__ import annotations
@@ -32,13 +32,11 @@ class BoundedConnectionPool(ConnectionPool):
         self._waiting = 0
 
     async def get_connection(self, *args: Any, **options: Any) -> AbstractConnection:
-        deadline: float | None = None  # None: wait for ever (a timeout of None, as BlockingConnectionPool takes it)
-        waited = False
+        deadline: float | None = None  # set at the first wait; None with a timeout of None: wait for ever
         while True:
             if not self.can_get_connection():
-                if not waited and self.timeout is not None:
+                if deadline is None and self.timeout is not None:
                     deadline = asyncio.get_running_loop().time() + self.timeout
-                waited = True
                 await self._wait_for_a_connection(deadline)
             try:
                 # Passed on as given: redis-py deprecates the arguments, and leaves this method untyped.

@@ -135,11 +135,13 @@ async def main(quick: bool) -> str:
                                       follows_tasks=target.follows_tasks)  # fmt: skip
             results: dict[str, dict[str, list[Run]]] = {}
             pace = PACED_PER_SECOND
+            followed = True  # the warm-up was followed to its end
             for clients in CLIENTS:
                 # A quick run follows to their end (and measures the CPU of) only the runs the pace comes from.
                 follow = not quick or clients == PACED_CLIENTS
-                if follow:  # none of an earlier, unfollowed run's work may land in these
+                if follow and not followed:  # none of the unfollowed runs' work may land in these
                     await asyncio.gather(*(settled(t.url) for t in targets.values() if t.follows_tasks))
+                followed = follow
                 closed = {name: measured(target, requests[clients], closed_contender(target, clients, requests[clients]))
                           if follow else closed_contender(target, clients, requests[clients])
                           for name, target in targets.items()}  # fmt: skip

@@ -26,9 +26,9 @@ from tests.servers import free_port
 
 ADMIN_TOKEN = "bench-admin-" + secrets.token_urlsafe(24)
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-# The admin API's ceilings: nothing but the machine should refuse a benchmark's requests.
 # A gateway on the default settings queries a task's status first this long after creating it.
 FIRST_QUERY_S = Settings.model_fields["poll_interval_seconds"].default
+# The admin API's ceilings: nothing but the machine should refuse a benchmark's requests.
 UNLIMITED = {"requests_per_minute": 1_000_000, "concurrent_tasks": 100_000, "images_per_day": 100_000_000}
 ACCOUNT_SLOTS = 1000  # the largest `concurrency` the admin API accepts for one Kling account
 

@@ -41,8 +41,9 @@ FINISHED_KEPT = 1000  # Kling image tasks take seconds to minutes; past this the
 # How long a watch outlives its last waiter: callers that wait in short rounds (the events stream, short
 # `wait_seconds`) keep one watch, and its first turn, instead of starting a new one every round.
 WATCH_GRACE_S = MAX_POLL_INTERVAL_S
-# With Kling's callbacks coming, polling is only the fallback for a lost one (Kling does not retry them):
-# it starts late and stays slow, so thousands of waiting tasks cost Kling (and this process) few queries.
+# With Kling's callbacks coming, polling is only the fallback for a lost one (Kling does not retry them): it
+# starts late and stays slow, and its reads wait longer for others of their account to share list calls
+# (status_queries.FALLBACK_BATCH_WINDOW_S), so thousands of waiting tasks cost Kling (and this process) few reads.
 CALLBACK_FALLBACK_POLL_S = 30.0
 ADOPT_EVERY_S = 10.0  # how often each replica looks for tasks nobody follows any more
 ADOPT_BATCH = 100

@@ -224,11 +224,12 @@ class KlingClient:
         return await self._call(_Request(credentials, "query", "GET", f"{GENERATIONS_PATH}/{task_id}", None, _one_task))
 
     async def list_image_tasks(
-        self, credentials: KlingCredentials, page_size: int, wanted: frozenset[str]
+        self, credentials: KlingCredentials, page_size: int, wanted: frozenset[str], page_number: int = 1
     ) -> dict[str, KlingTask]:
-        """The `wanted` tasks among the account's newest `page_size` (Kling's list filters on nothing else);
-        only those are read, so a long page costs little more than its bytes."""
-        path = f"{GENERATIONS_PATH}?pageNum=1&pageSize={max(1, min(page_size, LIST_PAGE_MAX))}"
+        """The `wanted` tasks on page `page_number` of the account's tasks, newest first, `page_size` a page
+        (Kling's list filters on nothing else); only those are read, so a long page costs little more than its
+        bytes."""
+        path = f"{GENERATIONS_PATH}?pageNum={page_number}&pageSize={max(1, min(page_size, LIST_PAGE_MAX))}"
         return await self._call(_Request(credentials, "list", "GET", path, None, partial(_wanted_tasks, wanted=wanted)))
 
     async def _call(self, request: _Request[T]) -> T:

@@ -57,7 +57,7 @@ from app.ratelimit import (
 from app.references import ReferenceGuard
 from app.sealing import SecretSealer, parse_master_keys
 from app.sentinel import SentinelTarget, following_failovers, sentinel_master
-from app.status_queries import StatusQueries
+from app.status_queries import BATCH_WINDOW_S, FALLBACK_BATCH_WINDOW_S, StatusQueries
 from app.tasks import MemoryTaskStore, RedisTaskStore, TaskStore
 from app.tenants import KeyFormat, MemoryTenantStore, RedisTenantStore, TenantDirectory, TenantStore
 from app.tenants_file import apply_tenants_file, load_tenants_file
@@ -241,13 +241,14 @@ def build_gateway(settings: Settings, tracing: Tracing | None = None) -> Gateway
     )
     webhook_http = create_http_client(max_connections=20)  # callers' receivers: not Kling's pool
     webhooks = WebhookSender(webhook_http, stores.tasks, directory.webhook_secret, references)
-    queries = StatusQueries(kling)
+    callbacks = settings.public_url is not None  # Kling calls back: polling is only the slow fallback
+    queries = StatusQueries(kling, window_s=FALLBACK_BATCH_WINDOW_S if callbacks else BATCH_WINDOW_S)
     follower = TaskFollower(
         kling, stores.tasks, first_interval_s=settings.poll_interval_seconds,
         on_finished=webhooks.task_finished,
         # With Redis, replicas adopt each other's tasks when one stops; alone in memory there is nobody to.
         credentials_of=directory.kling_credentials_by_id if redis is not None else None,
-        callbacks=settings.public_url is not None,  # Kling calls back: polling is only the slow fallback
+        callbacks=callbacks,
         lease_refresh_s=settings.lease_ttl_seconds / 3, queries=queries,
     )  # fmt: skip
     drain = Drain()

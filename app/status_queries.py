@@ -1,18 +1,19 @@
-"""StatusQueries: the status reads of followed tasks, answered per Kling account by one list call where that is
+"""StatusQueries: the status reads of followed tasks, answered per Kling account by list calls where that is
 cheaper than a query per task.
 
-Kling answers one task per query, or an account's newest tasks (up to 500, newest first, no filter) per list
-call (reference/kling-api.md §5). A replica following many tasks on one account would otherwise send a query
-per task per poll turn: each an HTTP call here and one more request against the account's rate limit at Kling.
-Reads for one account that fall due within `window_s` of each other are gathered; if the page that reaches
-back to the oldest of them is short enough to be worth it, one list call answers them all. The page's length
-comes from the tasks this replica created on the account since then, plus slack; a task it does not reach
-(pushed down by tasks created elsewhere) is asked alone, as is a lone read.
+Kling answers one task per query, or a page of an account's tasks (newest first, up to 500 a page, no filter)
+per list call (reference/kling-api.md §5). A replica following many tasks on one account would otherwise send a
+query per task per poll turn: each an HTTP call here and one more request against the account's rate limit at
+Kling. Reads for one account that fall due within `window_s` of each other are gathered; the pages reaching back
+to as many of them as is worth it (newest first) answer those, in one list call or a few. How far back a read
+is comes from the tasks this replica created on the account since, plus slack; a read the pages do not reach
+(an old task, or one pushed down by tasks created elsewhere) is asked alone, as is a lone read.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import contextvars
 from collections import deque
@@ -22,6 +23,10 @@ from typing import Any
 from app.kling import LIST_PAGE_MAX, KlingClient, KlingCredentials, KlingFailure, KlingTask, KlingTransportError
 
 BATCH_WINDOW_S = 0.2  # added to a read's latency at most; polls are a second or more apart anyway
+# With Kling's callbacks coming, polls are only the fallback for a lost one, 5 to 30 s apart (app/follower.py): a
+# read may wait this long for others of its account, so thousands of waiting tasks are read a page at a time.
+FALLBACK_BATCH_WINDOW_S = 2.5
+LIST_PAGES_MAX = 4  # how far back one batch lists: 2,000 tasks, in pages of LIST_PAGE_MAX
 # A listed task costs this process a small share of a query of its own (bytes to decode, no round trip), and
 # Kling the rendering of an entry: a page is worth it while it has at most this many entries per task wanted
 # from it. Twenty was measured too long: with 10,000 tasks held, the simulator spent itself on long pages and
@@ -44,7 +49,7 @@ class StatusQueries:
 
     def created(self, credentials: KlingCredentials, created_at_ms: int) -> None:
         """A task was just created on the account here: later pages have to reach past it."""
-        self._created.setdefault(credentials, deque(maxlen=LIST_PAGE_MAX)).append(created_at_ms)
+        self._created.setdefault(credentials, deque(maxlen=LIST_PAGES_MAX * LIST_PAGE_MAX)).append(created_at_ms)
 
     async def status(self, credentials: KlingCredentials, task_id: str, created_at_ms: int) -> KlingTask:
         """The task as Kling has it now (at most `window_s` from now); a KlingFailure when Kling cannot say."""
@@ -82,9 +87,12 @@ class StatusQueries:
                 await asyncio.sleep(self._window_s)
             finally:
                 del self._open[credentials]  # reads from now on gather in a new batch
-            page = self._page_size(credentials, batch)
-            if page is not None:
-                listed = await self._kling.list_image_tasks(credentials, page, frozenset(batch))
+            page_size, pages = self._pages(credentials, batch)
+            for page_number in range(1, pages + 1):
+                unanswered = frozenset(task_id for task_id, (_, answer) in batch.items() if not answer.done())
+                if not unanswered:
+                    break
+                listed = await self._kling.list_image_tasks(credentials, page_size, unanswered, page_number)
                 for task_id, task in listed.items():
                     batch[task_id][1].set_result(task)
             alone = [(task_id, answer) for task_id, (_, answer) in batch.items() if not answer.done()]
@@ -96,14 +104,22 @@ class StatusQueries:
             _fail_unanswered(batch, exc if isinstance(exc, Exception) else _abandoned())
             raise
 
-    def _page_size(self, credentials: KlingCredentials, batch: _Batch) -> int | None:
-        """How long a page must be to reach the oldest read, or None when asking each alone is cheaper."""
-        if len(batch) < 2:
-            return None
-        oldest = min(created_at_ms for created_at_ms, _ in batch.values())
-        newer = sum(1 for created_at_ms in self._created.get(credentials, ()) if created_at_ms >= oldest)
-        page = newer + newer // 4 + 10  # slack for tasks created meanwhile by other replicas
-        return page if page <= min(LIST_PAGE_MAX, ENTRIES_PER_READ * len(batch)) else None
+    def _pages(self, credentials: KlingCredentials, batch: _Batch) -> tuple[int, int]:
+        """The pages worth listing, as (page size, pages): those reaching the most reads, newest first, with at
+        most ENTRIES_PER_READ entries per read they reach. No pages when asking each alone is cheaper. Reads they
+        do not reach are asked alone: an account's old tasks need not keep its young ones from a list call."""
+        created = sorted(self._created.get(credentials, ()))
+        best = (0, 0)
+        for reached, oldest in enumerate(sorted((at for at, _ in batch.values()), reverse=True), start=1):
+            newer = len(created) - bisect.bisect_left(created, oldest)
+            reach = newer + newer // 4 + 10  # slack for tasks created meanwhile by other replicas
+            page_size = min(reach, LIST_PAGE_MAX)
+            pages = -(-reach // page_size)
+            if pages > LIST_PAGES_MAX:
+                break
+            if reached >= 2 and page_size * pages <= ENTRIES_PER_READ * reached:
+                best = (page_size, pages)
+        return best
 
     async def _ask_alone(self, credentials: KlingCredentials, task_id: str, answer: asyncio.Future[KlingTask]) -> None:
         try:

@@ -76,6 +76,34 @@ async def test_a_task_the_page_does_not_reach_is_asked_alone(
     assert await reads(simulator) == (2, 1)  # the list call, then the oldest's own query
 
 
+async def test_an_old_tasks_read_does_not_keep_young_ones_from_a_list_call(
+    simulator: Simulator, kling: KlingClient, account: KlingCredentials
+) -> None:
+    queries = StatusQueries(kling, window_s=0.1)
+    old = await created(kling, account, queries)
+    for _ in range(60):  # created here since, and not read now: a page back to the old task would be too long
+        await created(kling, account, queries)
+    young = [await created(kling, account, queries) for _ in range(3)]
+    with anyio.fail_after(10):
+        answers = await asyncio.gather(*(queries.status(account, t.task_id, t.created_at) for t in [old, *young]))
+    assert [answer.task_id for answer in answers] == [task.task_id for task in [old, *young]]
+    assert await reads(simulator) == (2, 1)  # the young ones' list call, then the old one's own query
+
+
+async def test_reads_reaching_past_one_page_are_answered_page_by_page(simulator: Simulator, kling: KlingClient) -> None:
+    account = KlingCredentials("ak-pages-" + secrets.token_hex(4), "sk-pages-" + secrets.token_hex(24))
+    await simulator.control(
+        "accounts", {"access_key": account.access_key, "secret_key": account.secret_key, "concurrency": 1000}
+    )
+    queries = StatusQueries(kling, window_s=0.2)
+    tasks = [await created(kling, account, queries) for _ in range(600)]
+    wanted = tasks[:60] + tasks[-60:]  # 120 reads reaching back past the newest 500: two pages of 500 are worth it
+    with anyio.fail_after(20):
+        answers = await asyncio.gather(*(queries.status(account, t.task_id, t.created_at) for t in wanted))
+    assert [answer.task_id for answer in answers] == [task.task_id for task in wanted]
+    assert await reads(simulator) == (2, 2)
+
+
 async def test_a_lone_read_is_a_query_of_its_own(
     simulator: Simulator, kling: KlingClient, account: KlingCredentials
 ) -> None:

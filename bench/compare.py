@@ -23,9 +23,18 @@ from pathlib import Path
 from app.kling import KlingCredentials
 from bench.http import Connection, Reply
 from bench.measure import Run, alternating, closed_loop, paced
-from bench.overhead import DIRECT, PACED_LEAD_IN_S, SIM_DELAY_S, cpu_ms, direct_sender, pace_below, rest_sender
+from bench.overhead import DIRECT, PACED_LEAD_IN_S, cpu_ms, direct_sender, pace_below, rest_sender
 from bench.serving import ROOT, Server, enter_together, raise_fd_limit
-from bench.stack import ACCOUNT_SLOTS, SimulatorProcess, accounts_for, api_keys, gateway, settled, with_server_cpu
+from bench.stack import (
+    ACCOUNT_SLOTS,
+    SIM_DELAY_S,
+    SimulatorProcess,
+    accounts_for,
+    api_keys,
+    gateway,
+    settled,
+    with_server_cpu,
+)
 from tests.servers import redis_server
 
 WORKING_TREE = "working tree"

@@ -20,15 +20,15 @@ import httpx2
 from pyinstrument.frame import Frame
 from pyinstrument.session import Session
 
-from bench.apps import PROFILE_INTERVAL_S, PROFILE_PATH
 from bench.measure import closed_loop
-from bench.overhead import SIM_DELAY_S, rest_sender
+from bench.overhead import rest_sender
+from bench.probes import PROFILE_INTERVAL_S, PROFILE_PATH
 from bench.report import write_section
 from bench.serving import enter_together, raise_fd_limit
-from bench.stack import SimulatorProcess, accounts_for, api_keys, gateway
+from bench.stack import SIM_DELAY_S, SimulatorProcess, accounts_for, api_keys, gateway
 
 CLIENTS = 16
-PROFILED_FACTORY = "bench.apps:profiled_gateway"
+PROFILED_FACTORY = "bench.probes:profiled_gateway"
 EXTRA_ENV: dict[str, str] = {}
 TOP = 15
 # Where the worker's time goes that a fix would target: (label, function, a fragment of its file's path).

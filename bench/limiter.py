@@ -167,7 +167,7 @@ async def _one_round(http: httpx2.AsyncClient, urls: list[str], account: SimAcco
 
 
 async def main(quick: bool) -> None:
-    decisions, repeats, rounds = (2_000, 3, 2) if quick else (20_000, 5, 5)
+    decisions, repeats, rounds = (2_000, 3, 2) if quick else (5_000, 5, 5)
     with redis_server() as url:
         redis = create_redis(url, retries=0)
         redis_limiter, memory_limiter = RedisLimiter(redis, lease_ttl_s=60), MemoryLimiter(lease_ttl_s=60)

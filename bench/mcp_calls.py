@@ -11,8 +11,9 @@ import argparse
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import partial
 
 import httpx2
 from mcp import Client
@@ -20,10 +21,19 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.types import TextContent
 
 from bench.measure import Run, alternating, median
-from bench.overhead import PACED_LEAD_IN_S, PROMPT, SIM_DELAY_S
+from bench.overhead import PACED_LEAD_IN_S, PROMPT
 from bench.report import write_section
 from bench.serving import Server, enter_together, raise_fd_limit, served
-from bench.stack import SimulatorProcess, accounts_for, api_keys, floor_server, gateway, settled
+from bench.stack import (
+    FIRST_QUERY_S,
+    SIM_DELAY_S,
+    SimulatorProcess,
+    accounts_for,
+    api_keys,
+    floor_server,
+    gateway,
+    settled,
+)
 
 ERAS = {"2026-07-28": "auto", "2025-11-25": "legacy"}  # SDK Client modes that negotiate each era
 CLIENTS = 8
@@ -31,7 +41,7 @@ GOAL_COST = 0.20
 LEAD_IN_S = PACED_LEAD_IN_S  # as bench.overhead's paced runs: until the first tasks' status queries are under way
 LEAD_IN_NOTE = (
     " (the first ones bring the gateway to its steady state, following its earlier tasks as it would in service:"
-    " it queries each task's status about a second after creating it)"
+    f" it queries each task's status {FIRST_QUERY_S:g} s after creating it)"
 )
 GATEWAY, CEILING = "gateway `generate_image`", "no-op tool (SDK ceiling)"
 FLOOR = "floor: SDK + the gateway's Kling create"
@@ -55,7 +65,7 @@ class Measured:
 @dataclass(frozen=True)
 class Span:
     """How long each client calls: for `lead_in_s` first, uncounted, then for `window_s`, counted. The lead-in
-    brings a gateway to its steady state: its first status queries come a second after its first creates."""
+    brings a gateway to its steady state: its first status queries come FIRST_QUERY_S after its first creates."""
 
     lead_in_s: float
     window_s: float
@@ -68,11 +78,11 @@ class Calls:
     client_cpu_s: float  # the clients' CPU over the span (their sessions opened before it)
 
 
-async def measured_calls(target: Target, mode: str, clients: int, span: Span) -> Measured:
+async def measured_calls(target: Target, sessions: list[Client], span: Span) -> Measured:
     """`calls`, and the CPU each process used per call, lead-in included."""
     processes = {"server": target.server} | ({"simulator": target.simulator} if target.simulator else {})
     before = {name: process.cpu_seconds() for name, process in processes.items()}
-    made = await calls(target, mode, clients, span)
+    made = await calls(target, sessions, span)
     if target.follows_tasks:  # the gateway: its following of the run's tasks is part of their cost
         await settled(target.server.url)
     cpu_ms = {"client": made.client_cpu_s * 1000 / made.made, "simulator": 0.0}
@@ -80,55 +90,58 @@ async def measured_calls(target: Target, mode: str, clients: int, span: Span) ->
     return Measured(made.run, cpu_ms)
 
 
-async def calls(target: Target, mode: str, clients: int, span: Span) -> Calls:
-    """`clients` SDK clients, each with its own connection pool and session, calling the tool in a row for the
-    span, which starts once every session is open; the run of the calls started after the lead-in, and how many
-    calls were made in all."""
+@contextlib.asynccontextmanager
+async def opened_sessions(target: Target, mode: str, clients: int) -> AsyncIterator[list[Client]]:
+    """`clients` SDK clients of `target`, each with its own connection pool and session, open for the block: the
+    rounds of an era reuse them, as a client connected by URL would. Opening them (about half a second for eight
+    here) is no call's cost, and would otherwise be much of a quick run."""
+    async with contextlib.AsyncExitStack() as stack:
+        sessions = []
+        for index in range(clients):  # in this task: the SDK closes a session in the task that opened it
+            headers = {"Authorization": f"Bearer {target.keys[index % len(target.keys)]}"}
+            http = await stack.enter_async_context(
+                httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=120))
+            )
+            session = Client(streamable_http_client(f"{target.server.url}/mcp", http_client=http), mode=mode)
+            sessions.append(await stack.enter_async_context(session))
+        yield sessions
+
+
+async def calls(target: Target, sessions: list[Client], span: Span) -> Calls:
+    """Each of the open `sessions` calling the tool in a row for the span; the run of the calls started after the
+    lead-in, and how many calls were made in all."""
     latencies: list[float] = []
     made = 0
-    opened = asyncio.Barrier(clients)
-    start: float | None = None
-    cpu_at_start = cpu_at_end = last_answer = 0.0
+    start, cpu_at_start = time.perf_counter(), time.process_time()
+    counted_from, ends = start + span.lead_in_s, start + span.lead_in_s + span.window_s
+    cpu_at_end = last_answer = 0.0
 
-    async def client(index: int) -> None:
-        nonlocal made, start, cpu_at_start, cpu_at_end, last_answer
-        headers = {"Authorization": f"Bearer {target.keys[index % len(target.keys)]}"}
-        try:
-            async with (
-                httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=120)) as http,
-                Client(streamable_http_client(f"{target.server.url}/mcp", http_client=http), mode=mode) as session,
-            ):
-                await opened.wait()
-                if start is None:
-                    start, cpu_at_start = time.perf_counter(), time.process_time()
-                counted_from, ends = start + span.lead_in_s, start + span.lead_in_s + span.window_s
-                answered = 0.0
-                while answered < ends:
-                    called = time.perf_counter()
-                    result = await session.call_tool(target.tool, {"prompt": PROMPT, "wait_seconds": 0})
-                    answered = time.perf_counter()
-                    made += 1
-                    if result.is_error:
-                        text = " ".join(b.text for b in result.content if isinstance(b, TextContent))
-                        raise RuntimeError(f"{target.tool} failed: {text[:300]}")
-                    if called >= counted_from:
-                        latencies.append(answered - called)
-                        last_answer = max(last_answer, answered)
-                cpu_at_end = time.process_time()  # the last client's last call: closing sessions is not a call's cost
-        except BaseException:
-            await opened.abort()  # the others would wait for this client's session for ever
-            raise
+    async def client(session: Client) -> None:
+        nonlocal made, cpu_at_end, last_answer
+        answered = 0.0
+        while answered < ends:
+            called = time.perf_counter()
+            result = await session.call_tool(target.tool, {"prompt": PROMPT, "wait_seconds": 0})
+            answered = time.perf_counter()
+            made += 1
+            if result.is_error:
+                text = " ".join(b.text for b in result.content if isinstance(b, TextContent))
+                raise RuntimeError(f"{target.tool} failed: {text[:300]}")
+            if called >= counted_from:
+                latencies.append(answered - called)
+                last_answer = max(last_answer, answered)
+        cpu_at_end = time.process_time()  # the last client's last call
 
-    await asyncio.gather(*(client(index) for index in range(clients)))
-    if start is None or not latencies:
+    await asyncio.gather(*(client(session) for session in sessions))
+    if not latencies:
         raise RuntimeError(f"no call of {target.tool} started in the counted {span.window_s:g} s; lengthen the span")
-    return Calls(Run(latencies, last_answer - (start + span.lead_in_s)), made, cpu_at_end - cpu_at_start)
+    return Calls(Run(latencies, last_answer - counted_from), made, cpu_at_end - cpu_at_start)
 
 
 async def main(quick: bool) -> str:
     raise_fd_limit()
     # Quick runs skip the lead-in: their figures leave out part of the gateway's following of its tasks.
-    rounds, span = (2, Span(0.0, 0.4)) if quick else (4, Span(LEAD_IN_S, 2.0))
+    rounds, span = (2, Span(0.0, 0.4)) if quick else (4, Span(LEAD_IN_S, 1.5))
     accounts = accounts_for(4000)
     async with contextlib.AsyncExitStack() as stack:
         kling = SimulatorProcess(SIM_DELAY_S, accounts)
@@ -136,8 +149,8 @@ async def main(quick: bool) -> str:
             stack,
             kling,
             gateway(kling.url),
-            served("bench.apps:noop_mcp_app", {}),
-            floor_server("bench.apps:floor_mcp_app", kling.url, accounts[-1]),
+            served("bench.mcp_apps:noop_mcp_app", {}),
+            floor_server("bench.mcp_apps:floor_mcp_app", kling.url, accounts[-1]),
         )
         keys = await api_keys(gw.url, accounts[:-1])
         targets = {GATEWAY: Target(gw, "generate_image", keys, sim, follows_tasks=True),
@@ -145,15 +158,16 @@ async def main(quick: bool) -> str:
                    CEILING: Target(noop, "noop", ["-"])}  # fmt: skip
         results: dict[str, dict[str, list[Measured]]] = {}
         for era, mode in ERAS.items():
-
-            def contender(target: Target, mode: str = mode) -> Callable[[], Awaitable[Measured]]:
-                return lambda: measured_calls(target, mode, CLIENTS, span)
-
-            for target in targets.values():  # warm up, and follow the warm-up's tasks to their end
-                await calls(target, mode, CLIENTS, Span(0.0, 0.2))
-                if target.follows_tasks:
-                    await settled(target.server.url)
-            results[era] = await alternating(rounds, {name: contender(t) for name, t in targets.items()})
+            async with contextlib.AsyncExitStack() as era_stack:
+                sessions = {name: await era_stack.enter_async_context(opened_sessions(target, mode, CLIENTS))
+                            for name, target in targets.items()}  # fmt: skip
+                for name, target in targets.items():  # warm up, and follow the warm-up's tasks to their end
+                    await calls(target, sessions[name], Span(0.0, 0.2))
+                    if target.follows_tasks:
+                        await settled(target.server.url)
+                contenders = {name: partial(measured_calls, target, sessions[name], span)
+                              for name, target in targets.items()}  # fmt: skip
+                results[era] = await alternating(rounds, contenders)
     body = render(results, rounds, span, quick)
     write_section("mcp", body)
     return body
@@ -186,7 +200,7 @@ def render(results: dict[str, dict[str, list[Measured]]], rounds: int, span: Spa
     return f"""## MCP tool calls per second (`{command}`)
 
 Run {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}. {CLIENTS} MCP SDK clients (`mcp.Client`, each with its own
-httpx2 pool and session, opened before the clock starts) call a tool in a row with `wait_seconds: 0` for {span.lead_in_s + span.window_s:g} s, of which the calls started in the
+httpx2 pool and session, opened once per era before its first run) call a tool in a row with `wait_seconds: 0` for {span.lead_in_s + span.window_s:g} s, of which the calls started in the
 last {span.window_s:g} s are counted{LEAD_IN_NOTE if span.lead_in_s else " (a quick run: no lead-in, so the gateway's figures leave out part of its following of its tasks)"}: the gateway's `generate_image`
 (which creates a Kling task on the simulator), a no-op tool on an `MCPServer` with the gateway's transport
 settings (`stateless_http=True`, `json_response=False`) under the same uvicorn settings: the SDK's own ceiling on
@@ -203,9 +217,8 @@ the rounds.
 
 "Cost" is 1 − gateway calls/s ÷ ceiling calls/s. The client (the SDK's, in one process) shares the two cores with
 the server, and for the gateway also with the simulator, so both rates are lower than a server alone would reach.
-The server and simulator columns are each process's CPU time (from /proc) over the run, sessions opened included,
-and until the gateway has stopped following its tasks; the client's is its own over the span, its sessions already
-open; each is divided by the calls, lead-in included; the simulator's is Kling's side (the creates, and the status queries of the gateway
+The server and simulator columns are each process's CPU time (from /proc) over the run, until the gateway has
+stopped following its tasks; the client's is its own over the span; each is divided by the calls, lead-in included; the simulator's is Kling's side (the creates, and the status queries of the gateway
 following each task), work this machine does only because Kling runs on it. All the clients share one process, which one core bounds: when it nears a whole core, the
 ceiling is the client's as much as the SDK server's, and the server CPU per call is the closer measure of what the
 gateway's work adds.

@@ -31,17 +31,19 @@ from bench.report import write_section
 from bench.serving import Server, enter_together, raise_fd_limit, served
 from bench.stack import (
     ACCOUNT_SLOTS,
+    DEFAULT_FIRST_QUERY_S,
+    FIRST_QUERY_S,
+    SIM_DELAY_S,
     SimulatorProcess,
     accounts_for,
     api_keys,
     floor_server,
     gateway,
-    settled,
+    kling_calls,
     with_server_cpu,
 )
 from tests.servers import redis_server
 
-CLIENTS = (1, 16, 64)
 # 16 clients again, but below saturation: a closed loop at 16 clients measures queueing behind a busy worker
 # (latency = clients / throughput), a paced load what each request costs when the worker keeps up. The pace is
 # PACED_SHARE of the slowest target's closed-loop rate at 16 clients in the same run, and at most
@@ -51,10 +53,9 @@ PACED_CLIENTS, PACED_PER_SECOND, PACED_SHARE = 16, 150.0, 0.5
 # costs a worker about half as much again as one in a busy closed loop (each request, status query and Redis answer
 # wakes it): a third keeps that gateway's worker about half busy, as PACED_SHARE means to.
 PACED_CPU_SHARE = 1 / 3
-# Requests sent on a paced schedule before those counted: each task's first status query comes a second after its
-# create (KGW_POLL_INTERVAL_SECONDS), so until then a gateway would be measured without that part of its work.
-PACED_LEAD_IN_S = 1.5
-SIM_DELAY_S = 0.2  # short, so the simulator keeps few tasks in flight; the gateway still follows each one
+# Requests sent on a paced schedule before those counted: each task's first status query comes FIRST_QUERY_S after
+# its create, so until then a gateway would be measured without that part of its work.
+PACED_LEAD_IN_S = 2 * FIRST_QUERY_S
 PROMPT = "a lighthouse at dawn, oil on canvas"
 GOAL_P50_MS, GOAL_P99_MS = 1.0, 5.0
 DIRECT, FLOOR = "direct to the simulator", "floor: FastAPI + the gateway's Kling client"
@@ -103,8 +104,9 @@ class Target:
 async def main(quick: bool) -> str:
     raise_fd_limit()
     rounds = 2 if quick else 3
-    requests = {1: 40, 16: 160, 64: 192} if quick else {1: 200, 16: 640, 64: 960}
-    paced_requests = 48 if quick else 300
+    # Requests per run at each number of clients: a quick run measures the goal's load alone (16, closed and paced).
+    requests = {PACED_CLIENTS: 160} if quick else {1: 120, 16: 400, 64: 640}
+    paced_requests = 48 if quick else 200
     warm_up = 64 if quick else 200  # each client's connection, the caches, JWTs and Lua scripts: a few requests each
     accounts = accounts_for((2 + 2 * ACCOUNTS_PER_GATEWAY) * ACCOUNT_SLOTS)
     direct_account, floor_account = accounts[0], accounts[1]
@@ -135,15 +137,8 @@ async def main(quick: bool) -> str:
                                       follows_tasks=target.follows_tasks)  # fmt: skip
             results: dict[str, dict[str, list[Run]]] = {}
             pace = PACED_PER_SECOND
-            followed = True  # the warm-up was followed to its end
-            for clients in CLIENTS:
-                # A quick run follows to their end (and measures the CPU of) only the runs the pace comes from.
-                follow = not quick or clients == PACED_CLIENTS
-                if follow and not followed:  # none of the unfollowed runs' work may land in these
-                    await asyncio.gather(*(settled(t.url) for t in targets.values() if t.follows_tasks))
-                followed = follow
-                closed = {name: measured(target, requests[clients], closed_contender(target, clients, requests[clients]))
-                          if follow else closed_contender(target, clients, requests[clients])
+            for clients, count in requests.items():
+                closed = {name: measured(target, count, closed_contender(target, clients, count))
                           for name, target in targets.items()}  # fmt: skip
                 results[str(clients)] = await alternating(rounds, closed)
                 if clients == PACED_CLIENTS:  # right after the closed loop whose rates set the pace
@@ -153,8 +148,9 @@ async def main(quick: bool) -> str:
                                               paced_contender(target, pace, paced_requests, lead_in))
                                for name, target in targets.items()}  # fmt: skip
                     results[paced_load(pace)] = await alternating(rounds, at_pace)
-            outbound = await outbound_cpu_ms(sim.url, direct_account, creates=100 if quick else 400, rounds=rounds)
-    body = render(results, outbound, rounds, requests, pace, paced_requests, quick)
+            outbound = await outbound_cpu_ms(sim.url, direct_account, creates=100 if quick else 200, rounds=rounds)
+            reads = {name: await status_reads_per_task(t.url) for name, t in targets.items() if t.follows_tasks}
+    body = render(results, outbound, reads, rounds, requests, pace, paced_requests, quick)
     write_section("overhead", body)
     return body
 
@@ -206,6 +202,12 @@ def _created(status: int, body: bytes) -> object:
     if status != 200 or answer.get("code") != 0:
         raise RuntimeError(f"the simulator answered {status}: {body[:200]!r}")
     return answer["data"]
+
+
+async def status_reads_per_task(gateway_url: str) -> float:
+    """Status reads (queries and list calls) the gateway sent Kling per task it created, over the whole run."""
+    calls = await kling_calls(gateway_url)
+    return (calls.get("query", 0.0) + calls.get("list", 0.0)) / max(1.0, calls.get("create", 0.0))
 
 
 def pace_below(closed_loop: dict[str, list[Run]], gateways: Iterable[str]) -> float:
@@ -260,6 +262,7 @@ def paced_load(per_second: float) -> str:
 def render(
     results: dict[str, dict[str, list[Run]]],
     outbound: dict[str, float],
+    reads: dict[str, float],
     rounds: int,
     requests: dict[int, int],
     pace: float,
@@ -293,15 +296,16 @@ def render(
     costs = "; ".join(f"{store}, {cpu_ms(busy[name]):.2f} ms busy and {cpu_ms(at_pace[name]):.2f} ms paced, which kept "
                       f"the worker busy {cpu_ms(at_pace[name]) * pace / 1000:.0%} of the time" for name, store in VERDICT_GATEWAYS.items())  # fmt: skip
     if quick:
-        lead_in_note = ("This quick run sends no requests before those counted, so the gateways' status queries of "
-                        "their first tasks mostly fall after them; nor does it follow its closed loops at 1 and 64 "
-                        "clients to their end (no CPU figure there), so the runs right after them can carry some of "
-                        "their work.")  # fmt: skip
+        lead_in_note = ("This quick run measures 16 clients only, and its paced runs send no requests before those "
+                        "counted, so the gateways' status queries of their first tasks fall after them.")  # fmt: skip
     else:
         lead_in_note = (f"Each paced run starts with {round(PACED_LEAD_IN_S * pace)} requests ({PACED_LEAD_IN_S:g} s) "
-                        "sent but not counted: a gateway queries each task's status about a second after creating "
-                        "it, so the counted requests meet it in its steady state, following the earlier tasks as it "
-                        "would in service.")  # fmt: skip
+                        f"sent but not counted: a gateway here queries each task's status {FIRST_QUERY_S:g} s after "
+                        "creating it, so the counted requests meet it in its steady state, following the earlier "
+                        "tasks as it would in service.")  # fmt: skip
+    per_task = " and ".join(f"{n:.2f} status reads per task ({VERDICT_GATEWAYS[name]})" for name, n in reads.items())
+    reads_note = (f" Over this run, the gateways sent Kling {per_task} (queries and list calls: a list call answers "
+                  "the reads of one account that fall due together).")  # fmt: skip
     command = "python -m bench.overhead" + (" --quick" if quick else "")
     return f"""## Gateway-added latency and the REST ceiling (`{command}`)
 
@@ -321,8 +325,7 @@ rounds. "added" is a percentile minus the direct one; `Server-Timing` is the med
 loops at 16 and 64) it also holds the time the request's next step waited behind other requests' work on the event
 loop. **Server CPU** is the CPU time of the process serving the target (for the direct target, the simulator) per
 request; a gateway's run is followed to its end, until it follows none of its tasks, so its figure holds each task's
-whole life (status queries, recording, releases), and no target's run carries another's leftover work (but see the
-quick run's note above, for a quick run).
+whole life (status queries, recording, releases), and no target's run carries another's leftover work.
 
 | clients | target | p50 ms | p99 ms | requests/s | added p50 ms | added p99 ms | `Server-Timing` ms | server CPU ms per request |
 |---|---|---|---|---|---|---|---|---|
@@ -355,9 +358,11 @@ cached JWT and decodes the answer. The goal's 1 ms is below the floor here; what
 its own work over the floor, given in each verdict above.
 
 The gateway's path includes what the direct path does not: authenticating the key, the tenant's rate, concurrency
-and daily limits, the Kling account's slots, usage counters, recording the task, and following it (one status
-query about a second later, at the default `KGW_POLL_INTERVAL_SECONDS`), all in the same worker. With Redis these
-are round trips to a local redis-server. The simulator, the gateway and the client share the machine's two cores,
+and daily limits, the Kling account's slots, usage counters, recording the task, and following it, all in the same
+worker. With Redis these are round trips to a local redis-server. The simulator ends each task {SIM_DELAY_S:g} s after
+its create, and the gateways query a task's status first {FIRST_QUERY_S:g} s after it (`KGW_POLL_INTERVAL_SECONDS`;
+{DEFAULT_FIRST_QUERY_S:g} s by default), so their following of a run's tasks is over soon after it; either way, the
+first read finds the task ended.{reads_note} The simulator, the gateway and the client share the machine's two cores,
 so throughput at 16 and 64 clients is bounded by the whole set, not by the gateway alone.
 """
 

@@ -26,8 +26,12 @@ from tests.servers import free_port
 
 ADMIN_TOKEN = "bench-admin-" + secrets.token_urlsafe(24)
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-# A gateway on the default settings queries a task's status first this long after creating it.
-FIRST_QUERY_S = Settings.model_fields["poll_interval_seconds"].default
+# The throughput benchmarks' Kling ends a task SIM_DELAY_S after its create, and their gateways query a task's
+# status first FIRST_QUERY_S after it (KGW_POLL_INTERVAL_SECONDS). The query comes after the create's answer, so
+# it always finds the task ended: each task costs a gateway one status query, as on the default settings with tasks
+# shorter than DEFAULT_FIRST_QUERY_S, but a run's following of its tasks ends four times sooner.
+SIM_DELAY_S, FIRST_QUERY_S = 0.1, 0.25
+DEFAULT_FIRST_QUERY_S = Settings.model_fields["poll_interval_seconds"].default
 # The admin API's ceilings: nothing but the machine should refuse a benchmark's requests.
 UNLIMITED = {"requests_per_minute": 1_000_000, "concurrent_tasks": 100_000, "images_per_day": 100_000_000}
 ACCOUNT_SLOTS = 1000  # the largest `concurrency` the admin API accepts for one Kling account
@@ -66,13 +70,16 @@ async def gateway(
     redis_url: str | None = None,
     factory: str = "app.main:create_app",
     callbacks: bool = False,
+    first_query_s: float | None = FIRST_QUERY_S,
     extra_env: dict[str, str] | None = None,
     root: Path = ROOT,
 ) -> AsyncIterator[Server]:
-    """A gateway process on the default settings, from the code under `root`; `callbacks` sets KGW_PUBLIC_URL
-    to its own address, so the simulator calls it back as Kling would."""
+    """A gateway process on the default settings but `first_query_s` (None: the default), from the code under
+    `root`; `callbacks` sets KGW_PUBLIC_URL to its own address, so the simulator calls it back as Kling would."""
     port = free_port()
     env = {"KGW_KLING_BASE_URL": kling_url, "KGW_ADMIN_TOKEN": ADMIN_TOKEN, **(extra_env or {})}
+    if first_query_s is not None:
+        env["KGW_POLL_INTERVAL_SECONDS"] = str(first_query_s)
     if redis_url is not None:
         env |= {"KGW_REDIS_URL": redis_url, "KGW_KEY_PEPPER": secrets.token_urlsafe(24),
                 "KGW_MASTER_KEY": new_master_key()}  # fmt: skip
@@ -84,24 +91,36 @@ async def gateway(
 
 @contextlib.asynccontextmanager
 async def floor_server(factory: str, kling_url: str, account: SimAccount) -> AsyncIterator[Server]:
-    """A floor (bench/apps.py `floor_app` or `floor_mcp_app`) sending its creates to `kling_url` as `account`."""
+    """A floor (bench/apps.py `floor_app` or bench/mcp_apps.py `floor_mcp_app`) sending its creates to
+    `kling_url` as `account`."""
     env = {"BENCH_KLING_URL": kling_url, "BENCH_KLING_ACCOUNT": json.dumps([account.access_key, account.secret_key])}
     async with served(factory, env) as server:
         yield server
 
 
 async def settled(gateway_url: str, within_s: float = 30.0) -> None:
-    """Until the gateway, just sent a run of tasks, follows none any more (`kgw_tasks_in_flight` 0): the polls
-    and releases that come after the answers are part of what a run costs it. The gauge is read only from when the
-    last task's first status query is due: each reading is a /metrics scrape, about 7 ms of the gateway's CPU here,
-    that would be booked to the run."""
+    """Until the gateway (started by `gateway` with FIRST_QUERY_S), just sent a run of tasks, follows none any
+    more (`kgw_tasks_in_flight` 0): the polls and releases that come after the answers are part of what a run costs
+    it. The gauge is read only from when the last task's first status query is due: each reading is a /metrics
+    scrape, about 7 ms of the gateway's CPU here, that would be booked to the run."""
     async with httpx2.AsyncClient(timeout=10) as http, asyncio.timeout(within_s):
         await asyncio.sleep(FIRST_QUERY_S)
         while True:
             metrics = (await http.get(f"{gateway_url}/metrics")).text
             if re.search(r"^kgw_tasks_in_flight(\{[^}]*\})? 0(\.0)?$", metrics, re.MULTILINE):
                 return
-            await asyncio.sleep(0.2)  # a gauge: nothing to await but its next reading
+            await asyncio.sleep(FIRST_QUERY_S / 4)  # a gauge: nothing to await but its next reading
+
+
+async def kling_calls(gateway_url: str) -> dict[str, float]:
+    """The HTTP calls the gateway has sent to Kling so far, by endpoint (`create`, `query`, `list`), from its
+    `kgw_kling_requests_total`."""
+    async with httpx2.AsyncClient(timeout=10) as http:
+        metrics = (await http.get(f"{gateway_url}/metrics")).text
+    calls: dict[str, float] = {}
+    for endpoint, count in re.findall(r'^kgw_kling_requests_total\{[^}]*endpoint="(\w+)"[^}]*\} (\S+)$', metrics, re.M):
+        calls[endpoint] = calls.get(endpoint, 0.0) + float(count)
+    return calls
 
 
 async def with_server_cpu(

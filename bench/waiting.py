@@ -4,7 +4,7 @@ Each waiter is a REST `POST /generate` with a long `wait_seconds`, on its own co
 to 1,000, 5,000 and 10,000 and are held at each; then the simulator finishes every task (`POST /_sim/finish`)
 and calls the gateway back (KGW_PUBLIC_URL is set, as in production); the gateway's own polling remains the
 fallback. Measured: RSS of the
-gateway process per waiter, the event loop's lag inside it (bench/apps.py LagProbe), a tiny request's latency
+gateway process per waiter, the event loop's lag inside it (bench/probes.py LagProbe), a tiny request's latency
 from outside while everyone waits, upstream queries per task, and how soon after Kling finished each caller got
 its images.
 
@@ -20,10 +20,12 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
-from bench.apps import LAG_PATH
+from app.kling import LIST_PAGE_MAX
+from app.status_queries import BATCH_WINDOW_S, ENTRIES_PER_READ, FALLBACK_BATCH_WINDOW_S, LIST_PAGES_MAX
 from bench.http import Connection, Reply
 from bench.measure import percentile
 from bench.overhead import PROMPT
+from bench.probes import LAG_PATH
 from bench.report import write_section
 from bench.serving import Server, enter_together, raise_fd_limit
 from bench.stack import SimulatorProcess, accounts_for, api_keys, gateway
@@ -138,7 +140,9 @@ async def run(milestones: tuple[int, ...]) -> tuple[list[Milestone], Ending]:
     kling = SimulatorProcess(SIM_DELAY_S, accounts)
     async with contextlib.AsyncExitStack() as stack:
         sim, gw = await enter_together(
-            stack, kling, gateway(kling.url, factory="bench.apps:lag_probed_gateway", callbacks=True)
+            stack,
+            kling,
+            gateway(kling.url, factory="bench.probes:lag_probed_gateway", callbacks=True, first_query_s=None),
         )
         keys = await api_keys(gw.url, accounts)
         control, stats = Connection(gw.url), Connection(sim.url)
@@ -236,13 +240,15 @@ order they were created:
 
 {f"- The first refusal said: `{end.first_failure}`{chr(10)}" if end.first_failure else ""}- **RSS added** is the gateway process's resident memory while the waiters are held, minus before the first
   request: sockets, request state, the waiting coroutines and each task's follower.
-- **Loop lag** is how late a {1000 * 0.005:g} ms sleep inside the gateway wakes (bench/apps.py `LagProbe`): the
+- **Loop lag** is how late a {1000 * 0.005:g} ms sleep inside the gateway wakes (bench/probes.py `LagProbe`): the
   time any ready request or Kling answer waits for the worker. "finishing" covers the tasks ending and every
   caller being answered.
 - **Upstream reads per task**: the simulator's status reads (`/_sim/stats` `queries`: single queries and list
   calls) divided by its creates. With callbacks, polling is the fallback for a lost one: 5 s after the create,
-  backing off to every 30 s, so a task held for the whole run is read a few times; reads of one account that
-  fall due together are answered by one list call when the page is short enough (app/status_queries.py).
+  backing off to every 30 s, so a task held for the whole run falls due a few times; reads of one account that
+  fall due within {FALLBACK_BATCH_WINDOW_S:g} s of each other ({BATCH_WINDOW_S:g} s without callbacks) are answered by list calls,
+  newest first, as far back as pages of at most {ENTRIES_PER_READ} entries per read reach (up to {LIST_PAGES_MAX} pages of
+  {LIST_PAGE_MAX}); the older ones, by queries of their own (app/status_queries.py).
 - **Result after Kling finished**: when the caller got its answer minus the task's `updated_at` (the simulator's
   end time), on the same clock.
 - **The ramp's pace sets the load after it.** A gateway that takes waiters on faster holds younger tasks, which

@@ -1,0 +1,79 @@
+"""The gateway (`app.main:create_app`) with a probe in front, for `python -m bench.serving FACTORY PORT --gateway`:
+
+- `lag_probed_gateway`: plus an event-loop lag monitor, read at `/_bench/lag` (bench/waiting.py);
+- `profiled_gateway`: plus pyinstrument, started and stopped at `/_bench/profile` (bench/hotpath.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+from pyinstrument import Profiler
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.main import create_app
+
+LAG_TICK_S = 0.005
+LAG_PATH = "/_bench/lag"
+PROFILE_PATH = "/_bench/profile"
+PROFILE_INTERVAL_S = 0.001
+
+
+class LagProbe:
+    """Pure ASGI in front of the gateway. A task sleeps LAG_TICK_S in a loop and records how late it wakes:
+    that lateness is how long any ready callback (a request, a Kling answer) waits for the loop.
+    `GET /_bench/lag` returns the recording; `POST` returns it and starts a new one."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+        self._lags: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != LAG_PATH:
+            await self._app(scope, receive, send)
+            return
+        recorded = self._lags
+        if scope["method"] == "POST":
+            self._lags = []
+            if self._task is None:
+                self._task = asyncio.create_task(self._monitor(), name="bench lag monitor")
+        await JSONResponse({"lags_s": recorded})(scope, receive, send)
+
+    async def _monitor(self) -> None:
+        while True:
+            started = time.perf_counter()
+            await asyncio.sleep(LAG_TICK_S)
+            self._lags.append(max(0.0, time.perf_counter() - started - LAG_TICK_S))
+
+
+def lag_probed_gateway() -> ASGIApp:
+    return LagProbe(create_app())
+
+
+class ProfileSwitch:
+    """Pure ASGI in front of the gateway: `POST /_bench/profile` starts pyinstrument, `DELETE` stops it and
+    saves the session to BENCH_PROFILE_OUT, so only the measured requests are in the profile (not start-up)."""
+
+    def __init__(self, app: ASGIApp, out: str) -> None:
+        self._app = app
+        self._out = out
+        # async_mode="disabled": sample whatever the loop's thread runs, as the process spends its time.
+        self._profiler = Profiler(interval=PROFILE_INTERVAL_S, async_mode="disabled")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != PROFILE_PATH:
+            await self._app(scope, receive, send)
+            return
+        if scope["method"] == "POST":
+            self._profiler.start()
+        else:
+            self._profiler.stop().save(self._out)
+        await JSONResponse({"ok": True})(scope, receive, send)
+
+
+def profiled_gateway() -> ASGIApp:
+    return ProfileSwitch(create_app(), os.environ["BENCH_PROFILE_OUT"])

@@ -25,7 +25,7 @@ from bench.overhead import rest_sender
 from bench.probes import PROFILE_INTERVAL_S, PROFILE_PATH
 from bench.report import write_section
 from bench.serving import enter_together, raise_fd_limit
-from bench.stack import SIM_DELAY_S, SimulatorProcess, accounts_for, api_keys, gateway
+from bench.stack import SIM_DELAY_S, TLS, SimulatorProcess, accounts_for, api_keys, gateway
 
 CLIENTS = 16
 PROFILED_FACTORY = "bench.probes:profiled_gateway"
@@ -135,7 +135,7 @@ def _has_ancestor(frame: Frame, function: str, path: str | None) -> bool:
 
 async def main(quick: bool, save: str | None = None) -> str:
     raise_fd_limit()
-    requests = 400 if quick else 1500
+    requests, warm_up = (200, 100) if quick else (1500, 300)
     accounts = accounts_for(4000)
     with tempfile.TemporaryDirectory() as workdir:
         out = Path(workdir) / "profile.json"
@@ -144,8 +144,8 @@ async def main(quick: bool, save: str | None = None) -> str:
         async with contextlib.AsyncExitStack() as stack:
             _, gw = await enter_together(stack, kling, profiled)
             send = rest_sender(await api_keys(gw.url, accounts))
-            await closed_loop(gw.url, send, clients=CLIENTS, requests=300, expect=202)  # warm up
-            async with httpx2.AsyncClient(timeout=30) as http:
+            await closed_loop(gw.url, send, clients=CLIENTS, requests=warm_up, expect=202)
+            async with httpx2.AsyncClient(timeout=30, verify=TLS) as http:
                 (await http.post(gw.url + PROFILE_PATH)).raise_for_status()
                 run = await closed_loop(gw.url, send, clients=CLIENTS, requests=requests, expect=202)
                 (await http.delete(gw.url + PROFILE_PATH)).raise_for_status()

@@ -15,7 +15,7 @@ import contextlib
 import secrets
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import httpx2
@@ -29,7 +29,7 @@ from app.simulator import SimAccount, SimulatorConfig, create_simulator_app
 from bench.measure import alternating
 from bench.report import machine, write_section
 from bench.serving import enter_together
-from bench.stack import ACCOUNT_SLOTS, ADMIN_TOKEN, api_keys
+from bench.stack import ACCOUNT_SLOTS, ADMIN_TOKEN, FIRST_QUERY_S, SIM_DELAY_S, TLS, api_keys
 from tests.servers import gateway_process, redis_server, serve
 
 UNLIMITED = TenantLimits(requests_per_minute=10**9, concurrent_tasks=10**9, images_per_day=10**9)
@@ -104,50 +104,68 @@ def followed_off(task_id: str) -> Callable[[str], bool]:
     return lambda command: command.startswith("ZREM") and task_id in command
 
 
-async def round_trips_per_request(redis_url: str) -> dict[str, int]:
-    """Round trips one gateway process makes for: a request whose key is not in its cache, the same request
-    again (cached), and a `POST /generate` (wait 0) over its whole life, from the request to the task's end."""
-    account = SimAccount("bench-rt-ak", "bench-sk-" + secrets.token_hex(24), concurrency=ACCOUNT_SLOTS)
+def gateway_env(redis_url: str, kling_url: str) -> dict[str, str]:
+    """A Redis-backed gateway's settings; the gateways of one Redis share its pepper and master key."""
+    return {"KGW_REDIS_URL": redis_url, "KGW_KEY_PEPPER": secrets.token_urlsafe(24),
+            "KGW_MASTER_KEY": new_master_key(), "KGW_ADMIN_TOKEN": ADMIN_TOKEN, "KGW_KLING_BASE_URL": kling_url,
+            "KGW_POLL_INTERVAL_SECONDS": str(FIRST_QUERY_S)}  # fmt: skip
+
+
+async def round_trips_per_request(replica_url: str, redis_url: str, account: SimAccount) -> dict[str, int]:
+    """Round trips the gateway process at `replica_url`, alone on `redis_url`, makes for: a request whose key is
+    not in its cache, the same request again (cached), and a `POST /generate` (wait 0) over its whole life, from
+    the request to the task's end (its first status query finds it ended, as bench.stack's gateways do)."""
     counts: dict[str, int] = {}
-    async with serve(create_simulator_app(SimulatorConfig((account,), delay=0.2))) as kling_url:
-        env = {"KGW_REDIS_URL": redis_url, "KGW_KEY_PEPPER": secrets.token_urlsafe(24),
-               "KGW_MASTER_KEY": new_master_key(), "KGW_ADMIN_TOKEN": ADMIN_TOKEN, "KGW_KLING_BASE_URL": kling_url}  # fmt: skip
-        async with gateway_process(env) as replica, httpx2.AsyncClient(timeout=30) as http:
-            warm_up, headers = (
-                {"Authorization": f"Bearer {key}"} for key in await api_keys(replica.url, (account,) * 2)
-            )
-            watcher = Redis.from_url(redis_url)
-            async with watcher.monitor() as monitor:
-                trips = RoundTrips(monitor)
-                # Scripts loaded and connections opened first: those happen once per process, not per request.
-                await http.get(f"{replica.url}/tasks/bench-none-warm", headers=warm_up)
-                warmed = await http.post(f"{replica.url}/generate", json={"prompt": "x"}, headers=warm_up)
-                await trips.until(followed_off(warmed.json()["task_id"]))
-                for label in ("auth miss", "auth hit"):  # the task lookup answers 404; its GET ends the request
-                    before, task_key = trips.counted, f"task:bench-none-{label[5:]}"
-                    await http.get(f"{replica.url}/tasks/bench-none-{label[5:]}", headers=headers)
-                    counts[label] = await trips.until(mentioning(task_key)) - before
-                before = trips.counted
-                created = await http.post(f"{replica.url}/generate", json={"prompt": "x", "wait_seconds": 0},
-                                          headers=headers)  # fmt: skip
-                counts["generate"] = await trips.until(followed_off(created.json()["task_id"])) - before
-            await watcher.aclose()
+    async with httpx2.AsyncClient(timeout=30, verify=TLS) as http:
+        warm_up, headers = ({"Authorization": f"Bearer {key}"} for key in await api_keys(replica_url, (account,) * 2))
+        watcher = Redis.from_url(redis_url)
+        async with watcher.monitor() as monitor:
+            trips = RoundTrips(monitor)
+            # Scripts loaded and connections opened first: those happen once per process, not per request.
+            await http.get(f"{replica_url}/tasks/bench-none-warm", headers=warm_up)
+            warmed = await http.post(f"{replica_url}/generate", json={"prompt": "x"}, headers=warm_up)
+            await trips.until(followed_off(warmed.json()["task_id"]))
+            for label in ("auth miss", "auth hit"):  # the task lookup answers 404; its GET ends the request
+                before, task_key = trips.counted, f"task:bench-none-{label[5:]}"
+                await http.get(f"{replica_url}/tasks/bench-none-{label[5:]}", headers=headers)
+                counts[label] = await trips.until(mentioning(task_key)) - before
+            before = trips.counted
+            created = await http.post(f"{replica_url}/generate", json={"prompt": "x", "wait_seconds": 0},
+                                      headers=headers)  # fmt: skip
+            counts["generate"] = await trips.until(followed_off(created.json()["task_id"])) - before
+        await watcher.aclose()
     return counts
 
 
-async def admission_accuracy(redis_url: str, clients: int, per_minute: int, rounds: int) -> list[int]:
-    """Admitted counts, one per round, of `clients` simultaneous submissions against `per_minute`."""
-    account = SimAccount("bench-ak", "bench-sk-" + secrets.token_hex(24), concurrency=ACCOUNT_SLOTS)
-    pepper = secrets.token_urlsafe(24)
-    async with serve(create_simulator_app(SimulatorConfig((account,), delay=0.5))) as kling_url:
-        env = {"KGW_REDIS_URL": redis_url, "KGW_KEY_PEPPER": pepper, "KGW_MASTER_KEY": new_master_key(),
-               "KGW_ADMIN_TOKEN": ADMIN_TOKEN, "KGW_KLING_BASE_URL": kling_url}  # fmt: skip
-        async with contextlib.AsyncExitStack() as stack:
-            first, second = await enter_together(stack, gateway_process(env), gateway_process(env))
-            limits = httpx2.Limits(max_connections=clients * 2)
-            async with httpx2.AsyncClient(timeout=60, limits=limits) as http:
-                return [await _one_round(http, [first.url, second.url], account, clients, per_minute)
-                        for _ in range(rounds)]  # fmt: skip
+async def admission_accuracy(
+    replica_urls: list[str], account: SimAccount, clients: int, per_minute: int, rounds: int
+) -> list[int]:
+    """Admitted counts, one per round, of `clients` simultaneous submissions over the two gateway processes at
+    `replica_urls` (one Redis) against `per_minute`."""
+    limits = httpx2.Limits(max_connections=clients * 2)
+    async with httpx2.AsyncClient(timeout=60, limits=limits, verify=TLS) as http:
+        return [await _one_round(http, replica_urls, account, clients, per_minute) for _ in range(rounds)]
+
+
+@contextlib.asynccontextmanager
+async def limited_gateways(
+    counted_redis: str, shared_redis: str, counted: SimAccount, shared: SimAccount
+) -> AsyncIterator[tuple[str, list[str]]]:
+    """A gateway alone on `counted_redis` (its round trips are counted), and two sharing `shared_redis` (their
+    admissions are), each pair with a simulator of its own: started at once, as each takes seconds to start."""
+    async with contextlib.AsyncExitStack() as stack:
+        counted_kling, shared_kling = [
+            await stack.enter_async_context(serve(create_simulator_app(SimulatorConfig((account,), delay=delay))))
+            for account, delay in ((counted, SIM_DELAY_S), (shared, 0.5))
+        ]
+        shared_env = gateway_env(shared_redis, shared_kling)
+        alone, first, second = await enter_together(
+            stack,
+            gateway_process(gateway_env(counted_redis, counted_kling)),
+            gateway_process(shared_env),
+            gateway_process(shared_env),
+        )
+        yield alone.url, [first.url, second.url]
 
 
 async def _one_round(http: httpx2.AsyncClient, urls: list[str], account: SimAccount,
@@ -181,8 +199,12 @@ async def main(quick: bool) -> None:
         redis_rate, memory_rate = statistics.median(redis_samples), statistics.median(memory_samples)
         trips, commands = await round_trips_per_decision(redis, redis_limiter, 1000)
         await redis.aclose()
-        per_request = await round_trips_per_request(url)
-        admitted = await admission_accuracy(url, clients=200, per_minute=50, rounds=rounds)
+        counted, shared = (SimAccount(f"bench-{name}-ak", "bench-sk-" + secrets.token_hex(24), ACCOUNT_SLOTS)
+                           for name in ("rt", "admit"))  # fmt: skip
+        with redis_server() as shared_url:
+            async with limited_gateways(url, shared_url, counted, shared) as (alone, pair):
+                per_request = await round_trips_per_request(alone, url, counted)
+                admitted = await admission_accuracy(pair, shared, clients=200, per_minute=50, rounds=rounds)
     body = f"""## Limiter (`python -m bench.limiter{" --quick" if quick else ""}`)
 
 Machine: {machine()}. Run {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}.

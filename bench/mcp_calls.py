@@ -27,6 +27,7 @@ from bench.serving import Server, enter_together, raise_fd_limit, served
 from bench.stack import (
     FIRST_QUERY_S,
     SIM_DELAY_S,
+    TLS,
     SimulatorProcess,
     accounts_for,
     api_keys,
@@ -100,7 +101,7 @@ async def opened_sessions(target: Target, mode: str, clients: int) -> AsyncItera
         for index in range(clients):  # in this task: the SDK closes a session in the task that opened it
             headers = {"Authorization": f"Bearer {target.keys[index % len(target.keys)]}"}
             http = await stack.enter_async_context(
-                httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=120))
+                httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=120), verify=TLS)
             )
             session = Client(streamable_http_client(f"{target.server.url}/mcp", http_client=http), mode=mode)
             sessions.append(await stack.enter_async_context(session))

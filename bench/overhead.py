@@ -106,7 +106,7 @@ async def main(quick: bool) -> str:
     rounds = 2 if quick else 3
     # Requests per run at each number of clients: a quick run measures the goal's load alone (16, closed and paced).
     requests = {PACED_CLIENTS: 160} if quick else {1: 120, 16: 400, 64: 640}
-    paced_requests = 48 if quick else 200
+    paced_requests = 32 if quick else 200
     warm_up = 64 if quick else 200  # each client's connection, the caches, JWTs and Lua scripts: a few requests each
     accounts = accounts_for((2 + 2 * ACCOUNTS_PER_GATEWAY) * ACCOUNT_SLOTS)
     direct_account, floor_account = accounts[0], accounts[1]
@@ -148,7 +148,7 @@ async def main(quick: bool) -> str:
                                               paced_contender(target, pace, paced_requests, lead_in))
                                for name, target in targets.items()}  # fmt: skip
                     results[paced_load(pace)] = await alternating(rounds, at_pace)
-            outbound = await outbound_cpu_ms(sim.url, direct_account, creates=100 if quick else 200, rounds=rounds)
+            outbound = await outbound_cpu_ms(sim.url, direct_account, creates=50 if quick else 200, rounds=rounds)
             reads = {name: await status_reads_per_task(t.url) for name, t in targets.items() if t.follows_tasks}
     body = render(results, outbound, reads, rounds, requests, pace, paced_requests, quick)
     write_section("overhead", body)

@@ -9,6 +9,7 @@ import json
 import math
 import re
 import secrets
+import ssl
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
@@ -35,6 +36,9 @@ DEFAULT_FIRST_QUERY_S = Settings.model_fields["poll_interval_seconds"].default
 # The admin API's ceilings: nothing but the machine should refuse a benchmark's requests.
 UNLIMITED = {"requests_per_minute": 1_000_000, "concurrent_tasks": 100_000, "images_per_day": 100_000_000}
 ACCOUNT_SLOTS = 1000  # the largest `concurrency` the admin API accepts for one Kling account
+# One TLS context for every HTTP client the benchmarks open: each would otherwise build its own, loading the CA
+# bundle (about 0.1 s here), and the MCP benchmark opens dozens. The servers are plain HTTP on loopback anyway.
+TLS = ssl.create_default_context()
 
 
 def accounts_for(slots: int) -> tuple[SimAccount, ...]:
@@ -103,7 +107,7 @@ async def settled(gateway_url: str, within_s: float = 30.0) -> None:
     more (`kgw_tasks_in_flight` 0): the polls and releases that come after the answers are part of what a run costs
     it. The gauge is read only from when the last task's first status query is due: each reading is a /metrics
     scrape, about 7 ms of the gateway's CPU here, that would be booked to the run."""
-    async with httpx2.AsyncClient(timeout=10) as http, asyncio.timeout(within_s):
+    async with httpx2.AsyncClient(timeout=10, verify=TLS) as http, asyncio.timeout(within_s):
         await asyncio.sleep(FIRST_QUERY_S)
         while True:
             metrics = (await http.get(f"{gateway_url}/metrics")).text
@@ -115,7 +119,7 @@ async def settled(gateway_url: str, within_s: float = 30.0) -> None:
 async def kling_calls(gateway_url: str) -> dict[str, float]:
     """The HTTP calls the gateway has sent to Kling so far, by endpoint (`create`, `query`, `list`), from its
     `kgw_kling_requests_total`."""
-    async with httpx2.AsyncClient(timeout=10) as http:
+    async with httpx2.AsyncClient(timeout=10, verify=TLS) as http:
         metrics = (await http.get(f"{gateway_url}/metrics")).text
     calls: dict[str, float] = {}
     for endpoint, count in re.findall(r'^kgw_kling_requests_total\{[^}]*endpoint="(\w+)"[^}]*\} (\S+)$', metrics, re.M):
@@ -139,7 +143,7 @@ async def with_server_cpu(
 async def api_keys(gateway_url: str, accounts: tuple[SimAccount, ...], limits: dict[str, int] = UNLIMITED) -> list[str]:
     """One tenant per Kling account, each with `limits` (default UNLIMITED); returns a key of each."""
     keys = []
-    async with httpx2.AsyncClient(timeout=30, headers=ADMIN) as http:
+    async with httpx2.AsyncClient(timeout=30, headers=ADMIN, verify=TLS) as http:
         for account in accounts:
             kling = {"access_key": account.access_key, "secret_key": account.secret_key, "concurrency": ACCOUNT_SLOTS}
             body = {"name": f"bench-{uuid.uuid4().hex[:8]}", "kling": kling, "limits": limits}

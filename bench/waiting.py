@@ -30,7 +30,7 @@ from bench.report import write_section
 from bench.serving import Server, enter_together, raise_fd_limit
 from bench.stack import SimulatorProcess, accounts_for, api_keys, gateway
 
-HOLD_S = 3.0  # how long the waiters are held at each milestone while the gateway is measured
+HOLD_S = 3.0  # how long the waiters are held at each milestone while the gateway is measured (half, quick)
 RAMP_BACKLOG = 256  # requests sent but not yet created at Kling: keeps the listen backlog from overflowing
 PROBE_INTERVAL_S = 0.05
 # Kling's simulated duration: longer than any run, so no task ends until the benchmark lets them all finish
@@ -116,12 +116,12 @@ async def ramp(
         await asyncio.sleep(0.1)  # the simulator's count is all there is to wait on
 
 
-async def hold(gw: Server) -> tuple[list[float], float]:
-    """Tiny requests (`GET /healthz`) at a steady pace for HOLD_S: their latencies, and the largest RSS seen."""
+async def hold(gw: Server, hold_s: float) -> tuple[list[float], float]:
+    """Tiny requests (`GET /healthz`) at a steady pace for `hold_s`: their latencies, and the largest RSS seen."""
     probe = Connection(gw.url)
     latencies: list[float] = []
     rss = 0
-    deadline = time.monotonic() + HOLD_S
+    deadline = time.monotonic() + hold_s
     try:
         while time.monotonic() < deadline:
             started = time.perf_counter()
@@ -134,7 +134,7 @@ async def hold(gw: Server) -> tuple[list[float], float]:
     return latencies, rss / 2**20
 
 
-async def run(milestones: tuple[int, ...]) -> tuple[list[Milestone], Ending]:
+async def run(milestones: tuple[int, ...], hold_s: float) -> tuple[list[Milestone], Ending]:
     """One simulator and gateway; the waiters ramp up to each milestone in turn and are held there."""
     accounts = accounts_for(milestones[-1] * 11 // 10)  # slack: refused waiters are replaced, unevenly over keys
     kling = SimulatorProcess(SIM_DELAY_S, accounts)
@@ -159,7 +159,7 @@ async def run(milestones: tuple[int, ...]) -> tuple[list[Milestone], Ending]:
             ramp_s = time.monotonic() - ramp_started
             lag_ramp = await lags(control, restart=True)
             held = (await sim_counts(stats))["creates"] - before["creates"] - sum(t.done() for t in tasks)
-            probes, rss_held = await hold(gw)
+            probes, rss_held = await hold(gw, hold_s)
             lag_held = await lags(control, restart=True)
             reached.append(Milestone(
                 held, ramp_s, rss_held - rss_base, _p99_ms(lag_ramp), _p99_ms(lag_held),
@@ -211,7 +211,8 @@ def _p99_ms(values: list[float]) -> float:
 
 async def main(quick: bool) -> str:
     raise_fd_limit()
-    reached, end = await run((1000,) if quick else (1000, 5000, 10000))
+    hold_s = HOLD_S / 2 if quick else HOLD_S
+    reached, end = await run((1000,) if quick else (1000, 5000, 10000), hold_s)
     rows = [
         f"| {m.held:,} | {m.ramp_s:.1f} | {m.rss_added_mib:.0f} | **{m.kib_per_waiter:.1f}** | {m.lag_ramp_p99_ms:.1f} | "
         f"**{m.lag_held_p99_ms:.1f}** ({m.lag_held_max_ms:.0f}) | {m.probe_p50_ms:.1f} / {m.probe_p99_ms:.1f} |"
@@ -224,7 +225,7 @@ Run {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}. One gateway worker (me
 so the simulator calls it back, as in production) takes REST callers, each `POST /generate` with `wait_seconds:
 {WAIT_S}` on its own connection, while at most {RAMP_BACKLOG} are not yet created at Kling. The simulated Kling
 holds every task until the benchmark lets them finish, so the callers pile up: at each milestone the ramp pauses
-and all of them are held at once for {HOLD_S:g} s while the gateway is measured. Every tenant's limits are at the
+and all of them are held at once for {hold_s:g} s while the gateway is measured. Every tenant's limits are at the
 admin API's ceiling and each Kling account has 1,000 slots (one tenant per 1,000 waiters).
 
 | held at once | ramp s | RSS added MiB | KiB per waiter | loop lag p99 ms, ramp | loop lag p99 ms, held (max) | `GET /healthz` p50 / p99 ms, held |

@@ -26,10 +26,10 @@ BATCH_WINDOW_S = 0.2  # added to a read's latency at most; polls are a second or
 # With Kling's callbacks coming, polls are only the fallback for a lost one, 5 to 30 s apart (app/follower.py): a
 # read may wait this long for others of its account, so thousands of waiting tasks are read a page at a time.
 FALLBACK_BATCH_WINDOW_S = 2.5
-LIST_PAGES_MAX = 4  # how far back one batch lists: 2,000 tasks, in pages of LIST_PAGE_MAX
+LIST_PAGES_MAX = 4  # how far back one batch lists: 2,000 entries, in pages of at most LIST_PAGE_MAX
 # A listed task costs this process a small share of a query of its own (bytes to decode, no round trip), and
-# Kling the rendering of an entry: a page is worth it while it has at most this many entries per task wanted
-# from it. Twenty was measured too long: with 10,000 tasks held, the simulator spent itself on long pages and
+# Kling the rendering of an entry: pages are worth it while they have at most this many entries per task wanted
+# from them. Twenty was measured too long: with 10,000 tasks held, the simulator spent itself on long pages and
 # its callbacks came late (bench.waiting).
 ENTRIES_PER_READ = 10
 
@@ -97,7 +97,7 @@ class StatusQueries:
                     batch[task_id][1].set_result(task)
             alone = [(task_id, answer) for task_id, (_, answer) in batch.items() if not answer.done()]
             await asyncio.gather(*(self._ask_alone(credentials, task_id, answer) for task_id, answer in alone))
-        except KlingFailure as exc:  # the list call failed: no news for any of them this turn
+        except KlingFailure as exc:  # a list call failed: no news this turn for any read not yet answered
             _fail_unanswered(batch, exc)
         except BaseException as exc:
             # Never a cancellation handed to a reader: its loop would take it for its own and stop.
@@ -113,8 +113,8 @@ class StatusQueries:
         for reached, oldest in enumerate(sorted((at for at, _ in batch.values()), reverse=True), start=1):
             newer = len(created) - bisect.bisect_left(created, oldest)
             reach = newer + newer // 4 + 10  # slack for tasks created meanwhile by other replicas
-            page_size = min(reach, LIST_PAGE_MAX)
-            pages = -(-reach // page_size)
+            pages = -(-reach // LIST_PAGE_MAX)
+            page_size = -(-reach // pages)  # pages of one size (pageNum counts in them), as few entries as will do
             if pages > LIST_PAGES_MAX:
                 break
             if reached >= 2 and page_size * pages <= ENTRIES_PER_READ * reached:
@@ -124,7 +124,7 @@ class StatusQueries:
     async def _ask_alone(self, credentials: KlingCredentials, task_id: str, answer: asyncio.Future[KlingTask]) -> None:
         try:
             task = await self._kling.get_image_task(credentials, task_id)
-        except KlingFailure as exc:
+        except Exception as exc:  # even one not foreseen: this read's failure, not its batch's
             answer.set_exception(exc)
         else:
             answer.set_result(task)

@@ -105,7 +105,8 @@ def followed_off(task_id: str) -> Callable[[str], bool]:
 
 
 def gateway_env(redis_url: str, kling_url: str) -> dict[str, str]:
-    """A Redis-backed gateway's settings; the gateways of one Redis share its pepper and master key."""
+    """A Redis-backed gateway's settings, with a new pepper and master key: made once per Redis, as every
+    gateway on one Redis has to share them."""
     return {"KGW_REDIS_URL": redis_url, "KGW_KEY_PEPPER": secrets.token_urlsafe(24),
             "KGW_MASTER_KEY": new_master_key(), "KGW_ADMIN_TOKEN": ADMIN_TOKEN, "KGW_KLING_BASE_URL": kling_url,
             "KGW_POLL_INTERVAL_SECONDS": str(FIRST_QUERY_S)}  # fmt: skip

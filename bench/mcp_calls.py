@@ -133,7 +133,9 @@ async def calls(target: Target, sessions: list[Client], span: Span) -> Calls:
                 last_answer = max(last_answer, answered)
         cpu_at_end = time.process_time()  # the last client's last call
 
-    await asyncio.gather(*(client(session) for session in sessions))
+    async with asyncio.TaskGroup() as group:  # one client failing stops the others before their sessions close
+        for session in sessions:
+            group.create_task(client(session))
     if not latencies:
         raise RuntimeError(f"no call of {target.tool} started in the counted {span.window_s:g} s; lengthen the span")
     return Calls(Run(latencies, last_answer - counted_from), made, cpu_at_end - cpu_at_start)

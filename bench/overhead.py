@@ -322,7 +322,7 @@ paced task costs about half as much again, so that worker is about half busy), a
 target keeps up. {lead_in_note} Each latency is counted from the request's due time. The five targets run in turn, {rounds} rounds; each figure is the median over the
 rounds. "added" is a percentile minus the direct one; `Server-Timing` is the median of the gateway's own
 `gateway;dur` header. That is the request's time outside Kling calls and waits, so on a saturated worker (the closed
-loops at 16 and 64) it also holds the time the request's next step waited behind other requests' work on the event
+loops at 16 clients or more) it also holds the time the request's next step waited behind other requests' work on the event
 loop. **Server CPU** is the CPU time of the process serving the target (for the direct target, the simulator) per
 request; a gateway's run is followed to its end, until it follows none of its tasks, so its figure holds each task's
 whole life (status queries, recording, releases), and no target's run carries another's leftover work.
@@ -363,7 +363,7 @@ worker. With Redis these are round trips to a local redis-server. The simulator 
 its create, and the gateways query a task's status first {FIRST_QUERY_S:g} s after it (`KGW_POLL_INTERVAL_SECONDS`;
 {DEFAULT_FIRST_QUERY_S:g} s by default), so their following of a run's tasks is over soon after it; either way, the
 first read finds the task ended.{reads_note} The simulator, the gateway and the client share the machine's two cores,
-so throughput at 16 and 64 clients is bounded by the whole set, not by the gateway alone.
+so throughput at 16 clients or more is bounded by the whole set, not by the gateway alone.
 """
 
 

@@ -1,5 +1,5 @@
 """StatusQueries against the Kling simulator served on loopback: reads of one account that fall due together
-are answered by one list call when its page is short enough, and by queries of their own otherwise."""
+are answered by list calls as far back as their pages are worth it, and by queries of their own otherwise."""
 
 from __future__ import annotations
 

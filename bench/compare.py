@@ -27,7 +27,7 @@ from bench.overhead import DIRECT, PACED_LEAD_IN_S, cpu_ms, direct_sender, pace_
 from bench.serving import ROOT, Server, enter_together, raise_fd_limit
 from bench.stack import (
     ACCOUNT_SLOTS,
-    SIM_DELAY_S,
+    FULL,
     SimulatorProcess,
     accounts_for,
     api_keys,
@@ -82,7 +82,7 @@ async def measured(url: str, send: Send, load: Load, expect: int, server: Server
 
     if server is None:
         return await run()
-    return await with_server_cpu(server, load.lead_in + load.requests, run, follows_tasks=True)
+    return await with_server_cpu(server, load.lead_in + load.requests, run, following=FULL)
 
 
 async def compare(revs: list[str], redis: bool, rounds: int) -> str:
@@ -93,7 +93,7 @@ async def compare(revs: list[str], redis: bool, rounds: int) -> str:
         # A Redis each: they would otherwise hear each other's broadcasts and adopt each other's tasks.
         redis_urls = {rev: trees.enter_context(redis_server()) if redis else None for rev in revs}
         async with contextlib.AsyncExitStack() as stack:
-            kling = SimulatorProcess(SIM_DELAY_S, accounts)
+            kling = SimulatorProcess(FULL.task_s, accounts)
             sim, *gateways = await enter_together(
                 stack, kling, *(gateway(kling.url, redis_url=redis_urls[rev], root=root) for rev, root in roots.items())
             )
@@ -105,7 +105,7 @@ async def compare(revs: list[str], redis: bool, rounds: int) -> str:
             for url, send, expect, followed in targets.values():  # warm up: connections, caches, JWTs, Lua scripts
                 await closed_loop(url, send, clients=16, requests=300, expect=expect)
                 if followed is not None:  # a gateway: its warm-up's tasks are followed to their end first
-                    await settled(followed.url)
+                    await settled(followed.url, FULL)
             results = {}
             for load in LOADS:
                 contenders = {name: _contender(*target, load) for name, target in targets.items()}

@@ -25,7 +25,7 @@ from bench.overhead import rest_sender
 from bench.probes import PROFILE_INTERVAL_S, PROFILE_PATH
 from bench.report import write_section
 from bench.serving import enter_together, raise_fd_limit
-from bench.stack import SIM_DELAY_S, TLS, SimulatorProcess, accounts_for, api_keys, gateway
+from bench.stack import FULL, TLS, SimulatorProcess, accounts_for, api_keys, gateway
 
 CLIENTS = 16
 PROFILED_FACTORY = "bench.probes:profiled_gateway"
@@ -139,7 +139,7 @@ async def main(quick: bool, save: str | None = None) -> str:
     accounts = accounts_for(4000)
     with tempfile.TemporaryDirectory() as workdir:
         out = Path(workdir) / "profile.json"
-        kling = SimulatorProcess(SIM_DELAY_S, accounts)
+        kling = SimulatorProcess(FULL.task_s, accounts)
         profiled = gateway(kling.url, factory=PROFILED_FACTORY, extra_env={"BENCH_PROFILE_OUT": str(out), **EXTRA_ENV})
         async with contextlib.AsyncExitStack() as stack:
             _, gw = await enter_together(stack, kling, profiled)

@@ -25,9 +25,10 @@ from bench.overhead import PACED_LEAD_IN_S, PROMPT
 from bench.report import write_section
 from bench.serving import Server, enter_together, raise_fd_limit, served
 from bench.stack import (
-    FIRST_QUERY_S,
-    SIM_DELAY_S,
+    FULL,
+    QUICK,
     TLS,
+    Following,
     SimulatorProcess,
     accounts_for,
     api_keys,
@@ -42,7 +43,7 @@ GOAL_COST = 0.20
 LEAD_IN_S = PACED_LEAD_IN_S  # as bench.overhead's paced runs: until the first tasks' status queries are under way
 LEAD_IN_NOTE = (
     " (the first ones bring the gateway to its steady state, following its earlier tasks as it would in service:"
-    f" it queries each task's status {FIRST_QUERY_S:g} s after creating it)"
+    " it reads each task's status about a second after creating it)"
 )
 GATEWAY, CEILING = "gateway `generate_image`", "no-op tool (SDK ceiling)"
 FLOOR = "floor: SDK + the gateway's Kling create"
@@ -54,7 +55,7 @@ class Target:
     tool: str
     keys: list[str]
     simulator: Server | None = None  # what the tool calls, on the same cores
-    follows_tasks: bool = False  # the gateway, which goes on polling the tasks it created
+    following: Following | None = None  # the gateway's: it goes on polling the tasks it created
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ class Measured:
 @dataclass(frozen=True)
 class Span:
     """How long each client calls: for `lead_in_s` first, uncounted, then for `window_s`, counted. The lead-in
-    brings a gateway to its steady state: its first status queries come FIRST_QUERY_S after its first creates."""
+    brings a gateway to its steady state: its first status reads come about a second after its first creates."""
 
     lead_in_s: float
     window_s: float
@@ -84,8 +85,8 @@ async def measured_calls(target: Target, sessions: list[Client], span: Span) -> 
     processes = {"server": target.server} | ({"simulator": target.simulator} if target.simulator else {})
     before = {name: process.cpu_seconds() for name, process in processes.items()}
     made = await calls(target, sessions, span)
-    if target.follows_tasks:  # the gateway: its following of the run's tasks is part of their cost
-        await settled(target.server.url)
+    if target.following is not None:  # the gateway: its following of the run's tasks is part of their cost
+        await settled(target.server.url, target.following)
     cpu_ms = {"client": made.client_cpu_s * 1000 / made.made, "simulator": 0.0}
     cpu_ms |= {name: (process.cpu_seconds() - before[name]) * 1000 / made.made for name, process in processes.items()}
     return Measured(made.run, cpu_ms)
@@ -145,18 +146,19 @@ async def main(quick: bool) -> str:
     raise_fd_limit()
     # Quick runs skip the lead-in: their figures leave out part of the gateway's following of its tasks.
     rounds, span = (2, Span(0.0, 0.4)) if quick else (4, Span(LEAD_IN_S, 1.5))
+    following = QUICK if quick else FULL
     accounts = accounts_for(4000)
     async with contextlib.AsyncExitStack() as stack:
-        kling = SimulatorProcess(SIM_DELAY_S, accounts)
+        kling = SimulatorProcess(following.task_s, accounts)
         sim, gw, noop, floor = await enter_together(
             stack,
             kling,
-            gateway(kling.url),
+            gateway(kling.url, first_query_s=following.first_query_s),
             served("bench.mcp_apps:noop_mcp_app", {}),
             floor_server("bench.mcp_apps:floor_mcp_app", kling.url, accounts[-1]),
         )
         keys = await api_keys(gw.url, accounts[:-1])
-        targets = {GATEWAY: Target(gw, "generate_image", keys, sim, follows_tasks=True),
+        targets = {GATEWAY: Target(gw, "generate_image", keys, sim, following),
                    FLOOR: Target(floor, "generate_image", ["-"], sim),
                    CEILING: Target(noop, "noop", ["-"])}  # fmt: skip
         results: dict[str, dict[str, list[Measured]]] = {}
@@ -166,8 +168,8 @@ async def main(quick: bool) -> str:
                             for name, target in targets.items()}  # fmt: skip
                 for name, target in targets.items():  # warm up, and follow the warm-up's tasks to their end
                     await calls(target, sessions[name], Span(0.0, 0.2))
-                    if target.follows_tasks:
-                        await settled(target.server.url)
+                    if target.following is not None:
+                        await settled(target.server.url, target.following)
                 contenders = {name: partial(measured_calls, target, sessions[name], span)
                               for name, target in targets.items()}  # fmt: skip
                 results[era] = await alternating(rounds, contenders)
@@ -204,7 +206,7 @@ def render(results: dict[str, dict[str, list[Measured]]], rounds: int, span: Spa
 
 Run {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}. {CLIENTS} MCP SDK clients (`mcp.Client`, each with its own
 httpx2 pool and session, opened once per era before its first run) call a tool in a row with `wait_seconds: 0` for {span.lead_in_s + span.window_s:g} s, of which the calls started in the
-last {span.window_s:g} s are counted{LEAD_IN_NOTE if span.lead_in_s else " (a quick run: no lead-in, so the gateway's figures leave out part of its following of its tasks)"}: the gateway's `generate_image`
+last {span.window_s:g} s are counted{LEAD_IN_NOTE if span.lead_in_s else f" (a quick run: no lead-in, and the gateway reads a task's status {QUICK.read_after_s:g} s after creating it rather than about a second, so it follows fewer tasks at once)"}: the gateway's `generate_image`
 (which creates a Kling task on the simulator), a no-op tool on an `MCPServer` with the gateway's transport
 settings (`stateless_http=True`, `json_response=False`) under the same uvicorn settings: the SDK's own ceiling on
 this machine, and the floor: the same server with a tool that sends the gateway's create through the gateway's

@@ -32,8 +32,9 @@ from bench.serving import Server, enter_together, raise_fd_limit, served
 from bench.stack import (
     ACCOUNT_SLOTS,
     DEFAULT_FIRST_QUERY_S,
-    FIRST_QUERY_S,
-    SIM_DELAY_S,
+    FULL,
+    QUICK,
+    Following,
     SimulatorProcess,
     accounts_for,
     api_keys,
@@ -53,9 +54,9 @@ PACED_CLIENTS, PACED_PER_SECOND, PACED_SHARE = 16, 150.0, 0.5
 # costs a worker about half as much again as one in a busy closed loop (each request, status query and Redis answer
 # wakes it): a third keeps that gateway's worker about half busy, as PACED_SHARE means to.
 PACED_CPU_SHARE = 1 / 3
-# Requests sent on a paced schedule before those counted: each task's first status query comes FIRST_QUERY_S after
+# Requests sent on a paced schedule before those counted (in a full run): each task's status read comes about 1.2 s
 # its create, so until then a gateway would be measured without that part of its work.
-PACED_LEAD_IN_S = 2 * FIRST_QUERY_S
+PACED_LEAD_IN_S = 1.5
 PROMPT = "a lighthouse at dawn, oil on canvas"
 GOAL_P50_MS, GOAL_P99_MS = 1.0, 5.0
 DIRECT, FLOOR = "direct to the simulator", "floor: FastAPI + the gateway's Kling client"
@@ -98,12 +99,13 @@ class Target:
     send: Send
     expect: int  # the status of a successful request
     server: Server  # whose CPU is measured: for the direct target, the simulator's
-    follows_tasks: bool = False  # a gateway, which goes on polling and releasing each task after answering
+    following: Following | None = None  # a gateway's: it goes on polling and releasing each task after answering
 
 
 async def main(quick: bool) -> str:
     raise_fd_limit()
     rounds = 2 if quick else 3
+    following = QUICK if quick else FULL
     # Requests per run at each number of clients: a quick run measures the goal's load alone (16, closed and paced).
     requests = {PACED_CLIENTS: 160} if quick else {1: 120, 16: 400, 64: 640}
     paced_requests = 32 if quick else 200
@@ -113,12 +115,12 @@ async def main(quick: bool) -> str:
     memory_accounts, redis_accounts = accounts[2:6], accounts[6:10]
     with redis_server() as redis_url:
         async with contextlib.AsyncExitStack() as stack:
-            kling = SimulatorProcess(SIM_DELAY_S, accounts)
+            kling = SimulatorProcess(following.task_s, accounts)
             sim, memory, redis, ceiling, floor = await enter_together(
                 stack,
                 kling,
-                gateway(kling.url),
-                gateway(kling.url, redis_url=redis_url),
+                gateway(kling.url, first_query_s=following.first_query_s),
+                gateway(kling.url, redis_url=redis_url, first_query_s=following.first_query_s),
                 served("bench.apps:ceiling_app", {}),
                 floor_server("bench.apps:floor_app", kling.url, floor_account),
             )
@@ -126,15 +128,15 @@ async def main(quick: bool) -> str:
                 DIRECT: Target(sim.url, direct_sender(
                     KlingCredentials(direct_account.access_key, direct_account.secret_key)), 200, sim),
                 "gateway, memory store": Target(memory.url, rest_sender(await api_keys(memory.url, memory_accounts)),
-                                                202, memory, follows_tasks=True),
+                                                202, memory, following),
                 "gateway, Redis": Target(redis.url, rest_sender(await api_keys(redis.url, redis_accounts)), 202, redis,
-                                         follows_tasks=True),
+                                         following),
                 FLOOR: Target(floor.url, rest_sender(["-"]), 202, floor),
                 "bare FastAPI endpoint": Target(ceiling.url, rest_sender(["-"]), 202, ceiling),
             }  # fmt: skip
             for target in targets.values():
                 await with_server_cpu(target.server, warm_up, closed_contender(target, 16, warm_up),
-                                      follows_tasks=target.follows_tasks)  # fmt: skip
+                                      following=target.following)  # fmt: skip
             results: dict[str, dict[str, list[Run]]] = {}
             pace = PACED_PER_SECOND
             for clients, count in requests.items():
@@ -142,15 +144,15 @@ async def main(quick: bool) -> str:
                           for name, target in targets.items()}  # fmt: skip
                 results[str(clients)] = await alternating(rounds, closed)
                 if clients == PACED_CLIENTS:  # right after the closed loop whose rates set the pace
-                    pace = pace_below(results[str(clients)], [name for name, t in targets.items() if t.follows_tasks])
+                    pace = pace_below(results[str(clients)], [name for name, t in targets.items() if t.following])
                     lead_in = 0 if quick else round(PACED_LEAD_IN_S * pace)
                     at_pace = {name: measured(target, lead_in + paced_requests,
                                               paced_contender(target, pace, paced_requests, lead_in))
                                for name, target in targets.items()}  # fmt: skip
                     results[paced_load(pace)] = await alternating(rounds, at_pace)
             outbound = await outbound_cpu_ms(sim.url, direct_account, creates=50 if quick else 200, rounds=rounds)
-            reads = {name: await status_reads_per_task(t.url) for name, t in targets.items() if t.follows_tasks}
-    body = render(results, outbound, reads, rounds, requests, pace, paced_requests, quick)
+            reads = {name: await status_reads_per_task(t.url) for name, t in targets.items() if t.following}
+    body = render(results, outbound, reads, rounds, requests, pace, paced_requests, following)
     write_section("overhead", body)
     return body
 
@@ -222,7 +224,7 @@ def pace_below(closed_loop: dict[str, list[Run]], gateways: Iterable[str]) -> fl
 
 
 def measured(target: Target, requests: int, load: Callable[[], Awaitable[Run]]) -> Callable[[], Awaitable[Run]]:
-    return lambda: with_server_cpu(target.server, requests, load, follows_tasks=target.follows_tasks)
+    return lambda: with_server_cpu(target.server, requests, load, following=target.following)
 
 
 def closed_contender(target: Target, clients: int, requests: int) -> Callable[[], Awaitable[Run]]:
@@ -267,8 +269,9 @@ def render(
     requests: dict[int, int],
     pace: float,
     paced_requests: int,
-    quick: bool,
+    following: Following,
 ) -> str:
+    quick = following == QUICK
     labels = {"16": "16 clients, closed loop", paced_load(pace): f"16 clients paced at {pace:.0f} req/s"}
     rows, verdicts = [], []
     for load, by_target in results.items():
@@ -300,12 +303,15 @@ def render(
                         "counted, so the gateways' status queries of their first tasks fall after them.")  # fmt: skip
     else:
         lead_in_note = (f"Each paced run starts with {round(PACED_LEAD_IN_S * pace)} requests ({PACED_LEAD_IN_S:g} s) "
-                        f"sent but not counted: a gateway here queries each task's status {FIRST_QUERY_S:g} s after "
-                        "creating it, so the counted requests meet it in its steady state, following the earlier "
-                        "tasks as it would in service.")  # fmt: skip
+                        f"sent but not counted: a gateway reads each task's status about {following.read_after_s:g} s "
+                        "after creating it, so the counted requests meet it in its steady state, following the "
+                        "earlier tasks as it would in service.")  # fmt: skip
     per_task = " and ".join(f"{n:.2f} status reads per task ({VERDICT_GATEWAYS[name]})" for name, n in reads.items())
     reads_note = (f" Over this run, the gateways sent Kling {per_task} (queries and list calls: a list call answers "
                   "the reads of one account that fall due together).")  # fmt: skip
+    following_note = (f" (`KGW_POLL_INTERVAL_SECONDS`; {DEFAULT_FIRST_QUERY_S:g} s by default: sooner, so a quick run ends "
+                      "sooner, though more of its reads share list calls, which makes a task's CPU about a tenth "
+                      "lower)") if quick else ", the default"  # fmt: skip
     command = "python -m bench.overhead" + (" --quick" if quick else "")
     return f"""## Gateway-added latency and the REST ceiling (`{command}`)
 
@@ -359,10 +365,9 @@ its own work over the floor, given in each verdict above.
 
 The gateway's path includes what the direct path does not: authenticating the key, the tenant's rate, concurrency
 and daily limits, the Kling account's slots, usage counters, recording the task, and following it, all in the same
-worker. With Redis these are round trips to a local redis-server. The simulator ends each task {SIM_DELAY_S:g} s after
-its create, and the gateways query a task's status first {FIRST_QUERY_S:g} s after it (`KGW_POLL_INTERVAL_SECONDS`;
-{DEFAULT_FIRST_QUERY_S:g} s by default), so their following of a run's tasks is over soon after it; either way, the
-first read finds the task ended.{reads_note} The simulator, the gateway and the client share the machine's two cores,
+worker. With Redis these are round trips to a local redis-server. The simulator ends each task {following.task_s:g} s
+after its create, and the gateways query its status first {following.first_query_s or DEFAULT_FIRST_QUERY_S:g} s after
+it{following_note}: that read finds the task ended.{reads_note} The simulator, the gateway and the client share the machine's two cores,
 so throughput at 16 clients or more is bounded by the whole set, not by the gateway alone.
 """
 

@@ -145,9 +145,11 @@ async def main(quick: bool) -> str:
                 results[str(clients)] = await alternating(rounds, closed)
                 if clients == PACED_CLIENTS:  # right after the closed loop whose rates set the pace
                     pace = pace_below(results[str(clients)], [name for name, t in targets.items() if t.following])
-                    lead_in = 0 if quick else round(PACED_LEAD_IN_S * pace)
-                    at_pace = {name: measured(target, lead_in + paced_requests,
-                                              paced_contender(target, pace, paced_requests, lead_in))
+                    # Only a gateway has a steady state to reach: it follows earlier tasks.
+                    lead_ins = {name: round(PACED_LEAD_IN_S * pace) if t.following and not quick else 0
+                                for name, t in targets.items()}  # fmt: skip
+                    at_pace = {name: measured(target, lead_ins[name] + paced_requests,
+                                              paced_contender(target, pace, paced_requests, lead_ins[name]))
                                for name, target in targets.items()}  # fmt: skip
                     results[paced_load(pace)] = await alternating(rounds, at_pace)
             outbound = await outbound_cpu_ms(sim.url, direct_account, creates=50 if quick else 200, rounds=rounds)
@@ -302,10 +304,10 @@ def render(
         lead_in_note = ("This quick run measures 16 clients only, and its paced runs send no requests before those "
                         "counted, so the gateways' status queries of their first tasks fall after them.")  # fmt: skip
     else:
-        lead_in_note = (f"Each paced run starts with {round(PACED_LEAD_IN_S * pace)} requests ({PACED_LEAD_IN_S:g} s) "
-                        f"sent but not counted: a gateway reads each task's status about {following.read_after_s:g} s "
-                        "after creating it, so the counted requests meet it in its steady state, following the "
-                        "earlier tasks as it would in service.")  # fmt: skip
+        lead_in_note = (f"Each paced run of a gateway starts with {round(PACED_LEAD_IN_S * pace)} requests "
+                        f"({PACED_LEAD_IN_S:g} s) sent but not counted: it reads each task's status about "
+                        f"{following.read_after_s:g} s after creating it, so the counted requests meet it in its "
+                        "steady state, following the earlier tasks as it would in service.")  # fmt: skip
     per_task = " and ".join(f"{n:.2f} status reads per task ({VERDICT_GATEWAYS[name]})" for name, n in reads.items())
     reads_note = (f" Over this run, the gateways sent Kling {per_task} (queries and list calls: a list call answers "
                   "the reads of one account that fall due together).")  # fmt: skip

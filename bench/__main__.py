@@ -34,7 +34,7 @@ async def run(quick: bool, only: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer requests, rounds and waiters: under a minute")
+    parser.add_argument("--quick", action="store_true", help="fewer requests, rounds and waiters: about a minute")
     parser.add_argument("--only", default=",".join(SUITES), help="comma-separated benchmarks to run")
     args = parser.parse_args()
     only = [name.strip() for name in args.only.split(",") if name.strip()]

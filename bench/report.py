@@ -62,7 +62,9 @@ def _version(name: str) -> str:
 
 def write_section(name: str, body: str) -> None:
     """Replace (or append) the section between the markers for `name`."""
-    text = DOC.read_text() if DOC.exists() else HEADER
+    text = DOC.read_text() if DOC.exists() else ""
+    first = text.find("<!-- ")
+    text = HEADER + ("\n" + text[first:] if first >= 0 else "")  # the header as this code has it, sections as they are
     section = f"<!-- {name}:start -->\n{body.strip()}\n<!-- {name}:end -->"
     pattern = re.compile(rf"<!-- {name}:start -->.*?<!-- {name}:end -->", re.S)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else f"{text.rstrip()}\n\n{section}\n"

@@ -15,8 +15,16 @@ from redis.asyncio import Redis
 from app.callbacks import CallbackTokens, TaskUpdates, verify_standard_webhook
 from app.models import TaskStatus
 from app.tasks import MemoryTaskStore, RedisTaskStore, TaskRecord, TaskStore
-from tests.conftest import RunningGateway, Simulator, bearer, redis_gateway_settings, replica_env, running_gateway
-from tests.servers import gateway_process
+from tests.conftest import (
+    RunningGateway,
+    Simulator,
+    bearer,
+    gateway_settings,
+    redis_gateway_settings,
+    replica_env,
+    running_gateway,
+)
+from tests.servers import free_port, gateway_process
 
 pytestmark = pytest.mark.anyio
 
@@ -38,6 +46,32 @@ async def test_a_wait_on_one_replica_ends_from_a_callback_received_by_another(
     sent = (await simulator.stats())["callbacks_sent"]
     assert isinstance(sent, int)
     assert sent >= 1
+
+
+@pytest.mark.sim_delay(0.5)
+async def test_with_callbacks_lost_the_fallback_polls_of_one_accounts_tasks_share_a_list_call(
+    simulator: Simulator,
+) -> None:
+    """Kling does not retry a callback: polling finds the ends instead, from 5 s on. Reads of one account that fall
+    due within seconds of each other wait for each other, so tasks created a second apart cost Kling one list call
+    rather than a query each."""
+    nobody = f"http://127.0.0.1:{free_port()}"  # where the callbacks go: nothing listens, so every one is lost
+    async with running_gateway(gateway_settings(simulator, public_url=nobody)) as gateway:
+        headers = bearer(await gateway.new_api_key("acme"))
+        task_ids = []
+        for _ in range(4):  # created in turn, spread over about 1.5 s: their first reads fall due as far apart
+            created = await gateway.http.post(f"{gateway.url}/generate", json={"prompt": "x"}, headers=headers)
+            task_ids.append(created.json()["task_id"])
+            await anyio.sleep(0.5)
+        with anyio.fail_after(20):
+            ended = [
+                await gateway.http.get(f"{gateway.url}/tasks/{task_id}", params={"wait_seconds": 15}, headers=headers)
+                for task_id in task_ids
+            ]
+    assert [response.json()["status"] for response in ended] == ["succeeded"] * 4
+    stats = await simulator.stats()
+    assert stats["callbacks_sent"] == 0  # all lost
+    assert (stats["queries"], stats["lists"]) == (1, 1)
 
 
 async def test_callbacks_with_a_forged_token_are_refused(gateway: RunningGateway) -> None:

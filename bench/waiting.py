@@ -142,7 +142,7 @@ async def run(milestones: tuple[int, ...], hold_s: float) -> tuple[list[Mileston
         sim, gw = await enter_together(
             stack,
             kling,
-            gateway(kling.url, factory="bench.probes:lag_probed_gateway", callbacks=True, first_query_s=None),
+            gateway(kling.url, factory="bench.probes:lag_probed_gateway", callbacks=True),
         )
         keys = await api_keys(gw.url, accounts)
         control, stats = Connection(gw.url), Connection(sim.url)

@@ -32,7 +32,7 @@ from redis.exceptions import RedisError
 from app.kling import KlingClient, KlingCredentials, KlingFailure, KlingTask
 from app.metrics import TASKS_IN_FLIGHT
 from app.status_queries import StatusQueries
-from app.tasks import PollClaim, ProgressCallback, TaskRecord, TaskStore
+from app.tasks import PollClaim, PollLease, ProgressCallback, TaskRecord, TaskStore
 
 logger = logging.getLogger(__name__)
 MAX_FOLLOW_S = 3600.0
@@ -79,6 +79,8 @@ class _Watch:
     loop: asyncio.Task[None] | None = None
     stopping: asyncio.TimerHandle | None = None  # a watch nobody waits on any more, stopped after a grace
     refresh_at: float = 0.0  # monotonic time the leases are due to be renewed
+    # Until this monotonic time, this replica surely holds the task's poll lease, taken as the task was recorded.
+    lease_held_until: float = 0.0
 
     @property
     def unneeded(self) -> bool:
@@ -120,16 +122,24 @@ class TaskFollower:
 
     # --- what the service calls ---
 
+    @property
+    def poll_lease(self) -> PollLease:
+        """This replica's poll lease, for the record of a task just submitted here (`follow`)."""
+        return PollLease(self._replica, self._lease_s)
+
     def follow(self, record: TaskRecord, kling: KlingCredentials, leases: Leases) -> None:
         """Follow a task just submitted here to its end, then release its leases. The caller records the task
-        as followed (`TaskStore.save(..., followed=True)`), in the round trip that records it."""
+        with `TaskStore.save(..., polled_by=self.poll_lease)`, which marks it followed and takes its poll lease in
+        the round trip that records it, so the loop's first turn polls without claiming (while that lease surely
+        holds: it was taken after this call, for the lease's whole time)."""
         TASKS_IN_FLIGHT.inc()
         if self._queries is not None:
             self._queries.created(kling, record.created_at_ms)
         refresh_at = time.monotonic() + self._refresh_every_s  # the leases were taken just now
         watch = self._watches.get(record.task_id)
         if watch is None:
-            self._start(_Watch(record, kling, leases, refresh_at=refresh_at))
+            lease_held_until = time.monotonic() + self._lease_s
+            self._start(_Watch(record, kling, leases, refresh_at=refresh_at, lease_held_until=lease_held_until))
         else:  # a caller here was already watching it (an idempotent replay racing the submission)
             watch.leases, watch.refresh_at = leases, refresh_at
 
@@ -213,7 +223,7 @@ class TaskFollower:
         started = time.monotonic()
         interval = self._first_interval_s
         # A task submitted here was just answered by Kling; one watched or adopted may be long overdue. One
-        # submitted here is marked followed as it is recorded (`TaskStore.save(..., followed=True)`): from then
+        # submitted here is marked followed as it is recorded (`TaskStore.save(..., polled_by=...)`): from then
         # on, if this replica stops following it, another adopts it.
         quiet = watch.leases is not None
         try:
@@ -275,6 +285,10 @@ class TaskFollower:
 
     async def _turn(self, watch: _Watch) -> None:
         """Query Kling if this replica holds the poll lease; otherwise catch up from the shared record."""
+        if time.monotonic() < watch.lease_held_until:  # taken as the task was recorded: no claim needed yet
+            watch.lease_held_until = 0.0
+            await self._poll(watch)
+            return
         claim = await self._claim_polling(watch.record.task_id)  # which also marks the task followed, if claimed
         if claim.claimed:
             await self._poll(watch)

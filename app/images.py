@@ -41,7 +41,7 @@ from app.observability import waiting
 from app.ratelimit import AccountGovernor, Limiter, Remaining, limit_refused
 from app.references import ReferenceGuard
 from app.sealing import SealingError
-from app.tasks import IdempotencyClaim, ProgressCallback, TaskRecord, TaskStore
+from app.tasks import IdempotencyClaim, PollLease, ProgressCallback, TaskRecord, TaskStore
 from app.tenants import Tenant, TenantPolicy
 from app.usage import UsageStore
 
@@ -296,9 +296,9 @@ class ImageService:
         except RedisError:
             return False
 
-    async def _save_quietly(self, record: TaskRecord, *, followed: bool = False) -> None:
+    async def _save_quietly(self, record: TaskRecord, *, polled_by: PollLease | None = None) -> None:
         try:
-            await self._tasks.save(record, followed=followed)
+            await self._tasks.save(record, polled_by=polled_by)
         except RedisError:
             logger.warning("could not record the state of task %s", record.task_id)
 
@@ -356,7 +356,7 @@ class ImageService:
             # The record marks the task followed too (the follow just started relies on it: should this replica
             # stop, the mark goes stale and another adopts the task).
             await asyncio.gather(
-                self._save_quietly(record, followed=True),
+                self._save_quietly(record, polled_by=self._follower.poll_lease),
                 self._record_usage(principal, requests=1, tasks=1, images=images),
             )
         return Outcome(record, admission.remaining)

@@ -30,7 +30,8 @@ return 1
 """
 # Take or renew a task's poll lease: whoever holds it queries Kling for everyone.
 # One round trip per poll turn of each followed task: the claim and the follow mark, or, when another replica
-# holds the lease, the record it keeps current (what a replica that does not poll catches up from).
+# holds the lease, the record it keeps current (what a replica that does not poll catches up from). A task
+# submitted here needs none for its first turn: the script that recorded it took the lease (SAVE_IF_NOT_OLDER).
 CLAIM_POLLING = """
 local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then return {0, redis.call('GET', KEYS[3])} end
@@ -49,9 +50,14 @@ return redis.call('ZREM', KEYS[2], ARGV[2])
 """
 # Write a task's state unless the stored one is newer (Kling's updated_at): a poll answer that was under way
 # while another replica recorded a callback's terminal state must not turn the record back. A state written is
-# published on the channel ARGV[4] names (none when empty): recorded and announced in one round trip.
+# published on the channel ARGV[4] names (none when empty): recorded and announced in one round trip. With KEYS[2]
+# and KEYS[3], the task is also marked followed and its poll lease taken for ARGV[7] (a task just submitted).
 SAVE_IF_NOT_OLDER = """
-if KEYS[2] then redis.call('ZADD', KEYS[2], ARGV[5], ARGV[6]) end
+if KEYS[2] then
+  redis.call('ZADD', KEYS[2], ARGV[5], ARGV[6])
+  local holder = redis.call('GET', KEYS[3])
+  if not holder or holder == ARGV[7] then redis.call('SET', KEYS[3], ARGV[7], 'PX', tonumber(ARGV[8])) end
+end
 local current = redis.call('GET', KEYS[1])
 if current then
   local ok, stored = pcall(cjson.decode, current)
@@ -142,6 +148,14 @@ class PollClaim:
 
 
 @dataclass(frozen=True)
+class PollLease:
+    """A replica's claim to poll a task for every replica: who holds it, and for how long at a time."""
+
+    poller: str
+    ttl_s: float
+
+
+@dataclass(frozen=True)
 class IdempotencyClaim:
     """Who first used an idempotency key: the request's fingerprint and, once Kling accepted it, the task."""
 
@@ -151,11 +165,12 @@ class IdempotencyClaim:
 
 
 class TaskStore(Protocol):
-    async def save(self, record: TaskRecord, *, announce: bool = False, followed: bool = False) -> bool:
+    async def save(self, record: TaskRecord, *, announce: bool = False, polled_by: PollLease | None = None) -> bool:
         """Store the task's state unless the stored one is newer (a higher `updated_at_ms`); True if stored. With
         `announce`, a stored state is also published to every replica (TASK_UPDATES_CHANNEL), in the same step.
-        With `followed`, the task is also marked followed as of now (`mark_followed`), stored or not: one round
-        trip for a task just submitted, rather than two."""
+        With `polled_by`, stored or not, the task is also marked followed as of now and its poll lease taken, unless
+        another poller holds it (what `claim_polling` does): a task just submitted is recorded and its first poll
+        turn claimed in one round trip, rather than three."""
 
     async def get(self, task_id: str) -> TaskRecord | None: ...
 
@@ -214,10 +229,10 @@ class MemoryTaskStore:
         self._followed: dict[str, float] = {}
         self._max_records = max_records
 
-    async def save(self, record: TaskRecord, *, announce: bool = False, followed: bool = False) -> bool:
+    async def save(self, record: TaskRecord, *, announce: bool = False, polled_by: PollLease | None = None) -> bool:
         # One process, no other replica to tell: `announce` has nothing to do here.
-        if followed:
-            await self.mark_followed(record.task_id)
+        if polled_by is not None:
+            await self.claim_polling(record.task_id, polled_by.poller, polled_by.ttl_s)
         stored = self._records.get(record.task_id)
         if stored is not None and stored.updated_at_ms > record.updated_at_ms:
             return False
@@ -305,13 +320,13 @@ class RedisTaskStore:
         self._unfollow = redis.register_script(UNFOLLOW)
         self._save_if_not_older = redis.register_script(SAVE_IF_NOT_OLDER)
 
-    async def save(self, record: TaskRecord, *, announce: bool = False, followed: bool = False) -> bool:
+    async def save(self, record: TaskRecord, *, announce: bool = False, polled_by: PollLease | None = None) -> bool:
         channel = TASK_UPDATES_CHANNEL if announce else ""
         keys = [f"{self._ns}:task:{record.task_id}"]
         args: list[str | int | float] = [record_to_json(record), record.updated_at_ms, TASK_TTL_S, channel]
-        if followed:
-            keys.append(f"{self._ns}:followed")
-            args += [time.time(), record.task_id]
+        if polled_by is not None:
+            keys += [f"{self._ns}:followed", f"{self._ns}:poller:{record.task_id}"]
+            args += [time.time(), record.task_id, polled_by.poller, int(polled_by.ttl_s * 1000)]
         return bool(await self._save_if_not_older(keys=keys, args=args))
 
     async def get(self, task_id: str) -> TaskRecord | None:

@@ -218,7 +218,7 @@ Machine: {machine()}. Run {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}.
 | Redis round trips per rate decision | {trips:.2f} (one EVALSHA; the script is loaded once), running {commands:.1f} commands inside Redis |
 | Redis round trips per request, key not in the replica's cache (`GET /tasks/{{id}}`) | {per_request["auth miss"]} (key, tenant and Kling account records and the key's last use; the rate decision; the usage count; the task record) |
 | same request, key cached (for up to 1 s, dropped at once on revocation) | {per_request["auth hit"]} |
-| Redis round trips of a `POST /generate` (wait 0) over the task's whole life, key cached | {per_request["generate"]} (limits, account slot, the record with the follow mark, usage on the request; then the follower's poll lease, the new state recorded and broadcast in one script, the two leases' releases, and the poll lease with the follow mark) |
+| Redis round trips of a `POST /generate` (wait 0) over the task's whole life, key cached | {per_request["generate"]} (limits, account slot, the record with the follow mark and the poll lease, usage on the request; then the new state recorded and broadcast in one script, the two leases' releases, and the poll lease with the follow mark) |
 | admission accuracy: 200 simultaneous submissions over 2 gateway processes against 50/min | admitted {", ".join(map(str, admitted))} in {rounds} rounds (exact = 50) |
 
 Each decision is one Lua script; the rate is clocked by Redis `TIME`, so the replicas' clocks play no part.

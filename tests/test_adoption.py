@@ -14,7 +14,7 @@ from app.follower import Leases, TaskFollower
 from app.http_pool import create_kling_pool
 from app.kling import KlingClient, KlingCredentials
 from app.models import TaskStatus
-from app.tasks import MemoryTaskStore, RedisTaskStore, TaskRecord, TaskStore
+from app.tasks import MemoryTaskStore, PollLease, RedisTaskStore, TaskRecord, TaskStore
 from tests.conftest import PRIMARY, Simulator, bearer, redis_gateway_settings, running_gateway
 
 pytestmark = pytest.mark.anyio
@@ -34,7 +34,9 @@ async def _submitted(kling: KlingClient, store: RedisTaskStore) -> TaskRecord:
         status=TaskStatus.SUBMITTED, created_at_ms=task.created_at, updated_at_ms=task.updated_at,
         credential_id=CREDENTIALS.credential_id, webhook_url="https://hooks.example.com/x",
     ).updated_from(task)  # fmt: skip
-    await store.save(record, followed=True)  # as the gateway records a task it submits
+    # As the gateway records a task it submits; then that replica stops, giving the poll lease up.
+    await store.save(record, polled_by=PollLease("stopped-replica", 60))
+    await store.release_polling(record.task_id, "stopped-replica")
     return record
 
 
@@ -97,6 +99,23 @@ async def test_a_task_submitted_through_the_gateway_is_adoptable_as_soon_as_it_i
         task_id = answer.json()["task_id"]
         assert await redis.zscore("kgw:followed", task_id) is not None  # should this replica stop, another adopts it
         assert await redis.exists(f"kgw:task:{task_id}")
+
+
+async def test_a_task_just_submitted_is_polled_by_its_replica_alone_from_the_start(
+    simulator: Simulator, redis: Redis, redis_url: str
+) -> None:
+    """The record of a task submitted here takes its poll lease too: another replica asked about it at once reads
+    the record rather than Kling, though the submitting replica's first poll is 30 s away."""
+    settings = redis_gateway_settings(simulator, redis_url, poll_interval_seconds=30)
+    async with running_gateway(settings) as submitter, running_gateway(settings) as other:
+        headers = bearer(await submitter.new_api_key("polled-once"))
+        answer = await submitter.http.post(f"{submitter.url}/generate", json={"prompt": "x"}, headers=headers)
+        assert answer.status_code == 202, answer.text
+        task_id = answer.json()["task_id"]
+        asked = await other.http.get(f"{other.url}/tasks/{task_id}", headers=headers)
+    assert asked.status_code == 200, asked.text
+    assert asked.json()["status"] == "submitted"
+    assert (await simulator.stats())["queries"] == 0
 
 
 async def test_an_end_heard_where_no_loop_follows_the_task_is_still_handled(kling: KlingClient, redis: Redis) -> None:

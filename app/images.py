@@ -353,8 +353,9 @@ class ImageService:
             self._follower.follow(record, principal.kling, self._leases(principal, admission.lease_id, account_lease))
             # Both at once: with Redis, two round trips in the time of one. The request is counted with its
             # task, in one write rather than one on admission and one here. Both log Redis failures, not raise.
-            # The record marks the task followed too (the follow just started relies on it: should this replica
-            # stop, the mark goes stale and another adopts the task).
+            # The record marks the task followed and takes its poll lease too (the follow just started relies on
+            # both: it polls first without claiming, and should this replica stop, the mark goes stale and another
+            # adopts the task).
             await asyncio.gather(
                 self._save_quietly(record, polled_by=self._follower.poll_lease),
                 self._record_usage(principal, requests=1, tasks=1, images=images),

@@ -55,7 +55,7 @@ PACED_CLIENTS, PACED_PER_SECOND, PACED_SHARE = 16, 150.0, 0.5
 # wakes it): a third keeps that gateway's worker about half busy, as PACED_SHARE means to.
 PACED_CPU_SHARE = 1 / 3
 # Requests sent on a paced schedule before those counted (in a full run): each task's status read comes about 1.2 s
-# its create, so until then a gateway would be measured without that part of its work.
+# after its create, so until then a gateway would be measured without that part of its work.
 PACED_LEAD_IN_S = 1.5
 # How long a paced run's counted requests last at most: the pace is lower on a slow host, and the run would be longer.
 PACED_WINDOW_S = 3.0
@@ -289,8 +289,8 @@ def render(
             proxies = name.startswith("gateway") or name == FLOOR
             added = f"{p50 - base_p50:+.2f} | {p99 - base_p99:+.2f}" if proxies else "| "
             timing = f"{median(timings):.2f}" if timings else "–"
-            cpu = f"{cpu_ms(runs):.2f}" if runs[0].server_cpu_ms is not None else "–"
-            rows.append(f"| {load} | {name} | {p50:.2f} | {p99:.2f} | {rate:,.0f} | {added} | {timing} | {cpu} |")
+            rows.append(f"| {load} | {name} | {p50:.2f} | {p99:.2f} | {rate:,.0f} | {added} | {timing} | "
+                        f"{cpu_ms(runs):.2f} |")  # fmt: skip
             if load in labels and name in VERDICT_GATEWAYS:
                 met = p50 - base_p50 < GOAL_P50_MS and p99 - base_p99 < GOAL_P99_MS
                 verdicts.append(f"- {labels[load]}: the gateway ({VERDICT_GATEWAYS[name]}) adds {p50 - base_p50:.2f} ms "

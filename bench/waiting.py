@@ -140,9 +140,7 @@ async def run(milestones: tuple[int, ...], hold_s: float) -> tuple[list[Mileston
     kling = SimulatorProcess(SIM_DELAY_S, accounts)
     async with contextlib.AsyncExitStack() as stack:
         sim, gw = await enter_together(
-            stack,
-            kling,
-            gateway(kling.url, factory="bench.probes:lag_probed_gateway", callbacks=True),
+            stack, kling, gateway(kling.url, factory="bench.probes:lag_probed_gateway", callbacks=True)
         )
         keys = await api_keys(gw.url, accounts)
         control, stats = Connection(gw.url), Connection(sim.url)

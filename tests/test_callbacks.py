@@ -53,7 +53,7 @@ async def test_with_callbacks_lost_the_fallback_polls_of_one_accounts_tasks_shar
     simulator: Simulator,
 ) -> None:
     """Kling does not retry a callback: polling finds the ends instead, from 5 s on. Reads of one account that fall
-    due within seconds of each other wait for each other, so tasks created a second apart cost Kling one list call
+    due within seconds of each other wait for each other, so tasks created half a second apart cost Kling one list call
     rather than a query each."""
     nobody = f"http://127.0.0.1:{free_port()}"  # where the callbacks go: nothing listens, so every one is lost
     async with running_gateway(gateway_settings(simulator, public_url=nobody)) as gateway:

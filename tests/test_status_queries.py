@@ -97,7 +97,7 @@ async def test_reads_reaching_past_one_page_are_answered_page_by_page(simulator:
     )
     queries = StatusQueries(kling, window_s=0.2)
     tasks = [await created(kling, account, queries) for _ in range(600)]
-    wanted = tasks[:60] + tasks[-60:]  # 120 reads reaching back past the newest 500: two pages of 500 are worth it
+    wanted = tasks[:60] + tasks[-60:]  # 120 reads reaching back past the newest 500: two pages (of 380) are worth it
     with anyio.fail_after(20):
         answers = await asyncio.gather(*(queries.status(account, t.task_id, t.created_at) for t in wanted))
     assert [answer.task_id for answer in answers] == [task.task_id for task in wanted]

@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     kling_timeout_seconds: float = Field(default=30.0, gt=0, description="Overall deadline of one Kling call")
     kling_max_connections: int = Field(default=100, ge=1, description="Pooled connections to Kling per process")
     poll_interval_seconds: float = Field(default=1.0, gt=0, description="First poll delay while waiting on a task")
+    usage_flush_seconds: float = Field(
+        default=1.0, ge=0, description="With Redis: how often usage counts are written (0: each as it happens)"
+    )
     queue_timeout_seconds: float = Field(
         default=30.0, ge=0, description="Longest wait for free image slots on a Kling account before answering 429"
     )

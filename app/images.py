@@ -351,15 +351,13 @@ class ImageService:
                 webhook_url=request.webhook_url,
             ).updated_from(task)  # fmt: skip
             self._follower.follow(record, principal.kling, self._leases(principal, admission.lease_id, account_lease))
-            # Both at once: with Redis, two round trips in the time of one. The request is counted with its
-            # task, in one write rather than one on admission and one here. Both log Redis failures, not raise.
+            # The request is counted with its task, once rather than on admission and here; with Redis, in the
+            # process, written later in a batch (app/usage_buffer.py), so the record is the one round trip here.
             # The record marks the task followed and takes its poll lease too (the follow just started relies on
             # both: it polls first without claiming, and should this replica stop, the mark goes stale and another
-            # adopts the task).
-            await asyncio.gather(
-                self._save_quietly(record, polled_by=self._follower.poll_lease),
-                self._record_usage(principal, requests=1, tasks=1, images=images),
-            )
+            # adopts the task). Both log Redis failures, not raise.
+            await self._record_usage(principal, requests=1, tasks=1, images=images)
+            await self._save_quietly(record, polled_by=self._follower.poll_lease)
         return Outcome(record, admission.remaining)
 
     async def _record_usage(self, principal: Principal, *, requests: int = 0, tasks: int = 0, images: int = 0) -> None:

@@ -107,10 +107,11 @@ def followed_off(task_id: str) -> Callable[[str], bool]:
 def gateway_env(redis_url: str, kling_url: str) -> dict[str, str]:
     """A Redis-backed gateway's settings, with a new pepper and master key: made once per Redis, as every
     gateway on one Redis has to share them. It polls as a quick run's gateways do: a task's one status read comes
-    sooner, and its round trips are the same."""
+    sooner, and its round trips are the same. Its usage counts are written only as it stops, so no write of theirs
+    (one per tenant, key and day each `KGW_USAGE_FLUSH_SECONDS`, however many requests) falls among those counted."""
     return {"KGW_REDIS_URL": redis_url, "KGW_KEY_PEPPER": secrets.token_urlsafe(24),
             "KGW_MASTER_KEY": new_master_key(), "KGW_ADMIN_TOKEN": ADMIN_TOKEN, "KGW_KLING_BASE_URL": kling_url,
-            "KGW_POLL_INTERVAL_SECONDS": str(QUICK.first_query_s)}  # fmt: skip
+            "KGW_POLL_INTERVAL_SECONDS": str(QUICK.first_query_s), "KGW_USAGE_FLUSH_SECONDS": "3600"}  # fmt: skip
 
 
 async def round_trips_per_request(replica_url: str, redis_url: str, account: SimAccount) -> dict[str, int]:
@@ -216,10 +217,13 @@ Machine: {machine()}. Run {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}.
 | rate decisions per second, Redis (`admit_request`, 64 concurrent callers, one process) | **{redis_rate:,.0f}** median of {repeats} (samples {", ".join(f"{s:,.0f}" for s in redis_samples)}) |
 | same decisions per second, memory backend (the ceiling without the network) | {memory_rate:,.0f} median (samples {", ".join(f"{s:,.0f}" for s in memory_samples)}) |
 | Redis round trips per rate decision | {trips:.2f} (one EVALSHA; the script is loaded once), running {commands:.1f} commands inside Redis |
-| Redis round trips per request, key not in the replica's cache (`GET /tasks/{{id}}`) | {per_request["auth miss"]} (key, tenant and Kling account records and the key's last use; the rate decision; the usage count; the task record) |
+| Redis round trips per request, key not in the replica's cache (`GET /tasks/{{id}}`) | {per_request["auth miss"]} (key, tenant and Kling account records and the key's last use; the rate decision; the task record) |
 | same request, key cached (for up to 1 s, dropped at once on revocation) | {per_request["auth hit"]} |
-| Redis round trips of a `POST /generate` (wait 0) over the task's whole life, key cached | {per_request["generate"]} (limits, account slot, the record with the follow mark and the poll lease, usage on the request; then the new state recorded and broadcast in one script, the two leases' releases, and the poll lease with the follow mark) |
+| Redis round trips of a `POST /generate` (wait 0) over the task's whole life, key cached | {per_request["generate"]} (limits, account slot, the record with the follow mark and the poll lease; then the new state recorded and broadcast in one script, the two leases' releases, and the poll lease with the follow mark) |
 | admission accuracy: 200 simultaneous submissions over 2 gateway processes against 50/min | admitted {", ".join(map(str, admitted))} in {rounds} rounds (exact = 50) |
+
+Usage is not among these: a replica counts it in memory and writes it every `KGW_USAGE_FLUSH_SECONDS` (1 s by
+default), one round trip per tenant, key and day counted in that second, however many requests they made.
 
 Each decision is one Lua script; the rate is clocked by Redis `TIME`, so the replicas' clocks play no part.
 The Redis figure is bound by the Python client in one process (each round trip costs the event loop far

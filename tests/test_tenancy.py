@@ -34,6 +34,7 @@ from tests.conftest import (
     gateway_settings,
     hand_made,
     mcp_client,
+    redis_gateway_settings,
     replica_env,
     running_gateway,
     text_of,
@@ -169,6 +170,21 @@ async def test_usage_counts_requests_tasks_and_images_per_key(gateway: RunningGa
     assert today["by_key"] == {api_key.split("_")[1]: {"requests": 2, "tasks": 2, "images": 4}}
     everyone = (await gateway.http.get(f"{gateway.url}/admin/usage", headers=ADMIN)).json()
     assert [days[0]["total"]["images"] for days in everyone.values()] == [4]
+
+
+async def test_with_redis_usage_shows_at_once_where_counted_and_a_stopping_replica_writes_what_it_holds(
+    simulator: Simulator, redis_gateway: RunningGateway, redis_url: str
+) -> None:
+    api_key = await redis_gateway.new_api_key("acme")
+    body, headers = {"prompt": "x", "num_images": 2}, bearer(api_key)
+    # Counts wait in the replica for an hour here, so only a read through it or its stop can write them.
+    async with running_gateway(redis_gateway_settings(simulator, redis_url, usage_flush_seconds=3600)) as counting:
+        assert (await counting.http.post(f"{counting.url}/generate", json=body, headers=headers)).is_success
+        [today] = (await counting.http.get(f"{counting.url}/usage", headers=headers)).json()
+        assert today["total"] == {"requests": 1, "tasks": 1, "images": 2}
+        assert (await counting.http.post(f"{counting.url}/generate", json=body, headers=headers)).is_success
+    [today] = (await redis_gateway.http.get(f"{redis_gateway.url}/usage", headers=headers)).json()
+    assert today["total"] == {"requests": 2, "tasks": 2, "images": 4}
 
 
 async def test_admin_changes_are_audited_without_secrets(gateway: RunningGateway) -> None:

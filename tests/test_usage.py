@@ -1,4 +1,5 @@
-"""The usage store and audit log contracts, run against memory, Redis, and Redis with decoded responses."""
+"""The usage store and audit log contracts, run against memory, Redis, and Redis with decoded responses (and the
+usage store also through the gateway's buffer in front of Redis); then the buffer's own promises."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from datetime import UTC, date, datetime, timedelta
 import anyio
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from app.usage import (
     AuditLog,
@@ -21,6 +23,7 @@ from app.usage import (
     RedisUsageStore,
     UsageStore,
 )
+from app.usage_buffer import BufferedUsage
 
 pytestmark = pytest.mark.anyio
 TODAY = date(2025, 3, 10)
@@ -34,13 +37,14 @@ async def _redis_client(request: pytest.FixtureRequest) -> Redis:
     return client
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=[*BACKENDS, "redis-buffered"])
 async def usage(request: pytest.FixtureRequest) -> AsyncIterator[UsageStore]:
     if request.param == "memory":
         yield MemoryUsageStore()
         return
     client = await _redis_client(request)
-    yield RedisUsageStore(client)
+    # Buffered, the contract holds as written: every read writes what the buffer holds first.
+    yield BufferedUsage(RedisUsageStore(client)) if request.param == "redis-buffered" else RedisUsageStore(client)
     await client.aclose()
 
 
@@ -284,3 +288,74 @@ async def test_the_audit_stream_is_trimmed_near_max_entries(redis: Redis) -> Non
     # MAXLEN ~ trims whole stream nodes (100 entries by default): at least max_entries stay, at most ~ a node more.
     assert 10 <= await redis.xlen("kgw:audit") <= 10 + 100
     assert [entry.action for entry in await log.recent(2)] == ["action.499", "action.498"]
+
+
+# --- the buffer in front of Redis (app/usage_buffer.py) -----------------------------------------------------------
+
+
+@pytest.fixture
+async def fresh_redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
+    await client.flushdb()
+    yield client
+    await client.aclose()
+
+
+async def test_buffered_counts_wait_in_the_process_until_a_flush_writes_them(fresh_redis: Redis) -> None:
+    buffered, redis_view = BufferedUsage(RedisUsageStore(fresh_redis)), RedisUsageStore(fresh_redis)
+    for _ in range(5):
+        await buffered.record("t_a", "key1", requests=1, day=TODAY)
+    await buffered.record("t_a", "key1", tasks=1, images=3, day=TODAY)
+    assert await redis_view.tenant_usage("t_a", today=TODAY) == []  # other replicas see nothing yet
+
+    await buffered.flush()
+    counted = Counts(requests=5, tasks=1, images=3)
+    assert await redis_view.tenant_usage("t_a", today=TODAY) == [DailyUsage(TODAY, counted, {"key1": counted})]
+    await buffered.flush()  # nothing left: the counts are written once
+    assert (await redis_view.tenant_usage("t_a", today=TODAY))[0].total == counted
+
+
+async def test_counts_a_flush_could_not_write_are_written_by_the_next(redis_url: str, fresh_redis: Redis) -> None:
+    buffered, redis_view = BufferedUsage(RedisUsageStore(fresh_redis)), RedisUsageStore(fresh_redis)
+    await buffered.record("t_a", "key1", requests=2, tasks=1, images=1, day=TODAY)
+    await fresh_redis.config_set("maxmemory", "1")  # Redis refuses every write (OOM), as a full one would
+    try:
+        with pytest.raises(RedisError):
+            await buffered.flush()
+        assert buffered.pending == 1
+        await buffered.record("t_a", "key1", requests=1, day=TODAY)  # counting goes on meanwhile
+    finally:
+        await fresh_redis.config_set("maxmemory", "0")
+    await buffered.flush()
+    assert buffered.pending == 0
+    [day] = await redis_view.tenant_usage("t_a", today=TODAY)
+    assert day.total == Counts(requests=3, tasks=1, images=1)
+
+
+async def test_a_read_through_the_buffer_answers_with_what_it_holds_even_when_redis_refuses_writes(
+    fresh_redis: Redis,
+) -> None:
+    buffered = BufferedUsage(RedisUsageStore(fresh_redis))
+    await buffered.record("t_a", "key1", requests=1, day=TODAY)
+    await buffered.flush()
+    await buffered.record("t_a", "key1", requests=1, day=TODAY)
+    await fresh_redis.config_set("maxmemory", "1")
+    try:
+        [day] = await buffered.tenant_usage("t_a", today=TODAY)  # the read is not failed by the write before it
+    finally:
+        await fresh_redis.config_set("maxmemory", "0")
+    assert day.total.requests == 1  # what Redis holds; the waiting count is written by the next flush
+    assert buffered.pending == 1
+
+
+async def test_the_writer_flushes_on_its_interval_and_once_more_as_it_stops(fresh_redis: Redis) -> None:
+    buffered, redis_view = BufferedUsage(RedisUsageStore(fresh_redis)), RedisUsageStore(fresh_redis)
+    async with buffered.flushing_every(0.05):
+        await buffered.record("t_a", "key1", requests=1, day=TODAY)
+        with anyio.fail_after(5):
+            while not await redis_view.tenant_usage("t_a", today=TODAY):  # noqa: ASYNC110 (Redis has no event)
+                await anyio.sleep(0.01)
+    async with buffered.flushing_every(3600):
+        await buffered.record("t_a", "key1", requests=1, day=TODAY)
+    [day] = await redis_view.tenant_usage("t_a", today=TODAY)
+    assert day.total.requests == 2

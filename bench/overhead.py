@@ -26,7 +26,7 @@ from app.models import GenerateRequest
 from app.simulator import SimAccount
 from bench.apps import FloorKling
 from bench.http import Connection, Reply
-from bench.measure import Run, alternating, closed_loop, median, paced
+from bench.measure import Run, alternating, closed_loop, median, paced, pooled_p99_ms
 from bench.report import write_section
 from bench.serving import Server, enter_together, raise_fd_limit, served
 from bench.stack import (
@@ -245,9 +245,9 @@ def own_work(by_target: dict[str, list[Run]], gateway_name: str) -> str:
     """What a gateway adds over the floor: its own work, apart from what FastAPI and one Kling call cost."""
     gateway, floor, direct = by_target[gateway_name], by_target[FLOOR], by_target[DIRECT]
     floor_p50, floor_p99 = (median([r.p50_ms for r in floor]) - median([r.p50_ms for r in direct]),
-                            median([r.p99_ms for r in floor]) - median([r.p99_ms for r in direct]))  # fmt: skip
+                            pooled_p99_ms(floor) - pooled_p99_ms(direct))  # fmt: skip
     own_p50, own_p99 = (median([r.p50_ms for r in gateway]) - median([r.p50_ms for r in floor]),
-                        median([r.p99_ms for r in gateway]) - median([r.p99_ms for r in floor]))  # fmt: skip
+                        pooled_p99_ms(gateway) - pooled_p99_ms(floor))  # fmt: skip
     gateway_cpu, floor_cpu = cpu_ms(gateway), cpu_ms(floor)
     return (
         f"Of that, the floor (FastAPI and the Kling call alone) adds {floor_p50:.2f} ms at p50 and {floor_p99:.2f} ms "
@@ -281,9 +281,9 @@ def render(
     rows, verdicts = [], []
     for load, by_target in results.items():
         base = by_target[DIRECT]
-        base_p50, base_p99 = median([r.p50_ms for r in base]), median([r.p99_ms for r in base])
+        base_p50, base_p99 = median([r.p50_ms for r in base]), pooled_p99_ms(base)
         for name, runs in by_target.items():
-            p50, p99, rate = median([r.p50_ms for r in runs]), median([r.p99_ms for r in runs]), median(
+            p50, p99, rate = median([r.p50_ms for r in runs]), pooled_p99_ms(runs), median(
                 [r.per_second for r in runs])  # fmt: skip
             timings = [t for r in runs for t in r.server_timings_ms]
             proxies = name.startswith("gateway") or name == FLOOR
@@ -331,7 +331,8 @@ run). The pace is the lowest of {PACED_SHARE:.0%} of the slowest target's closed
 third of the tasks per second one worker could take at the costliest gateway's CPU per task in that closed loop (a
 paced task costs about half as much again, so that worker is about half busy), and {PACED_PER_SECOND:.0f}: every
 target keeps up. {lead_in_note} Each latency is counted from the request's due time. The five targets run in turn, {rounds} rounds; each figure is the median over the
-rounds. "added" is a percentile minus the direct one; `Server-Timing` is the median of the gateway's own
+rounds but p99, which is over all the rounds' requests together (one run's p99 is its second- to eighth-slowest
+request, so the median of three moves with one hiccup). "added" is a percentile minus the direct one; `Server-Timing` is the median of the gateway's own
 `gateway;dur` header. That is the request's time outside Kling calls and waits, so on a saturated worker (the closed
 loops at 16 clients or more) it also holds the time the request's next step waited behind other requests' work on the event
 loop. **Server CPU** is the CPU time of the process serving the target (for the direct target, the simulator) per

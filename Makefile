@@ -30,7 +30,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-# Benchmarks (bench/__main__.py) rewrite docs/benchmarks.md, machine included: 5 to 7 minutes, or about one quick.
+# Benchmarks (bench/__main__.py) rewrite docs/benchmarks.md, machine included: 4 to 7 minutes, or about one quick.
 bench: $(STAMP)
 	$(BIN)/python -m bench
 

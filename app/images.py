@@ -352,7 +352,8 @@ class ImageService:
             ).updated_from(task)  # fmt: skip
             self._follower.follow(record, principal.kling, self._leases(principal, admission.lease_id, account_lease))
             # The request is counted with its task, once rather than on admission and here; with Redis, in the
-            # process, written later in a batch (app/usage_buffer.py), so the record is the one round trip here.
+            # process, written later in a batch (app/usage_buffer.py), so the record is the one round trip here
+            # (with KGW_USAGE_FLUSH_SECONDS=0, usage is one more before it: the operator chose exact counts).
             # The record marks the task followed and takes its poll lease too (the follow just started relies on
             # both: it polls first without claiming, and should this replica stop, the mark goes stale and another
             # adopts the task). Both log Redis failures, not raise.

@@ -4,9 +4,10 @@ Counting a request in Redis as it is served costs each request a round trip: abo
 paced, and 0.1 ms of the worker's CPU (docs/benchmarks.md). Usage is bookkeeping, not a limit (the limiter
 enforces those, in Redis, as each request arrives), so it can wait: requests add to counters in memory, and
 every `KGW_USAGE_FLUSH_SECONDS` each (tenant, key, day) counted since is written with one round trip, however
-many requests it holds. A read of usage through this replica writes what it holds first, so a caller sees its own
-requests at once; another replica's show within the interval. What a replica holds when it stops is written as
-it stops; a replica that crashes loses at most one interval of counts.
+many requests it holds. Each process (each worker of `serve --workers N`) counts its own requests: a read of usage
+through the process that counted them writes them first, so it is exact at once; reads elsewhere see them within
+the interval. What a process holds when it stops is written as it stops. One that crashes loses what it had not
+written: an interval's counts, or all it counted while Redis was unreachable.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class BufferedUsage:
         self._pending: dict[_Slot, Counter[str]] = {}
         # One flush at a time: a read must not answer while an earlier flush still writes what it took.
         self._flushing = asyncio.Lock()
+        self._failing = False  # the last flush failed: reads stop trying until a periodic flush gets through
 
     @property
     def pending(self) -> int:
@@ -58,10 +60,12 @@ class BufferedUsage:
         if counts:
             self._pending.setdefault((tenant_id, key_id, day or utc_today()), Counter()).update(counts)
 
-    async def flush(self) -> None:
+    async def flush(self, *, unless_failing: bool = False) -> None:
         """Write what was counted so far. What cannot be written is kept for the next flush; raises the store's
-        failure after putting it back."""
+        failure after putting it back. `unless_failing`: do nothing while the last flush failed."""
         async with self._flushing:
+            if unless_failing and self._failing:
+                return
             taken, self._pending = self._pending, {}
             slots = list(taken.items())
             for index, ((tenant_id, key_id, day), counts) in enumerate(slots):
@@ -72,30 +76,36 @@ class BufferedUsage:
                     # that Redis ran but whose answer was lost (a timeout) counts twice: rarer, and a smaller error
                     # than dropping counts.
                     self._put_back(slots[index:])
+                    self._failing = True
                     raise
+            self._failing = False
 
     def _put_back(self, slots: Sequence[tuple[_Slot, Counter[str]]]) -> None:
         for slot, counts in slots:
             self._pending.setdefault(slot, Counter()).update(counts)
 
     async def tenant_usage(self, tenant_id: str, days: int = 30, *, today: date | None = None) -> list[DailyUsage]:
-        await self._flush_quietly()
+        await self._flush_before_read()
         return await self._store.tenant_usage(tenant_id, days, today=today)
 
     async def tenants_usage(
         self, tenant_ids: Sequence[str], days: int = 30, *, today: date | None = None
     ) -> dict[str, list[DailyUsage]]:
-        await self._flush_quietly()
+        await self._flush_before_read()
         return await self._store.tenants_usage(tenant_ids, days, today=today)
 
-    async def _flush_quietly(self) -> bool:
-        """Flush; a failure is logged, not raised (the counts wait for the next flush). True when written."""
+    async def _flush_before_read(self) -> None:
+        """Not while flushes fail: each reader would wait out Redis's timeout in turn, behind the lock, before its
+        own read. Shielded: a reader that hangs up must not cut off a write Redis may have run (it would be put
+        back and counted twice)."""
+        await asyncio.shield(self._flush_quietly(unless_failing=True))
+
+    async def _flush_quietly(self, *, unless_failing: bool = False) -> None:
+        """Flush; a failure is logged, not raised (the counts wait for the next flush)."""
         try:
-            await self.flush()
+            await self.flush(unless_failing=unless_failing)
         except (RedisError, OSError) as exc:
             logger.warning("could not write usage counts (%d waiting): %s", self.pending, type(exc).__name__)
-            return False
-        return True
 
     @contextlib.asynccontextmanager
     async def flushing_every(self, seconds: float) -> AsyncIterator[None]:
@@ -115,6 +125,11 @@ class BufferedUsage:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(seconds):
                     await stop.wait()
-            await self._flush_quietly()
-            if stop.is_set():
+            # Read before the flush: a stop asked during it needs one more, for what was counted meanwhile.
+            stopping = stop.is_set()
+            try:
+                await self._flush_quietly()
+            except Exception:
+                logger.exception("writing usage counts failed unexpectedly; trying again at the next interval")
+            if stopping:
                 return

@@ -68,7 +68,7 @@ async def round_trips_per_decision(redis: Redis, limiter: Limiter, decisions: in
 
 # Commands from one connection this close together were sent together (a pipeline): no round trip through a
 # Python client on loopback takes less (redis-py spends 100-200 us of CPU on each), while Redis may run a
-# pipeline's commands more than 20 us apart on a busy host (seen: a usage pipeline counted twice).
+# pipeline's commands more than 20 us apart on a busy host (seen: a pipeline counted twice).
 PIPELINED_WITHIN_S = 80e-6
 
 

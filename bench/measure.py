@@ -112,9 +112,9 @@ async def alternating(rounds: int, contenders: Mapping[str, Callable[[], Awaitab
 
 
 def pooled_p99_ms(runs: Sequence[Run]) -> float:
-    """The p99 of every run's requests together. One run's p99 rests on its few slowest requests (of 200, the
-    second slowest), so the median of the runs' p99s moves with a single hiccup; the rounds together give it
-    several times the requests to rest on, still run alternating with the baseline's."""
+    """The p99 of every run's requests together. One run's p99 is one of its few slowest requests (of 200, the
+    third slowest), a noisy estimate; the rounds together give it several times the requests to rest on, each
+    round still run alternating with the baseline's."""
     return percentile([latency for run in runs for latency in run.latencies_s], 0.99) * 1000
 
 

@@ -180,6 +180,8 @@ async def test_with_redis_usage_shows_at_once_where_counted_and_a_stopping_repli
     # Counts wait in the replica for an hour here, so only a read through it or its stop can write them.
     async with running_gateway(redis_gateway_settings(simulator, redis_url, usage_flush_seconds=3600)) as counting:
         assert (await counting.http.post(f"{counting.url}/generate", json=body, headers=headers)).is_success
+        # Not written yet: another replica reads what is in Redis, and the counting one holds the request.
+        assert (await redis_gateway.http.get(f"{redis_gateway.url}/usage", headers=headers)).json() == []
         [today] = (await counting.http.get(f"{counting.url}/usage", headers=headers)).json()
         assert today["total"] == {"requests": 1, "tasks": 1, "images": 2}
         assert (await counting.http.post(f"{counting.url}/generate", json=body, headers=headers)).is_success

@@ -293,16 +293,8 @@ async def test_the_audit_stream_is_trimmed_near_max_entries(redis: Redis) -> Non
 # --- the buffer in front of Redis (app/usage_buffer.py) -----------------------------------------------------------
 
 
-@pytest.fixture
-async def fresh_redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    await client.flushdb()
-    yield client
-    await client.aclose()
-
-
-async def test_buffered_counts_wait_in_the_process_until_a_flush_writes_them(fresh_redis: Redis) -> None:
-    buffered, redis_view = BufferedUsage(RedisUsageStore(fresh_redis)), RedisUsageStore(fresh_redis)
+async def test_buffered_counts_wait_in_the_process_until_a_flush_writes_them(redis: Redis) -> None:
+    buffered, redis_view = BufferedUsage(RedisUsageStore(redis)), RedisUsageStore(redis)
     for _ in range(5):
         await buffered.record("t_a", "key1", requests=1, day=TODAY)
     await buffered.record("t_a", "key1", tasks=1, images=3, day=TODAY)
@@ -315,41 +307,49 @@ async def test_buffered_counts_wait_in_the_process_until_a_flush_writes_them(fre
     assert (await redis_view.tenant_usage("t_a", today=TODAY))[0].total == counted
 
 
-async def test_counts_a_flush_could_not_write_are_written_by_the_next(redis_url: str, fresh_redis: Redis) -> None:
-    buffered, redis_view = BufferedUsage(RedisUsageStore(fresh_redis)), RedisUsageStore(fresh_redis)
+async def test_counts_a_flush_could_not_write_are_written_by_the_next(redis: Redis) -> None:
+    buffered, redis_view = BufferedUsage(RedisUsageStore(redis)), RedisUsageStore(redis)
     await buffered.record("t_a", "key1", requests=2, tasks=1, images=1, day=TODAY)
-    await fresh_redis.config_set("maxmemory", "1")  # Redis refuses every write (OOM), as a full one would
+    await redis.config_set("maxmemory", "1")  # Redis refuses every write (OOM), as a full one would
     try:
         with pytest.raises(RedisError):
             await buffered.flush()
         assert buffered.pending == 1
         await buffered.record("t_a", "key1", requests=1, day=TODAY)  # counting goes on meanwhile
     finally:
-        await fresh_redis.config_set("maxmemory", "0")
+        await redis.config_set("maxmemory", "0")
     await buffered.flush()
     assert buffered.pending == 0
     [day] = await redis_view.tenant_usage("t_a", today=TODAY)
     assert day.total == Counts(requests=3, tasks=1, images=1)
 
 
-async def test_a_read_through_the_buffer_answers_with_what_it_holds_even_when_redis_refuses_writes(
-    fresh_redis: Redis,
-) -> None:
-    buffered = BufferedUsage(RedisUsageStore(fresh_redis))
+async def test_a_read_through_the_buffer_answers_with_what_redis_holds_when_it_refuses_writes(redis: Redis) -> None:
+    buffered = BufferedUsage(RedisUsageStore(redis))
     await buffered.record("t_a", "key1", requests=1, day=TODAY)
     await buffered.flush()
     await buffered.record("t_a", "key1", requests=1, day=TODAY)
-    await fresh_redis.config_set("maxmemory", "1")
+    await redis.config_set("maxmemory", "1")
     try:
         [day] = await buffered.tenant_usage("t_a", today=TODAY)  # the read is not failed by the write before it
+        with pytest.raises(RedisError):
+            await buffered.flush()
+        # Once a flush failed, reads no longer try to write first (each would wait out Redis in turn, behind the
+        # others): the waiting count is left to the writer's next flush.
+        await buffered.record("t_a", "key1", requests=1, day=TODAY)
+        await redis.config_set("maxmemory", "0")
+        [unflushed] = await buffered.tenant_usage("t_a", today=TODAY)
+        assert buffered.pending == 1
+        await buffered.flush()
     finally:
-        await fresh_redis.config_set("maxmemory", "0")
-    assert day.total.requests == 1  # what Redis holds; the waiting count is written by the next flush
-    assert buffered.pending == 1
+        await redis.config_set("maxmemory", "0")
+    assert day.total.requests == unflushed.total.requests == 1  # what Redis held
+    [day] = await buffered.tenant_usage("t_a", today=TODAY)
+    assert day.total.requests == 3  # the flush that got through wrote both, and reads write first again
 
 
-async def test_the_writer_flushes_on_its_interval_and_once_more_as_it_stops(fresh_redis: Redis) -> None:
-    buffered, redis_view = BufferedUsage(RedisUsageStore(fresh_redis)), RedisUsageStore(fresh_redis)
+async def test_the_writer_flushes_on_its_interval_and_once_more_as_it_stops(redis: Redis) -> None:
+    buffered, redis_view = BufferedUsage(RedisUsageStore(redis)), RedisUsageStore(redis)
     async with buffered.flushing_every(0.05):
         await buffered.record("t_a", "key1", requests=1, day=TODAY)
         with anyio.fail_after(5):
@@ -357,5 +357,20 @@ async def test_the_writer_flushes_on_its_interval_and_once_more_as_it_stops(fres
                 await anyio.sleep(0.01)
     async with buffered.flushing_every(3600):
         await buffered.record("t_a", "key1", requests=1, day=TODAY)
+    [day] = await redis_view.tenant_usage("t_a", today=TODAY)
+    assert day.total.requests == 2
+
+
+async def test_counts_made_while_the_last_flush_writes_are_written_as_the_writer_stops(redis: Redis) -> None:
+    buffered, redis_view = BufferedUsage(RedisUsageStore(redis)), RedisUsageStore(redis)
+    await redis.client_pause(
+        300, all=False
+    )  # writes wait 0.3 s (CLIENT PAUSE WRITE): the writer's next flush hangs in Redis a while
+    async with buffered.flushing_every(0.01):
+        await buffered.record("t_a", "key1", requests=1, day=TODAY)
+        with anyio.fail_after(5):
+            while buffered.pending:  # noqa: ASYNC110 (the flush takes the counts, then waits on Redis)
+                await anyio.sleep(0.005)
+        await buffered.record("t_a", "key1", requests=1, day=TODAY)  # taken by no flush yet; the stop comes now
     [day] = await redis_view.tenant_usage("t_a", today=TODAY)
     assert day.total.requests == 2

@@ -112,10 +112,14 @@ async def gateway(
 
 
 @contextlib.asynccontextmanager
-async def floor_server(factory: str, kling_url: str, account: SimAccount) -> AsyncIterator[Server]:
-    """A floor (bench/apps.py `floor_app` or bench/mcp_apps.py `floor_mcp_app`) sending its creates to
-    `kling_url` as `account`."""
+async def floor_server(
+    factory: str, kling_url: str, account: SimAccount, redis_url: str | None = None
+) -> AsyncIterator[Server]:
+    """A floor (bench/apps.py `floor_app` or `redis_floor_app`, with `redis_url`, or bench/mcp_apps.py
+    `floor_mcp_app`) sending its creates to `kling_url` as `account`."""
     env = {"BENCH_KLING_URL": kling_url, "BENCH_KLING_ACCOUNT": json.dumps([account.access_key, account.secret_key])}
+    if redis_url is not None:
+        env["BENCH_REDIS_URL"] = redis_url
     async with served(factory, env) as server:
         yield server
 

@@ -125,7 +125,9 @@ class TaskRecord:
 
 
 def record_to_json(record: TaskRecord) -> str:
-    return json.dumps(asdict(record))
+    # A shallow dict, not `asdict`: that deep-copies every field, a few percent of a worker's CPU at load (py-spy),
+    # and json.dumps writes the same text from the originals (the images' tuples as arrays, the status's value).
+    return json.dumps({name: getattr(record, name) for name in _RECORD_FIELD_ORDER})
 
 
 def record_from_json(raw: str | bytes) -> TaskRecord:
@@ -136,7 +138,8 @@ def record_from_json(raw: str | bytes) -> TaskRecord:
     return TaskRecord(**fields)
 
 
-_RECORD_FIELDS = frozenset(TaskRecord.__dataclass_fields__)
+_RECORD_FIELD_ORDER = tuple(TaskRecord.__dataclass_fields__)
+_RECORD_FIELDS = frozenset(_RECORD_FIELD_ORDER)
 
 
 @dataclass(frozen=True)

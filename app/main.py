@@ -293,7 +293,8 @@ def build_gateway(settings: Settings, tracing: Tracing | None = None) -> Gateway
                 if client is not None:
                     stack.push_async_callback(client.aclose)
             await stack.enter_async_context(following_failovers(redis, limits_redis))
-            if usage_writer is not None:  # its last flush after every request has ended, before Redis closes
+            if usage_writer is not None:
+                # Its last flush comes once the parts entered after it have stopped, and before Redis closes.
                 await stack.enter_async_context(usage_writer.flushing_every(settings.usage_flush_seconds))
             stack.push_async_callback(kling_pool.aclose)
             if oauth_http is not None:

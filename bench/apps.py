@@ -6,8 +6,8 @@ server needs, and a server's start (several at once, on two cores) is much of a 
 - `ceiling_app`: a bare FastAPI endpoint, what any REST route costs under these uvicorn settings;
 - `floor_app`: the same route sending the create through the gateway's own Kling client, and nothing else: what any
   gateway on this stack pays before its own work (BENCH_KLING_URL, BENCH_KLING_ACCOUNT as JSON [ak, sk]);
-- `redis_floor_app`: that floor plus the two Redis round trips any gateway keeping its limits and tasks in Redis
-  makes around the create (BENCH_REDIS_URL too).
+  with BENCH_REDIS_URL, also the two Redis round trips any gateway keeping its limits and tasks in Redis makes
+  around the create (the floor with Redis).
 
 The MCP servers are in bench/mcp_apps.py, the gateway with a probe in front in bench/probes.py.
 """
@@ -76,60 +76,53 @@ class FloorKling:
         return await self._kling.create_image_task(self._credentials, body)
 
 
+class FloorRedis:
+    """What any gateway that keeps its limits and its tasks in Redis must add around the create, on the gateway's
+    own Redis client and pool: a script before it (the admission: nothing may be sent to Kling before it says yes)
+    and a write after it (the task's record: the answer may not go out before another replica could find the
+    task). One round trip each; nothing else of the gateway's."""
+
+    # An admission's least: a script that counts the request against a window, one round trip like the limiter's.
+    ADMISSION = "local n = redis.call('INCR', KEYS[1]); redis.call('PEXPIRE', KEYS[1], 60000); return n"
+
+    def __init__(self, url: str) -> None:
+        from app.main import create_redis  # here, not above: the other factories' processes need none of app.main
+
+        self.redis = create_redis(url, retries=0)
+        self._admit = self.redis.register_script(self.ADMISSION)
+
+    async def admit(self) -> None:
+        await self._admit(keys=["bench:floor:admitted"])
+
+    async def record(self, task: KlingTask, prompt: str) -> None:
+        record = json.dumps({"task_id": task.task_id, "status": task.task_status, "prompt": prompt})
+        await self.redis.set(f"bench:floor:task:{task.task_id}", record, ex=3600)
+
+
 def floor_app() -> FastAPI:
     """`POST /generate` as the gateway's route takes it (the same body model), sending the same create to Kling,
     then answering 202 with Kling's task id. No key, limits, record, usage or follow-up: those are the gateway's
-    own work."""
+    own work. With BENCH_REDIS_URL, the floor with Redis: the two round trips of `FloorRedis` around the create."""
     kling = FloorKling.from_env()
+    redis_url = os.environ.get("BENCH_REDIS_URL")
+    store = FloorRedis(redis_url) if redis_url else None
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         await kling.pool.aclose()
+        if store is not None:
+            await store.redis.aclose()
 
     app = FastAPI(lifespan=lifespan)
 
     @app.post("/generate", status_code=202)
     async def generate(body: GenerateRequest) -> dict[str, Any]:
+        if store is not None:
+            await store.admit()
         task = await kling.create(body)
-        return {"task_id": task.task_id, "status": task.task_status}
-
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    return app
-
-
-# An admission's least: a script that counts the request against a window, one round trip like the limiter's.
-FLOOR_ADMISSION = "local n = redis.call('INCR', KEYS[1]); redis.call('PEXPIRE', KEYS[1], 60000); return n"
-
-
-def redis_floor_app() -> FastAPI:
-    """`floor_app` with what any gateway that keeps its limits and its tasks in Redis must add around the create,
-    on the gateway's own Redis client and pool: a script before it (the admission: nothing may be sent to Kling
-    before it says yes) and a write after it (the task's record: the answer may not go out before another replica
-    could find the task). One round trip each; nothing else of the gateway's."""
-    from app.main import create_redis  # here, not above: the other factories' processes need none of app.main
-
-    kling = FloorKling.from_env()
-    redis = create_redis(os.environ["BENCH_REDIS_URL"], retries=0)
-    admit = redis.register_script(FLOOR_ADMISSION)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
-        await kling.pool.aclose()
-        await redis.aclose()
-
-    app = FastAPI(lifespan=lifespan)
-
-    @app.post("/generate", status_code=202)
-    async def generate(body: GenerateRequest) -> dict[str, Any]:
-        await admit(keys=["bench:floor:admitted"])
-        task = await kling.create(body)
-        record = json.dumps({"task_id": task.task_id, "status": task.task_status, "prompt": body.prompt})
-        await redis.set(f"bench:floor:task:{task.task_id}", record, ex=3600)
+        if store is not None:
+            await store.record(task, body.prompt)
         return {"task_id": task.task_id, "status": task.task_status}
 
     @app.get("/healthz")

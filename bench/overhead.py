@@ -131,7 +131,7 @@ async def main(quick: bool) -> str:
                 gateway(kling.url, redis_url=redis_url, first_query_s=following.first_query_s),
                 served("bench.apps:ceiling_app", {}),
                 floor_server("bench.apps:floor_app", kling.url, floor_account),
-                floor_server("bench.apps:redis_floor_app", kling.url, redis_floor_account, redis_url),
+                floor_server("bench.apps:floor_app", kling.url, redis_floor_account, redis_url),
             )
             targets = {
                 DIRECT: Target(sim.url, direct_sender(

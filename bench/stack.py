@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import json
 import math
-import re
 import secrets
 import ssl
 import uuid
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx2
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from app.config import Settings
 from app.sealing import new_master_key
@@ -115,7 +116,7 @@ async def gateway(
 async def floor_server(
     factory: str, kling_url: str, account: SimAccount, redis_url: str | None = None
 ) -> AsyncIterator[Server]:
-    """A floor (bench/apps.py `floor_app` or `redis_floor_app`, with `redis_url`, or bench/mcp_apps.py
+    """A floor (bench/apps.py `floor_app`, with Redis at `redis_url` if given, or bench/mcp_apps.py
     `floor_mcp_app`) sending its creates to `kling_url` as `account`."""
     env = {"BENCH_KLING_URL": kling_url, "BENCH_KLING_ACCOUNT": json.dumps([account.access_key, account.secret_key])}
     if redis_url is not None:
@@ -132,8 +133,7 @@ async def settled(gateway_url: str, following: Following, within_s: float = 30.0
     async with httpx2.AsyncClient(timeout=10, verify=TLS) as http, asyncio.timeout(within_s):
         await asyncio.sleep(following.read_after_s)
         while True:
-            metrics = (await http.get(f"{gateway_url}/metrics")).text
-            if re.search(r"^kgw_tasks_in_flight(\{[^}]*\})? 0(\.0)?$", metrics, re.MULTILINE):
+            if sum(sample.value for sample in await _samples(http, gateway_url, "kgw_tasks_in_flight")) == 0:
                 return
             await asyncio.sleep(0.1)  # a gauge: nothing to await but its next reading
 
@@ -142,11 +142,17 @@ async def kling_calls(gateway_url: str) -> dict[str, float]:
     """The HTTP calls the gateway has sent to Kling so far, by endpoint (`create`, `query`, `list`), from its
     `kgw_kling_requests_total`."""
     async with httpx2.AsyncClient(timeout=10, verify=TLS) as http:
-        metrics = (await http.get(f"{gateway_url}/metrics")).text
+        samples = await _samples(http, gateway_url, "kgw_kling_requests_total")
     calls: dict[str, float] = {}
-    for endpoint, count in re.findall(r'^kgw_kling_requests_total\{[^}]*endpoint="(\w+)"[^}]*\} (\S+)$', metrics, re.M):
-        calls[endpoint] = calls.get(endpoint, 0.0) + float(count)
+    for sample in samples:
+        calls[sample.labels["endpoint"]] = calls.get(sample.labels["endpoint"], 0.0) + sample.value
     return calls
+
+
+async def _samples(http: httpx2.AsyncClient, gateway_url: str, name: str) -> list[Sample]:
+    """The samples named `name` (every label set) in the gateway's /metrics."""
+    families = text_string_to_metric_families((await http.get(f"{gateway_url}/metrics")).text)
+    return [sample for family in families for sample in family.samples if sample.name == name]
 
 
 async def with_server_cpu(

@@ -53,12 +53,13 @@ class BufferedUsage:
         images: int = 0,
         day: date | None = None,
     ) -> None:
-        amounts = {"requests": requests, "tasks": tasks, "images": images}
-        if any(amount < 0 for amount in amounts.values()):
-            raise ValueError(f"usage only grows: {amounts}")  # now, not at the flush, where nobody would hear it
-        counts = Counter({name: amount for name, amount in amounts.items() if amount})
-        if counts:
-            self._pending.setdefault((tenant_id, key_id, day or utc_today()), Counter()).update(counts)
+        if min(requests, tasks, images) < 0:  # now, not at the flush, where nobody would hear it
+            raise ValueError(f"usage only grows: requests={requests}, tasks={tasks}, images={images}")
+        if requests or tasks or images:
+            counts = self._pending.setdefault((tenant_id, key_id, day or utc_today()), Counter())
+            counts["requests"] += requests
+            counts["tasks"] += tasks
+            counts["images"] += images
 
     async def flush(self, *, unless_failing: bool = False) -> None:
         """Write what was counted so far. What cannot be written is kept for the next flush; raises the store's

@@ -50,11 +50,14 @@ return redis.call('ZREM', KEYS[2], ARGV[2])
 """
 # Write a task's state unless the stored one is newer (Kling's updated_at): a poll answer that was under way
 # while another replica recorded a callback's terminal state must not turn the record back. A state written is
-# published on the channel ARGV[4] names (none when empty): recorded and announced in one round trip. With KEYS[2]
-# and KEYS[3], the task is also marked followed and its poll lease taken for ARGV[7] (a task just submitted).
+# published on the channel ARGV[4] names (none when empty): recorded and announced in one round trip. KEYS[2] and
+# KEYS[3] (the followed set and the task's poll lease) go with ARGV[5]: 'follow' marks the task ARGV[6] followed
+# as of ARGV[9] and takes its poll lease for ARGV[7] (for ARGV[8] ms), stored or not (a task just submitted);
+# 'unfollow' drops both (the lease if ARGV[7] holds it) once the state is stored (a task's end, nothing left to do).
 SAVE_IF_NOT_OLDER = """
-if KEYS[2] then
-  redis.call('ZADD', KEYS[2], ARGV[5], ARGV[6])
+local mode = ARGV[5]
+if mode == 'follow' then
+  redis.call('ZADD', KEYS[2], ARGV[9], ARGV[6])
   local holder = redis.call('GET', KEYS[3])
   if not holder or holder == ARGV[7] then redis.call('SET', KEYS[3], ARGV[7], 'PX', tonumber(ARGV[8])) end
 end
@@ -67,6 +70,10 @@ if current then
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[3]))
 if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[4], ARGV[1]) end
+if mode == 'unfollow' then
+  redis.call('ZREM', KEYS[2], ARGV[6])
+  if redis.call('GET', KEYS[3]) == ARGV[7] then redis.call('DEL', KEYS[3]) end
+end
 return 1
 """
 # Where every replica hears the task states recorded by the others (app/callbacks.py, TaskUpdates).
@@ -168,12 +175,21 @@ class IdempotencyClaim:
 
 
 class TaskStore(Protocol):
-    async def save(self, record: TaskRecord, *, announce: bool = False, polled_by: PollLease | None = None) -> bool:
+    async def save(
+        self,
+        record: TaskRecord,
+        *,
+        announce: bool = False,
+        polled_by: PollLease | None = None,
+        ended_by: str | None = None,
+    ) -> bool:
         """Store the task's state unless the stored one is newer (a higher `updated_at_ms`); True if stored. With
         `announce`, a stored state is also published to every replica (TASK_UPDATES_CHANNEL), in the same step.
         With `polled_by`, stored or not, the task is also marked followed as of now and its poll lease taken, unless
         another poller holds it (what `claim_polling` does): a task just submitted is recorded and its first poll
-        turn claimed in one round trip, rather than three."""
+        turn claimed in one round trip, rather than three. With `ended_by` (a terminal state whose end needs nothing
+        more, such as a webhook), a stored state also ends the task's following, as `unmark_followed(task_id,
+        ended_by)` does, in the same round trip."""
 
     async def get(self, task_id: str) -> TaskRecord | None: ...
 
@@ -232,7 +248,14 @@ class MemoryTaskStore:
         self._followed: dict[str, float] = {}
         self._max_records = max_records
 
-    async def save(self, record: TaskRecord, *, announce: bool = False, polled_by: PollLease | None = None) -> bool:
+    async def save(
+        self,
+        record: TaskRecord,
+        *,
+        announce: bool = False,
+        polled_by: PollLease | None = None,
+        ended_by: str | None = None,
+    ) -> bool:
         # One process, no other replica to tell: `announce` has nothing to do here.
         if polled_by is not None:
             await self.claim_polling(record.task_id, polled_by.poller, polled_by.ttl_s)
@@ -243,6 +266,8 @@ class MemoryTaskStore:
         self._records.move_to_end(record.task_id)
         while len(self._records) > self._max_records:
             self._records.popitem(last=False)
+        if ended_by is not None:
+            await self.unmark_followed(record.task_id, ended_by)
         return True
 
     async def get(self, task_id: str) -> TaskRecord | None:
@@ -323,14 +348,25 @@ class RedisTaskStore:
         self._unfollow = redis.register_script(UNFOLLOW)
         self._save_if_not_older = redis.register_script(SAVE_IF_NOT_OLDER)
 
-    async def save(self, record: TaskRecord, *, announce: bool = False, polled_by: PollLease | None = None) -> bool:
+    async def save(
+        self,
+        record: TaskRecord,
+        *,
+        announce: bool = False,
+        polled_by: PollLease | None = None,
+        ended_by: str | None = None,
+    ) -> bool:
         channel = TASK_UPDATES_CHANNEL if announce else ""
         keys = [f"{self._ns}:task:{record.task_id}"]
         args: list[str | int | float] = [record_to_json(record), record.updated_at_ms, TASK_TTL_S, channel]
+        following: list[str | int | float] = []  # what the script does to the follow mark and the poll lease
         if polled_by is not None:
+            following = ["follow", record.task_id, polled_by.poller, int(polled_by.ttl_s * 1000), time.time()]
+        elif ended_by is not None:
+            following = ["unfollow", record.task_id, ended_by]
+        if following:
             keys += [f"{self._ns}:followed", f"{self._ns}:poller:{record.task_id}"]
-            args += [time.time(), record.task_id, polled_by.poller, int(polled_by.ttl_s * 1000)]
-        return bool(await self._save_if_not_older(keys=keys, args=args))
+        return bool(await self._save_if_not_older(keys=keys, args=args + following))
 
     async def get(self, task_id: str) -> TaskRecord | None:
         raw = await self._redis.get(f"{self._ns}:task:{task_id}")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import anyio
 import anyio.lowlevel
@@ -180,3 +181,58 @@ async def test_unfollowing_an_ended_task_gives_up_only_its_own_poll_lease(backen
     assert await store.stale_followed(-60, 10) == []
     assert not await store.is_polled("mine")
     assert await store.is_polled("theirs")  # another replica's lease is left to it
+
+
+def _ended(record: TaskRecord) -> TaskRecord:
+    return replace(record, status=TaskStatus.SUCCEEDED, updated_at_ms=record.updated_at_ms + 1)
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_recording_a_task_s_end_can_unfollow_it_in_the_same_step(backend: str, redis: Redis) -> None:
+    store: TaskStore = MemoryTaskStore() if backend == "memory" else RedisTaskStore(redis)
+    for task_id, holder in (("mine", "replica-a"), ("theirs", "replica-b")):
+        record = TaskRecord(task_id=task_id, tenant_id="t_1", external_task_id=f"e_{task_id}", model_name="kling-v1",
+                            num_images=1, status=TaskStatus.SUBMITTED, created_at_ms=1, updated_at_ms=1)  # fmt: skip
+        await store.save(record, polled_by=PollLease(holder, 60))
+        assert await store.save(_ended(record), announce=True, ended_by="replica-a")
+    assert await store.stale_followed(-60, 10) == []
+    assert not await store.is_polled("mine")
+    assert await store.is_polled("theirs")  # another replica's lease is left to it
+
+    # A state older than the one recorded is not stored, and ends nothing either.
+    newer = _ended(record)
+    await store.mark_followed(record.task_id)
+    assert not await store.save(replace(newer, updated_at_ms=0), ended_by="replica-b")
+    assert await store.stale_followed(-60, 10) == [record.task_id]
+    assert await store.get(record.task_id) == newer
+
+
+@pytest.mark.parametrize("webhook_url", [None, "https://hooks.example.com/x"])
+async def test_a_followed_task_s_end_is_unfollowed_only_once_nothing_is_left_to_hand_over(
+    kling: KlingClient, redis: Redis, webhook_url: str | None
+) -> None:
+    """A task with a webhook stays marked followed until its end is handed over (should this replica die first,
+    another adopts it and delivers); one without is unfollowed as its end is recorded."""
+    store = RedisTaskStore(redis)
+    task = await kling.create_image_task(CREDENTIALS, {"model_name": "kling-v1", "prompt": "x", "n": 1})
+    record = TaskRecord(
+        task_id=task.task_id, tenant_id="t_1", external_task_id="e_1", model_name="kling-v1", num_images=1,
+        status=TaskStatus.SUBMITTED, created_at_ms=task.created_at, updated_at_ms=task.updated_at,
+        credential_id=CREDENTIALS.credential_id, webhook_url=webhook_url,
+    ).updated_from(task)  # fmt: skip
+    followed_at_hand_over: list[list[str]] = []
+
+    async def on_finished(finished: TaskRecord) -> None:
+        followed_at_hand_over.append(await store.stale_followed(-60, 10))
+
+    follower = TaskFollower(kling, store, first_interval_s=0.05, on_finished=on_finished)
+    await store.save(record, polled_by=follower.poll_lease)  # as the gateway records a task it submits
+    follower.follow(record, CREDENTIALS, Leases(refresh=_no_op, release=_no_op))
+    try:
+        with anyio.fail_after(10):
+            assert (await follower.wait(record, CREDENTIALS, 10, None)).status is TaskStatus.SUCCEEDED
+    finally:
+        await follower.aclose()  # which waits for the task's end to be handled
+    assert followed_at_hand_over == [[] if webhook_url is None else [record.task_id]]
+    assert await store.stale_followed(-60, 10) == []
+    assert not await store.is_polled(record.task_id)

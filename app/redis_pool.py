@@ -7,17 +7,81 @@ back, even with connections to spare: about 15 µs of CPU per command here (a GE
 alternating in one process), over the eight Redis round trips a task costs the gateway. This pool takes a free
 connection the way redis-py's plain pool does; only a command that finds none waits, and only then are a
 condition and a timer involved.
+
+Its connections write each command under `asyncio.timeout` rather than redis-py's `asyncio.wait_for`
+(`PromptWrites`).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from typing import Any
 
 from redis.asyncio import ConnectionPool
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.connection import AbstractConnection, Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MaxConnectionsError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+
+class PromptWrites(AbstractConnection):
+    """Mixed into redis-py's asyncio connection classes: a command's write is bounded by `asyncio.timeout`, and
+    only when it can wait at all, where redis-py's own puts every write under `asyncio.wait_for`. On Python 3.11
+    wait_for runs the write in a task of its own, so each command costs a task's creation and scheduling, and
+    leaves only on the event loop's next turn, behind whatever else is ready then: a GET cost 92 µs of CPU against
+    75 without it (one process, 8 rounds alternating). A write the socket takes at once, as a command's almost
+    always is, has nothing to wait for; one it does not take waits for the socket under the timeout. The
+    outcomes are redis-py's: a write that times out or fails drops the connection and raises its TimeoutError
+    or ConnectionError."""
+
+    async def send_packed_command(self, command: bytes | str | Iterable[bytes], check_health: bool = True) -> None:
+        if not self.socket_timeout:  # no timeout to take: redis-py writes directly then
+            await super().send_packed_command(command, check_health)
+            return
+        if not self.is_connected:
+            await self.connect_check_health(check_health=False)
+        if check_health:
+            await self.check_health()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+        if isinstance(command, str):
+            command = command.encode()
+        chunks = [command] if isinstance(command, bytes) else command
+        writer = self._writer
+        if writer is None:  # connected just above: only a disconnect racing this command leaves none
+            raise RedisConnectionError("Connection closed before the command was written")
+        try:
+            writer.writelines(chunks)
+            if writer.transport.get_write_buffer_size():  # the socket did not take it all: the drain may wait
+                async with asyncio.timeout(self.socket_timeout):
+                    await writer.drain()
+            else:
+                await writer.drain()  # returns at once (or raises, the connection lost): nothing left to wait for
+        except TimeoutError:  # before OSError, which it is a kind of
+            await self.disconnect(nowait=True)
+            raise RedisTimeoutError("Timeout writing to socket") from None
+        except OSError as exc:
+            await self.disconnect(nowait=True)
+            raise RedisConnectionError(f"Error while writing to socket: {exc}") from exc
+        except BaseException:
+            # Cancelled mid-write, say: what was sent of the command is unknown, so the connection cannot be reused.
+            await self.disconnect(nowait=True)
+            raise
+
+
+_PROMPT_WRITING: dict[type[AbstractConnection], type[AbstractConnection]] = {}
+
+
+def prompt_writing(connection_class: type[AbstractConnection]) -> type[AbstractConnection]:
+    """`connection_class` with `PromptWrites` mixed in (the class a pool's URL or options chose: plain, TLS, Unix
+    socket or Sentinel-managed), made once per class."""
+    if issubclass(connection_class, PromptWrites):
+        return connection_class
+    if connection_class not in _PROMPT_WRITING:
+        name = f"PromptWriting{connection_class.__name__}"
+        # After the class, just before redis-py's AbstractConnection: a subclass's own send (the Sentinel-managed
+        # connection's, which first asks the sentinels where to connect) still runs first, then comes here.
+        _PROMPT_WRITING[connection_class] = type(name, (connection_class, PromptWrites), {})
+    return _PROMPT_WRITING[connection_class]
 
 
 class BoundedConnectionPool(ConnectionPool):
@@ -26,6 +90,7 @@ class BoundedConnectionPool(ConnectionPool):
     does."""
 
     def __init__(self, *, timeout: float | None = 20.0, **kwargs: Any) -> None:
+        kwargs["connection_class"] = prompt_writing(kwargs.get("connection_class", Connection))
         super().__init__(**kwargs)
         self.timeout = timeout
         self._returned = asyncio.Condition()

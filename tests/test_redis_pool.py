@@ -1,19 +1,23 @@
 """The Redis pool holds at most its connections, makes a command wait for one when all are in use, and fails
-it with redis-py's ConnectionError when none comes back in time."""
+it with redis-py's ConnectionError when none comes back in time; a write Redis stops taking fails in time."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+import tempfile
 from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.main import create_redis
 from app.redis_pool import BoundedConnectionPool
+from tests.servers import free_port, start_redis
 
 pytestmark = pytest.mark.anyio
 
@@ -86,3 +90,24 @@ async def test_a_command_that_finds_no_connection_in_time_fails_as_a_connection_
             await client.ping()
         await pool.release(held)
         assert await client.ping() is True  # the pool is whole again: the failed wait took nothing
+
+
+async def test_a_write_redis_stops_taking_fails_as_a_timeout_and_the_next_command_gets_a_new_connection() -> None:
+    port = free_port()
+    with tempfile.TemporaryDirectory() as workdir:
+        process = start_redis(port, workdir, "--save", "", "--appendonly", "no")
+        client = create_redis(f"redis://127.0.0.1:{port}/0", retries=0)
+        try:
+            assert await client.ping()
+            process.send_signal(signal.SIGSTOP)  # Redis hangs: it reads nothing more, and the socket's buffers fill
+            try:
+                with pytest.raises(RedisTimeoutError, match="writing"):
+                    async with asyncio.timeout(10):  # the client's own timeout (1 s) must come first
+                        await client.set("large", b"x" * (64 << 20))
+            finally:
+                process.send_signal(signal.SIGCONT)
+            assert await client.ping()  # on a new connection: the one cut mid-write is not reused
+        finally:
+            await client.aclose()
+            process.terminate()
+            process.wait(timeout=10)

@@ -8,8 +8,7 @@ alternating in one process), over the eight Redis round trips a task costs the g
 connection the way redis-py's plain pool does; only a command that finds none waits, and only then are a
 condition and a timer involved.
 
-Its connections write each command under `asyncio.timeout` rather than redis-py's `asyncio.wait_for`
-(`PromptWrites`).
+Its connections also send each command more cheaply than redis-py's asyncio ones (`LeanCommands`).
 """
 
 from __future__ import annotations
@@ -20,20 +19,36 @@ from typing import Any
 
 from redis.asyncio import ConnectionPool
 from redis.asyncio.connection import AbstractConnection, Connection
+from redis.connection import HiredisRespSerializer
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MaxConnectionsError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.typing import EncodableT
+from redis.utils import HIREDIS_AVAILABLE
+
+# redis-py's own hiredis packer (its synchronous client's), where hiredis is installed: it is a dependency here.
+_HIREDIS = HiredisRespSerializer() if HIREDIS_AVAILABLE else None
 
 
-class PromptWrites(AbstractConnection):
-    """Mixed into redis-py's asyncio connection classes: a command's write is bounded by `asyncio.timeout`, and
-    only when it can wait at all, where redis-py's own puts every write under `asyncio.wait_for`. On Python 3.11
-    wait_for runs the write in a task of its own, so each command costs a task's creation and scheduling, and
-    leaves only on the event loop's next turn, behind whatever else is ready then: a GET cost 92 µs of CPU against
-    75 without it (one process, 8 rounds alternating). A write the socket takes at once, as a command's almost
-    always is, has nothing to wait for; one it does not take waits for the socket under the timeout. The
-    outcomes are redis-py's: a write that times out or fails drops the connection and raises its TimeoutError
-    or ConnectionError."""
+class LeanCommands(AbstractConnection):
+    """Mixed into redis-py's asyncio connection classes, two changes to how a command is sent.
+
+    Its arguments are packed by hiredis, as redis-py's own synchronous client does when hiredis is installed
+    (redis/redis-py#4176: the asyncio client does not yet): 6 against 16 µs for a limiter script's EVALSHA.
+
+    Its write is bounded by `asyncio.timeout`, and only when it can wait at all, where redis-py's own puts every
+    write under `asyncio.wait_for`. On Python 3.11 wait_for runs the write in a task of its own, so each command
+    costs a task's creation and scheduling, and leaves only on the event loop's next turn, behind whatever else is
+    ready then: a GET cost 92 µs of CPU against 75 without it (one process, 8 rounds alternating). A write the
+    socket takes at once, as a command's almost always is, has nothing to wait for; one it does not take waits for
+    the socket under the timeout. The outcomes are redis-py's: a write that times out or fails drops the
+    connection and raises its TimeoutError or ConnectionError."""
+
+    def pack_command(self, *args: EncodableT) -> list[bytes]:
+        if _HIREDIS is None:
+            return super().pack_command(*args)
+        packed: list[bytes] = _HIREDIS.pack(*args)  # type: ignore[arg-type]  # redis-py types each argument as a list
+        return packed
 
     async def send_packed_command(self, command: bytes | str | Iterable[bytes], check_health: bool = True) -> None:
         if not self.socket_timeout:  # no timeout to take: redis-py writes directly then
@@ -68,20 +83,20 @@ class PromptWrites(AbstractConnection):
             raise
 
 
-_PROMPT_WRITING: dict[type[AbstractConnection], type[AbstractConnection]] = {}
+_LEAN: dict[type[AbstractConnection], type[AbstractConnection]] = {}
 
 
-def prompt_writing(connection_class: type[AbstractConnection]) -> type[AbstractConnection]:
-    """`connection_class` with `PromptWrites` mixed in (the class a pool's URL or options chose: plain, TLS, Unix
+def lean_commands(connection_class: type[AbstractConnection]) -> type[AbstractConnection]:
+    """`connection_class` with `LeanCommands` mixed in (the class a pool's URL or options chose: plain, TLS, Unix
     socket or Sentinel-managed), made once per class."""
-    if issubclass(connection_class, PromptWrites):
+    if issubclass(connection_class, LeanCommands):
         return connection_class
-    if connection_class not in _PROMPT_WRITING:
-        name = f"PromptWriting{connection_class.__name__}"
+    if connection_class not in _LEAN:
+        name = f"Lean{connection_class.__name__}"
         # After the class, just before redis-py's AbstractConnection: a subclass's own send (the Sentinel-managed
         # connection's, which first asks the sentinels where to connect) still runs first, then comes here.
-        _PROMPT_WRITING[connection_class] = type(name, (connection_class, PromptWrites), {})
-    return _PROMPT_WRITING[connection_class]
+        _LEAN[connection_class] = type(name, (connection_class, LeanCommands), {})
+    return _LEAN[connection_class]
 
 
 class BoundedConnectionPool(ConnectionPool):
@@ -90,7 +105,7 @@ class BoundedConnectionPool(ConnectionPool):
     does."""
 
     def __init__(self, *, timeout: float | None = 20.0, **kwargs: Any) -> None:
-        kwargs["connection_class"] = prompt_writing(kwargs.get("connection_class", Connection))
+        kwargs["connection_class"] = lean_commands(kwargs.get("connection_class", Connection))
         super().__init__(**kwargs)
         self.timeout = timeout
         self._returned = asyncio.Condition()

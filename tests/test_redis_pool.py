@@ -13,6 +13,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import DataError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.main import create_redis
@@ -111,3 +112,17 @@ async def test_a_write_redis_stops_taking_fails_as_a_timeout_and_the_next_comman
             await client.aclose()
             process.terminate()
             process.wait(timeout=10)
+
+
+async def test_arguments_are_sent_as_redis_py_sends_them_and_one_it_cannot_send_fails_as_a_data_error(
+    redis_url: str,
+) -> None:
+    client = create_redis(redis_url)
+    try:
+        assert await client.set("text", "thé ☕ 1 2")
+        await client.mset({"int": 7, "float": 0.1})
+        assert await client.mget("text", "int", "float") == ["thé ☕ 1 2".encode(), b"7", b"0.1"]
+        with pytest.raises(DataError):
+            await client.set("flag", True)  # a bool is not sent as 0 or 1: redis-py asks for an explicit type
+    finally:
+        await client.aclose()

@@ -188,8 +188,8 @@ class TaskStore(Protocol):
         With `polled_by`, stored or not, the task is also marked followed as of now and its poll lease taken, unless
         another poller holds it (what `claim_polling` does): a task just submitted is recorded and its first poll
         turn claimed in one round trip, rather than three. With `ended_by` (a terminal state whose end needs nothing
-        more, such as a webhook), a stored state also ends the task's following, as `unmark_followed(task_id,
-        ended_by)` does, in the same round trip."""
+        more, such as a webhook; not with `polled_by`, which it contradicts), a stored state also ends the task's
+        following, as `unmark_followed(task_id, ended_by)` does, in the same round trip."""
 
     async def get(self, task_id: str) -> TaskRecord | None: ...
 
@@ -266,7 +266,7 @@ class MemoryTaskStore:
         self._records.move_to_end(record.task_id)
         while len(self._records) > self._max_records:
             self._records.popitem(last=False)
-        if ended_by is not None:
+        if ended_by is not None and polled_by is None:
             await self.unmark_followed(record.task_id, ended_by)
         return True
 

@@ -81,7 +81,7 @@ class _Watch:
     refresh_at: float = 0.0  # monotonic time the leases are due to be renewed
     # Until this monotonic time, this replica surely holds the task's poll lease, taken as the task was recorded.
     lease_held_until: float = 0.0
-    unfollowed: bool = False  # its end was recorded with its follow mark and poll lease dropped (`_ends_with_save`)
+    unfollowed: bool = False  # its end was recorded with its follow mark dropped (`_ends_with_save`)
 
     @property
     def unneeded(self) -> bool:
@@ -336,22 +336,22 @@ class TaskFollower:
             known = current.record if current is not None else record
             if not latest.supersedes(known):
                 return known  # nothing new, or older than what a callback brought while the query was under way
-            ended_by = self._replica if current is not None and self._ends_with_save(latest) else None
+            ended = current is not None and self._ends_with_save(latest)
             try:
-                saved = await self._tasks.save(latest, announce=True, ended_by=ended_by)
+                saved = await self._tasks.save(latest, announce=True, ended=ended)
             except RedisError:
                 # Neither recorded nor published (nor unfollowed), but this replica's waiters still learn of it.
-                saved, ended_by = True, None
+                saved, ended = True, False
                 logger.warning("could not record the state of task %s; other replicas poll", record.task_id)
             if not saved:
                 return known  # a newer state is recorded (a callback on another replica, which announced it)
-            if current is not None and ended_by is not None:
+            if current is not None and ended:
                 current.unfollowed = True
             await self.announce(latest)
         return latest
 
     def _ends_with_save(self, record: TaskRecord) -> bool:
-        """Whether recording this state may also end the task's following (`TaskStore.save(..., ended_by=...)`):
+        """Whether recording this state may also end the task's following (`TaskStore.save(..., ended=True)`):
         it is terminal and its end hands nothing over (`on_finished` delivers webhooks; this task asked for none).
         One round trip per task fewer than unmarking it after the releases; should this replica die in between,
         the leases lapse by their TTL, and there is nothing another replica would have to do."""
@@ -401,7 +401,8 @@ class TaskFollower:
     async def _ended(self, record: TaskRecord, *, unfollowed: bool = False) -> None:
         """The task is over: hand it to `on_finished` (webhooks), then nobody needs to follow it any more, nor
         poll it (the lease, if this replica holds it: kept until now, it tells other replicas' watchers to read
-        the record rather than ask Kling), unless the save of its end did that already (`unfollowed`)."""
+        the record rather than ask Kling), unless the save of its end did so already (`unfollowed`: the follow mark
+        is gone, and the poll lease is left to lapse)."""
         try:
             if self._on_finished is not None:
                 await self._on_finished(record)

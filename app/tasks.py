@@ -53,7 +53,9 @@ return redis.call('ZREM', KEYS[2], ARGV[2])
 # published on the channel ARGV[4] names (none when empty): recorded and announced in one round trip. KEYS[2] and
 # KEYS[3] (the followed set and the task's poll lease) go with ARGV[5]: 'follow' marks the task ARGV[6] followed
 # as of ARGV[9] and takes its poll lease for ARGV[7] (for ARGV[8] ms), stored or not (a task just submitted);
-# 'unfollow' drops both (the lease if ARGV[7] holds it) once the state is stored (a task's end, nothing left to do).
+# 'unfollow' drops the follow mark once the state is stored (a task's end, nothing left to do). Its poll lease is
+# left to lapse: until then a watcher on another replica that has not heard of the end yet is refused the lease
+# and given this record, rather than claiming the lease, following the task again and asking Kling once more.
 SAVE_IF_NOT_OLDER = """
 local mode = ARGV[5]
 if mode == 'follow' then
@@ -70,10 +72,7 @@ if current then
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[3]))
 if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[4], ARGV[1]) end
-if mode == 'unfollow' then
-  redis.call('ZREM', KEYS[2], ARGV[6])
-  if redis.call('GET', KEYS[3]) == ARGV[7] then redis.call('DEL', KEYS[3]) end
-end
+if mode == 'unfollow' then redis.call('ZREM', KEYS[2], ARGV[6]) end
 return 1
 """
 # Where every replica hears the task states recorded by the others (app/callbacks.py, TaskUpdates).
@@ -181,15 +180,16 @@ class TaskStore(Protocol):
         *,
         announce: bool = False,
         polled_by: PollLease | None = None,
-        ended_by: str | None = None,
+        ended: bool = False,
     ) -> bool:
         """Store the task's state unless the stored one is newer (a higher `updated_at_ms`); True if stored. With
         `announce`, a stored state is also published to every replica (TASK_UPDATES_CHANNEL), in the same step.
         With `polled_by`, stored or not, the task is also marked followed as of now and its poll lease taken, unless
         another poller holds it (what `claim_polling` does): a task just submitted is recorded and its first poll
-        turn claimed in one round trip, rather than three. With `ended_by` (a terminal state whose end needs nothing
+        turn claimed in one round trip, rather than three. With `ended` (a terminal state whose end needs nothing
         more, such as a webhook; not with `polled_by`, which it contradicts), a stored state also ends the task's
-        following, as `unmark_followed(task_id, ended_by)` does, in the same round trip."""
+        following (`unmark_followed`) in the same round trip; its poll lease is left to lapse, so that until then
+        a poll turn elsewhere is refused it and reads this record (`claim_polling`) instead of asking Kling."""
 
     async def get(self, task_id: str) -> TaskRecord | None: ...
 
@@ -254,7 +254,7 @@ class MemoryTaskStore:
         *,
         announce: bool = False,
         polled_by: PollLease | None = None,
-        ended_by: str | None = None,
+        ended: bool = False,
     ) -> bool:
         # One process, no other replica to tell: `announce` has nothing to do here.
         if polled_by is not None:
@@ -266,8 +266,8 @@ class MemoryTaskStore:
         self._records.move_to_end(record.task_id)
         while len(self._records) > self._max_records:
             self._records.popitem(last=False)
-        if ended_by is not None and polled_by is None:
-            await self.unmark_followed(record.task_id, ended_by)
+        if ended and polled_by is None:
+            await self.unmark_followed(record.task_id)
         return True
 
     async def get(self, task_id: str) -> TaskRecord | None:
@@ -354,7 +354,7 @@ class RedisTaskStore:
         *,
         announce: bool = False,
         polled_by: PollLease | None = None,
-        ended_by: str | None = None,
+        ended: bool = False,
     ) -> bool:
         channel = TASK_UPDATES_CHANNEL if announce else ""
         keys = [f"{self._ns}:task:{record.task_id}"]
@@ -362,8 +362,8 @@ class RedisTaskStore:
         following: list[str | int | float] = []  # what the script does to the follow mark and the poll lease
         if polled_by is not None:
             following = ["follow", record.task_id, polled_by.poller, int(polled_by.ttl_s * 1000), time.time()]
-        elif ended_by is not None:
-            following = ["unfollow", record.task_id, ended_by]
+        elif ended:
+            following = ["unfollow", record.task_id]
         if following:
             keys += [f"{self._ns}:followed", f"{self._ns}:poller:{record.task_id}"]
         return bool(await self._save_if_not_older(keys=keys, args=args + following))

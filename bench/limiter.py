@@ -101,8 +101,8 @@ def mentioning(text: str) -> Callable[[str], bool]:
 
 def lease_released(command: str) -> bool:
     """The follower's last act for a task without a webhook: its tenant's concurrency lease given back, after the
-    account's slot (the release script's last command drops the lease's weight). Its follow mark and poll lease
-    went earlier, with the record of its end."""
+    account's slot (the release script's last command drops the lease's weight). Its follow mark went earlier,
+    with the record of its end; its poll lease lapses."""
     return command.startswith("HDEL") and ":rl:" in command and command.split()[1].strip('"').endswith(":weights")
 
 
@@ -222,7 +222,7 @@ Machine: {machine()}. Run {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}.
 | Redis round trips per rate decision | {trips:.2f} (one EVALSHA; the script is loaded once), running {commands:.1f} commands inside Redis |
 | Redis round trips per request, key not in the replica's cache (`GET /tasks/{{id}}`) | {per_request["auth miss"]} (key, tenant and Kling account records and the key's last use; the rate decision; the task record) |
 | same request, key cached (for up to 1 s, dropped at once on revocation) | {per_request["auth hit"]} |
-| Redis round trips of a `POST /generate` (wait 0) over the task's whole life, key cached | {per_request["generate"]} (limits, account slot, the record with the follow mark and the poll lease; then the new state recorded and broadcast, the follow mark and the poll lease dropped with it in one script (a task without a webhook), and the two leases' releases) |
+| Redis round trips of a `POST /generate` (wait 0) over the task's whole life, key cached | {per_request["generate"]} (limits, account slot, the record with the follow mark and the poll lease; then the new state recorded and broadcast and its follow mark dropped in one script (a task without a webhook; its poll lease lapses), and the two leases' releases) |
 | admission accuracy: 200 simultaneous submissions over 2 gateway processes against 50/min | admitted {", ".join(map(str, admitted))} in {rounds} rounds (exact = 50) |
 
 Usage is not among these: a replica counts it in memory and writes it every `KGW_USAGE_FLUSH_SECONDS` (1 s by

@@ -45,7 +45,9 @@ class LeanCommands(AbstractConnection):
     connection and raises its TimeoutError or ConnectionError."""
 
     def pack_command(self, *args: EncodableT) -> list[bytes]:
-        if _HIREDIS is None:
+        # hiredis writes text as strict UTF-8, redis-py's default: a pool told otherwise (`encoding=` in its URL)
+        # keeps redis-py's own packer.
+        if _HIREDIS is None or (self.encoder.encoding, self.encoder.encoding_errors) != ("utf-8", "strict"):
             return super().pack_command(*args)
         packed: list[bytes] = _HIREDIS.pack(*args)  # type: ignore[arg-type]  # redis-py types each argument as a list
         return packed

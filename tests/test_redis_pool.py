@@ -124,5 +124,11 @@ async def test_arguments_are_sent_as_redis_py_sends_them_and_one_it_cannot_send_
         assert await client.mget("text", "int", "float") == ["thé ☕ 1 2".encode(), b"7", b"0.1"]
         with pytest.raises(DataError):
             await client.set("flag", True)  # a bool is not sent as 0 or 1: redis-py asks for an explicit type
+        latin = create_redis(f"{redis_url}?encoding=latin-1")  # an encoding of the URL's own is kept
+        try:
+            await latin.set("latin", "thé")
+        finally:
+            await latin.aclose()
+        assert await client.get("latin") == "thé".encode("latin-1")
     finally:
         await client.aclose()

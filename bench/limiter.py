@@ -94,6 +94,21 @@ class RoundTrips:
             if done(command["command"]):
                 return self.counted
 
+    async def none_within(self, seconds: float, about: Callable[[str], bool]) -> None:
+        """Raise if Redis runs a command for which `about(command)` holds within `seconds`: the count just taken
+        ended too early (a round trip of the task's end came after the one taken for its last)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                while True:
+                    command = (await self.monitor.next_command())["command"]
+                    if about(command):
+                        raise RuntimeError(f"a round trip after the one counted as the last: {command[:200]}")
+
+
+# How long nothing more about a task must reach Redis after its count ended: its end's round trips come within a
+# few milliseconds of each other.
+QUIET_AFTER_END_S = 0.5
+
 
 def mentioning(text: str) -> Callable[[str], bool]:
     return lambda command: text in command
@@ -139,6 +154,7 @@ async def round_trips_per_request(replica_url: str, redis_url: str, account: Sim
                                       headers=headers)  # fmt: skip
             created.raise_for_status()
             counts["generate"] = await trips.until(lease_released) - before
+            await trips.none_within(QUIET_AFTER_END_S, mentioning(created.json()["task_id"]))
         await watcher.aclose()
     return counts
 

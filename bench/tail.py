@@ -1,0 +1,111 @@
+"""Where a gateway's paced p99 comes from: the same code twice, side by side in one run, against the simulator
+called directly. One gateway reads each task's status at the default time after its create, as in service, so
+the ends of earlier tasks (the status reads, the records, the releases) share its worker with the requests being
+measured; the other reads it 60 s after, once the run is over, so its requests are measured without that work.
+
+    python -m bench.tail [--redis] [--pace N] [--rounds N]
+
+Prints a table; writes nothing to docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from app.kling import KlingCredentials
+from bench.measure import Run, Send, alternating, median, paced, pooled_p99_ms
+from bench.overhead import DIRECT, PACED_LEAD_IN_S, direct_sender, rest_sender
+from bench.serving import enter_together, raise_fd_limit
+from bench.stack import DEFAULT_FIRST_QUERY_S, FULL, SimulatorProcess, accounts_for, api_keys, gateway
+from tests.servers import redis_server
+
+ACCOUNTS_PER_GATEWAY = 4
+CLIENTS = 16
+LATE_FIRST_QUERY_S = 60.0  # after any run here: none of its tasks ends while it is measured
+REQUESTS = 400  # counted per run, after a lead-in of PACED_LEAD_IN_S at the pace
+
+
+@dataclass(frozen=True)
+class Target:
+    url: str
+    send: Send
+    expect: int
+
+
+async def measure(redis: bool, pace: float, rounds: int) -> str:
+    raise_fd_limit()
+    accounts = accounts_for((1 + 2 * ACCOUNTS_PER_GATEWAY) * 1000)
+    with contextlib.ExitStack() as redises:
+        urls = [redises.enter_context(redis_server()) if redis else None for _ in range(2)]
+        async with contextlib.AsyncExitStack() as stack:
+            kling = SimulatorProcess(FULL.task_s, accounts)
+            sim, following, deferred = await enter_together(
+                stack,
+                kling,
+                gateway(kling.url, redis_url=urls[0]),
+                gateway(kling.url, redis_url=urls[1], first_query_s=LATE_FIRST_QUERY_S),
+            )
+            direct = direct_sender(KlingCredentials(accounts[0].access_key, accounts[0].secret_key))
+            own = [accounts[1 + i * ACCOUNTS_PER_GATEWAY : 1 + (i + 1) * ACCOUNTS_PER_GATEWAY] for i in range(2)]
+            first = DEFAULT_FIRST_QUERY_S
+            targets = {
+                DIRECT: Target(sim.url, direct, 200),
+                f"gateway, status read {first:g} s after the create": Target(
+                    following.url, rest_sender(await api_keys(following.url, own[0])), 202
+                ),
+                f"gateway, status read {LATE_FIRST_QUERY_S:g} s after": Target(
+                    deferred.url, rest_sender(await api_keys(deferred.url, own[1])), 202
+                ),
+            }
+            lead_in = round(PACED_LEAD_IN_S * pace)
+            for target in targets.values():  # warm up: connections, caches, JWTs, Lua scripts
+                await paced(target.url, target.send, clients=CLIENTS, per_second=pace, requests=lead_in,
+                            expect=target.expect)  # fmt: skip
+            contenders = {name: _run(target, pace, lead_in) for name, target in targets.items()}
+            results = await alternating(rounds, contenders)
+    return render(results, redis, pace, rounds)
+
+
+def _run(target: Target, pace: float, lead_in: int) -> Callable[[], Awaitable[Run]]:
+    async def run() -> Run:
+        return await paced(target.url, target.send, clients=CLIENTS, per_second=pace, requests=REQUESTS,
+                           expect=target.expect, lead_in=lead_in)  # fmt: skip
+
+    return run
+
+
+def render(results: dict[str, list[Run]], redis: bool, pace: float, rounds: int) -> str:
+    direct_p50, direct_p99 = median([run.p50_ms for run in results[DIRECT]]), pooled_p99_ms(results[DIRECT])
+    rows = []
+    for name, runs in results.items():
+        if name == DIRECT:
+            continue
+        p50 = median([run.p50_ms for run in runs]) - direct_p50
+        timing = median([median(run.server_timings_ms) for run in runs])
+        rows.append(f"| {name} | +{p50:.2f} | +{pooled_p99_ms(runs) - direct_p99:.2f} | {timing:.2f} |")
+    store = "Redis" if redis else "the memory store"
+    return f"""Gateways with {store}, {CLIENTS} clients paced at {pace:g} requests/s, {rounds} rounds alternating, \
+{REQUESTS} requests counted per run after a lead-in; "added" is over the simulator called directly (p50: median \
+of the rounds; p99: over the rounds' requests together).
+
+| gateway | added p50 ms | added p99 ms | `Server-Timing` ms |
+|---|---|---|---|
+{chr(10).join(rows)}
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--redis", action="store_true", help="gateways on a Redis of their own, not in memory")
+    parser.add_argument("--pace", type=float, default=100.0, help="requests per second, all clients together")
+    parser.add_argument("--rounds", type=int, default=4)
+    args = parser.parse_args()
+    print(asyncio.run(measure(args.redis, args.pace, args.rounds)))
+
+
+if __name__ == "__main__":
+    main()

@@ -13,32 +13,38 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 from app.kling import KlingCredentials
-from bench.measure import Run, Send, alternating, median, paced, pooled_p99_ms
-from bench.overhead import DIRECT, PACED_LEAD_IN_S, direct_sender, rest_sender
+from bench.measure import Run, alternating, median, pooled_p99_ms
+from bench.overhead import (
+    DIRECT,
+    PACED_CLIENTS,
+    PACED_LEAD_IN_S,
+    Target,
+    direct_sender,
+    paced_contender,
+    rest_sender,
+)
 from bench.serving import enter_together, raise_fd_limit
-from bench.stack import DEFAULT_FIRST_QUERY_S, FULL, SimulatorProcess, accounts_for, api_keys, gateway
+from bench.stack import (
+    ACCOUNT_SLOTS,
+    DEFAULT_FIRST_QUERY_S,
+    FULL,
+    SimulatorProcess,
+    accounts_for,
+    api_keys,
+    gateway,
+)
 from tests.servers import redis_server
 
 ACCOUNTS_PER_GATEWAY = 4
-CLIENTS = 16
 LATE_FIRST_QUERY_S = 60.0  # after any run here: none of its tasks ends while it is measured
 REQUESTS = 400  # counted per run, after a lead-in of PACED_LEAD_IN_S at the pace
 
 
-@dataclass(frozen=True)
-class Target:
-    url: str
-    send: Send
-    expect: int
-
-
 async def measure(redis: bool, pace: float, rounds: int) -> str:
     raise_fd_limit()
-    accounts = accounts_for((1 + 2 * ACCOUNTS_PER_GATEWAY) * 1000)
+    accounts = accounts_for((1 + 2 * ACCOUNTS_PER_GATEWAY) * ACCOUNT_SLOTS)
     with contextlib.ExitStack() as redises:
         urls = [redises.enter_context(redis_server()) if redis else None for _ in range(2)]
         async with contextlib.AsyncExitStack() as stack:
@@ -53,29 +59,20 @@ async def measure(redis: bool, pace: float, rounds: int) -> str:
             own = [accounts[1 + i * ACCOUNTS_PER_GATEWAY : 1 + (i + 1) * ACCOUNTS_PER_GATEWAY] for i in range(2)]
             first = DEFAULT_FIRST_QUERY_S
             targets = {
-                DIRECT: Target(sim.url, direct, 200),
+                DIRECT: Target(sim.url, direct, 200, sim),
                 f"gateway, status read {first:g} s after the create": Target(
-                    following.url, rest_sender(await api_keys(following.url, own[0])), 202
+                    following.url, rest_sender(await api_keys(following.url, own[0])), 202, following
                 ),
                 f"gateway, status read {LATE_FIRST_QUERY_S:g} s after": Target(
-                    deferred.url, rest_sender(await api_keys(deferred.url, own[1])), 202
+                    deferred.url, rest_sender(await api_keys(deferred.url, own[1])), 202, deferred
                 ),
             }
             lead_in = round(PACED_LEAD_IN_S * pace)
             for target in targets.values():  # warm up: connections, caches, JWTs, Lua scripts
-                await paced(target.url, target.send, clients=CLIENTS, per_second=pace, requests=lead_in,
-                            expect=target.expect)  # fmt: skip
-            contenders = {name: _run(target, pace, lead_in) for name, target in targets.items()}
+                await paced_contender(target, pace, lead_in, 0)()
+            contenders = {name: paced_contender(target, pace, REQUESTS, lead_in) for name, target in targets.items()}
             results = await alternating(rounds, contenders)
     return render(results, redis, pace, rounds)
-
-
-def _run(target: Target, pace: float, lead_in: int) -> Callable[[], Awaitable[Run]]:
-    async def run() -> Run:
-        return await paced(target.url, target.send, clients=CLIENTS, per_second=pace, requests=REQUESTS,
-                           expect=target.expect, lead_in=lead_in)  # fmt: skip
-
-    return run
 
 
 def render(results: dict[str, list[Run]], redis: bool, pace: float, rounds: int) -> str:
@@ -88,7 +85,7 @@ def render(results: dict[str, list[Run]], redis: bool, pace: float, rounds: int)
         timing = median([median(run.server_timings_ms) for run in runs])
         rows.append(f"| {name} | +{p50:.2f} | +{pooled_p99_ms(runs) - direct_p99:.2f} | {timing:.2f} |")
     store = "Redis" if redis else "the memory store"
-    return f"""Gateways with {store}, {CLIENTS} clients paced at {pace:g} requests/s, {rounds} rounds alternating, \
+    return f"""Gateways with {store}, {PACED_CLIENTS} clients paced at {pace:g} requests/s, {rounds} rounds alternating, \
 {REQUESTS} requests counted per run after a lead-in; "added" is over the simulator called directly (p50: median \
 of the rounds; p99: over the rounds' requests together).
 

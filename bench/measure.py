@@ -37,10 +37,6 @@ class Run:
         return percentile(self.latencies_s, 0.50) * 1000
 
     @property
-    def p99_ms(self) -> float:
-        return percentile(self.latencies_s, 0.99) * 1000
-
-    @property
     def per_second(self) -> float:
         return len(self.latencies_s) / self.elapsed_s
 

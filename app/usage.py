@@ -93,16 +93,22 @@ def utc_today() -> date:
     return datetime.now(UTC).date()
 
 
+def check_growth(requests: int, tasks: int, images: int) -> None:
+    """Usage only grows: a negative amount is the caller's bug, refused where it is made."""
+    for counter, amount in zip(COUNTERS, (requests, tasks, images), strict=True):
+        if amount < 0:
+            raise ValueError(f"usage only grows: {counter}={amount}")
+
+
 def _increments(key_id: str, requests: int, tasks: int, images: int) -> dict[str, int]:
     """The hash fields to add to, without zeros. Both backends store a day as these same fields.
 
     Per key, fields are `k:{key_id}:{counter}`; a key id may contain ':' ("oauth:<subject>"), which is
     why parsing splits on the last ':'. An empty key id counts toward the total only.
     """
+    check_growth(requests, tasks, images)
     fields: dict[str, int] = {}
     for counter, amount in zip(COUNTERS, (requests, tasks, images), strict=True):
-        if amount < 0:
-            raise ValueError(f"usage only grows: {counter}={amount}")
         if amount:
             fields[counter] = amount
             if key_id:

@@ -21,7 +21,7 @@ from datetime import date
 
 from redis.exceptions import RedisError
 
-from app.usage import DailyUsage, UsageStore, utc_today
+from app.usage import DailyUsage, UsageStore, check_growth, utc_today
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +53,7 @@ class BufferedUsage:
         images: int = 0,
         day: date | None = None,
     ) -> None:
-        if min(requests, tasks, images) < 0:  # now, not at the flush, where nobody would hear it
-            raise ValueError(f"usage only grows: requests={requests}, tasks={tasks}, images={images}")
+        check_growth(requests, tasks, images)  # now, not at the flush, where nobody would hear it
         if requests or tasks or images:
             counts = self._pending.setdefault((tenant_id, key_id, day or utc_today()), Counter())
             counts["requests"] += requests

@@ -8,6 +8,7 @@ import statistics
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 from bench.http import Connection, Reply
@@ -23,14 +24,35 @@ def percentile(values: Sequence[float], fraction: float) -> float:
 
 
 @dataclass(frozen=True)
+class HostTicks:
+    """The machine's CPU time so far, in clock ticks (/proc/stat): all of it, and the part the hypervisor ran
+    something else while this virtual machine had work ("steal"). On a shared host steal comes in bursts: a
+    core taken away for a few ms stalls whichever process was on it, and every request waiting on that process."""
+
+    steal: int = 0
+    total: int = 0
+
+    @classmethod
+    def now(cls) -> HostTicks:
+        # user nice system idle iowait irq softirq steal (guest time is counted in user already)
+        fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        return cls(fields[7], sum(fields))
+
+    def __sub__(self, other: HostTicks) -> HostTicks:
+        return HostTicks(self.steal - other.steal, self.total - other.total)
+
+
+@dataclass(frozen=True)
 class Run:
-    """One run: every counted request's latency, the wall time, any `Server-Timing: gateway` values, and the
-    server's CPU per request when it was measured (`bench.stack.with_server_cpu`)."""
+    """One run: every counted request's latency, the wall time, any `Server-Timing: gateway` values, the
+    server's CPU per request when it was measured (`bench.stack.with_server_cpu`), and the host's CPU ticks over
+    the run, steal included."""
 
     latencies_s: list[float]
     elapsed_s: float
     server_timings_ms: list[float] = field(default_factory=list)
     server_cpu_ms: float | None = None
+    host: HostTicks = field(default_factory=HostTicks)
 
     @property
     def p50_ms(self) -> float:
@@ -67,6 +89,7 @@ async def _load(
     latencies: list[float] = []
     timings: list[float] = []
     next_index = 0
+    ticks_before = HostTicks.now()
     started = time.perf_counter()
     counted_from = started + lead_in / per_second if per_second else started
 
@@ -94,7 +117,7 @@ async def _load(
             await connection.close()
 
     await asyncio.gather(*(client() for _ in range(clients)))
-    return Run(latencies, time.perf_counter() - counted_from, timings)
+    return Run(latencies, time.perf_counter() - counted_from, timings, host=HostTicks.now() - ticks_before)
 
 
 async def alternating(rounds: int, contenders: Mapping[str, Callable[[], Awaitable[T]]]) -> dict[str, list[T]]:
@@ -112,6 +135,12 @@ def pooled_p99_ms(runs: Sequence[Run]) -> float:
     third slowest), a noisy estimate; the rounds together give it several times the requests to rest on, each
     round still run alternating with the baseline's."""
     return percentile([latency for run in runs for latency in run.latencies_s], 0.99) * 1000
+
+
+def steal_percent(runs: Sequence[Run]) -> float:
+    """The share of the machine's CPU time the hypervisor took over all the runs together, in percent."""
+    steal, total = sum(run.host.steal for run in runs), sum(run.host.total for run in runs)
+    return 100 * steal / total if total else 0.0
 
 
 def median(values: Sequence[float]) -> float:

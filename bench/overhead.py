@@ -26,7 +26,7 @@ from app.models import GenerateRequest
 from app.simulator import SimAccount
 from bench.apps import FloorKling
 from bench.http import Connection, Reply
-from bench.measure import Run, alternating, closed_loop, median, paced, pooled_p99_ms
+from bench.measure import Run, alternating, closed_loop, median, paced, pooled_p99_ms, steal_percent
 from bench.report import write_section
 from bench.serving import Server, enter_together, raise_fd_limit, served
 from bench.stack import (
@@ -301,7 +301,7 @@ def render(
             added = f"{p50 - base_p50:+.2f} | {p99 - base_p99:+.2f}" if proxies else "| "
             timing = f"{median(timings):.2f}" if timings else "–"
             rows.append(f"| {load} | {name} | {p50:.2f} | {p99:.2f} | {rate:,.0f} | {added} | {timing} | "
-                        f"{cpu_ms(runs):.2f} |")  # fmt: skip
+                        f"{cpu_ms(runs):.2f} | {steal_percent(runs):.1f} |")  # fmt: skip
             if load in labels and name in VERDICT_GATEWAYS:
                 met = p50 - base_p50 < GOAL_P50_MS and p99 - base_p99 < GOAL_P99_MS
                 verdicts.append(f"- {labels[load]}: the gateway ({VERDICT_GATEWAYS[name]}) adds {p50 - base_p50:.2f} ms "
@@ -350,10 +350,13 @@ the third of 200: the rounds together give it three times as many to rest on). "
 loops at 16 clients or more) it also holds the time the request's next step waited behind other requests' work on the event
 loop. **Server CPU** is the CPU time of the process serving the target (for the direct target, the simulator) per
 request; a gateway's run is followed to its end, until it follows none of its tasks, so its figure holds each task's
-whole life (status queries, recording, releases), and no target's run carries another's leftover work.
+whole life (status queries, recording, releases), and no target's run carries another's leftover work. **Steal**
+is the share of the machine's CPU time that the hypervisor gave to other virtual machines while this one had work
+(/proc/stat), over the target's runs together: on a shared host it comes in bursts, and a core taken away for a few
+ms stalls whatever ran on it, so a p99 measured while it was high holds the host's stalls as well as the server's.
 
-| clients | target | p50 ms | p99 ms | requests/s | added p50 ms | added p99 ms | `Server-Timing` ms | server CPU ms per request |
-|---|---|---|---|---|---|---|---|---|
+| clients | target | p50 ms | p99 ms | requests/s | added p50 ms | added p99 ms | `Server-Timing` ms | server CPU ms per request | steal % |
+|---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
 {chr(10).join(verdicts)}

@@ -45,14 +45,16 @@ class HostTicks:
 @dataclass(frozen=True)
 class Run:
     """One run: every counted request's latency, the wall time, any `Server-Timing: gateway` values, the
-    server's CPU per request when it was measured (`bench.stack.with_server_cpu`), and the host's CPU ticks over
-    the run, steal included."""
+    server's CPU per request when it was measured (`bench.stack.with_server_cpu`), the host's CPU ticks over the
+    run, steal included, and how many commands redis-server was slow to run meanwhile, when that was watched."""
 
     latencies_s: list[float]
     elapsed_s: float
     server_timings_ms: list[float] = field(default_factory=list)
     server_cpu_ms: float | None = None
     host: HostTicks = field(default_factory=HostTicks)
+    # Per 1,000 requests sent (lead-in included), when its Redis was watched (`bench.stack.SlowCommands`).
+    slow_redis_commands: float | None = None
 
     @property
     def p50_ms(self) -> float:
@@ -141,6 +143,12 @@ def steal_percent(runs: Sequence[Run]) -> float:
     """The share of the machine's CPU time the hypervisor took over all the runs together, in percent."""
     steal, total = sum(run.host.steal for run in runs), sum(run.host.total for run in runs)
     return 100 * steal / total if total else 0.0
+
+
+def slow_per_thousand(runs: Sequence[Run]) -> float | None:
+    """The commands redis-server was slow to run per 1,000 requests, median over the runs, if it was watched."""
+    counts = [run.slow_redis_commands for run in runs]
+    return None if any(count is None for count in counts) else median([count or 0.0 for count in counts])
 
 
 def median(values: Sequence[float]) -> float:

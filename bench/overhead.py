@@ -26,7 +26,16 @@ from app.models import GenerateRequest
 from app.simulator import SimAccount
 from bench.apps import FloorKling
 from bench.http import Connection, Reply
-from bench.measure import Run, alternating, closed_loop, median, paced, pooled_p99_ms, steal_percent
+from bench.measure import (
+    Run,
+    alternating,
+    closed_loop,
+    median,
+    paced,
+    pooled_p99_ms,
+    slow_per_thousand,
+    steal_percent,
+)
 from bench.report import write_section
 from bench.serving import Server, enter_together, raise_fd_limit, served
 from bench.stack import (
@@ -34,8 +43,10 @@ from bench.stack import (
     DEFAULT_FIRST_QUERY_S,
     FULL,
     QUICK,
+    SLOW_COMMAND_US,
     Following,
     SimulatorProcess,
+    SlowCommands,
     accounts_for,
     api_keys,
     floor_server,
@@ -65,6 +76,7 @@ DIRECT, FLOOR = "direct to the simulator", "floor: FastAPI + the gateway's Kling
 REDIS_FLOOR = "floor with Redis: the floor + a round trip before the create and one after"
 # The goal holds for both stores: a deployment of several replicas runs on Redis.
 VERDICT_GATEWAYS = {"gateway, memory store": "memory store", "gateway, Redis": "Redis"}
+ON_REDIS = ("gateway, Redis", REDIS_FLOOR)  # the targets whose Redis is watched for slow commands
 # What each gateway's own work is measured over: the floor of a gateway keeping its state where it does.
 FLOOR_OF = {"gateway, memory store": FLOOR, "gateway, Redis": REDIS_FLOOR}
 FLOORS = (FLOOR, REDIS_FLOOR)
@@ -147,10 +159,17 @@ async def main(quick: bool) -> str:
             for target in targets.values():
                 await with_server_cpu(target.server, warm_up, closed_contender(target, 16, warm_up),
                                       following=target.following)  # fmt: skip
+            slow = SlowCommands(redis_url)
+
+            def measured(name: str, requests: int, load: Callable[[], Awaitable[Run]]) -> Callable[[], Awaitable[Run]]:
+                target = targets[name]
+                load = with_server_cpu_of(target, requests, load)
+                return slow.watching(requests, load) if name in ON_REDIS else load
+
             results: dict[str, dict[str, list[Run]]] = {}
             pace, paced_requests = PACED_PER_SECOND, most_paced
             for clients, count in requests.items():
-                closed = {name: measured(target, count, closed_contender(target, clients, count))
+                closed = {name: measured(name, count, closed_contender(target, clients, count))
                           for name, target in targets.items()}  # fmt: skip
                 results[str(clients)] = await alternating(rounds, closed)
                 if clients == PACED_CLIENTS:  # right after the closed loop whose rates set the pace
@@ -159,10 +178,11 @@ async def main(quick: bool) -> str:
                     # Only a gateway has a steady state to reach: it follows earlier tasks.
                     lead_ins = {name: round(PACED_LEAD_IN_S * pace) if t.following and not quick else 0
                                 for name, t in targets.items()}  # fmt: skip
-                    at_pace = {name: measured(target, lead_ins[name] + paced_requests,
+                    at_pace = {name: measured(name, lead_ins[name] + paced_requests,
                                               paced_contender(target, pace, paced_requests, lead_ins[name]))
                                for name, target in targets.items()}  # fmt: skip
                     results[paced_load(pace)] = await alternating(rounds, at_pace)
+            await slow.aclose()
             outbound = await outbound_cpu_ms(sim.url, direct_account, creates=50 if quick else 200, rounds=rounds)
             reads = {name: await status_reads_per_task(t.url) for name, t in targets.items() if t.following}
     body = render(results, outbound, reads, rounds, requests, pace, paced_requests, following)
@@ -236,7 +256,9 @@ def pace_below(closed_loop: dict[str, list[Run]], gateways: Iterable[str]) -> fl
     return min(PACED_PER_SECOND, PACED_SHARE * min(rates), PACED_CPU_SHARE * 1000 / most_cpu_ms)
 
 
-def measured(target: Target, requests: int, load: Callable[[], Awaitable[Run]]) -> Callable[[], Awaitable[Run]]:
+def with_server_cpu_of(
+    target: Target, requests: int, load: Callable[[], Awaitable[Run]]
+) -> Callable[[], Awaitable[Run]]:
     return lambda: with_server_cpu(target.server, requests, load, following=target.following)
 
 
@@ -264,8 +286,20 @@ def own_work(by_target: dict[str, list[Run]], gateway_name: str) -> str:
         f"gateway's own work {own_p50:+.2f} ms and {own_p99:+.2f} ms over it "
         f"({'within' if within else 'not within'} the goal's {GOAL_P50_MS:g} ms and {GOAL_P99_MS:g} ms). In CPU, a "
         f"task costs the gateway {gateway_cpu:.2f} ms over its whole life and a request the floor {floor_cpu:.2f} ms: "
-        f"{gateway_cpu - floor_cpu:.2f} ms of the gateway's own."
+        f"{gateway_cpu - floor_cpu:.2f} ms of the gateway's own.{slow_commands(gateway, floor)}"
     )
+
+
+def slow_commands(gateway: list[Run], floor: list[Run]) -> str:
+    """How often redis-server itself was slow during the runs of a gateway with Redis and of its floor."""
+    on_gateway, on_floor = slow_per_thousand(gateway), slow_per_thousand(floor)
+    if on_gateway is None or on_floor is None:
+        return ""
+    if on_gateway == on_floor == 0:
+        return f" Meanwhile redis-server ran every command within {SLOW_COMMAND_US / 1000:g} ms."
+    return (f" Meanwhile redis-server took over {SLOW_COMMAND_US / 1000:g} ms to run {on_gateway:.1f} commands per "
+            f"1,000 requests ({on_floor:.1f} in the floor's runs): it runs each in tens of µs, so each of those "
+            "waited for a core while it ran.")  # fmt: skip
 
 
 def cpu_ms(runs: list[Run]) -> float:

@@ -18,6 +18,7 @@ from typing import Any
 import httpx2
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
+from redis.asyncio import Redis
 
 from app.config import Settings
 from app.sealing import new_master_key
@@ -167,6 +168,32 @@ async def with_server_cpu(
     if following is not None:
         await settled(server.url, following)
     return replace(run, server_cpu_ms=(server.cpu_seconds() - before) * 1000 / requests)
+
+
+# redis-server runs a gateway's scripts in tens of µs; one that took it over this long waited for a core meanwhile.
+SLOW_COMMAND_US = 1000
+
+
+class SlowCommands:
+    """Watches a redis-server's SLOWLOG over runs: each run comes back with how many commands took the server over
+    SLOW_COMMAND_US to run, per 1,000 of the `requests` it sent. Runs that alternate on one server are each counted
+    alone."""
+
+    def __init__(self, url: str) -> None:
+        self._redis = Redis.from_url(url)
+
+    def watching(self, requests: int, load: Callable[[], Awaitable[Run]]) -> Callable[[], Awaitable[Run]]:
+        async def watched() -> Run:
+            await self._redis.config_set("slowlog-log-slower-than", SLOW_COMMAND_US)
+            await self._redis.config_set("slowlog-max-len", 100_000)
+            await self._redis.slowlog_reset()
+            run = await load()
+            return replace(run, slow_redis_commands=1000 * await self._redis.slowlog_len() / requests)
+
+        return watched
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
 
 
 async def api_keys(gateway_url: str, accounts: tuple[SimAccount, ...], limits: dict[str, int] = UNLIMITED) -> list[str]:

@@ -13,12 +13,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
-
-from redis.asyncio import Redis
 
 from app.kling import KlingCredentials
-from bench.measure import Run, alternating, median, percentile, pooled_p99_ms, steal_percent
+from bench.measure import Run, alternating, median, percentile, pooled_p99_ms, slow_per_thousand, steal_percent
 from bench.overhead import (
     DIRECT,
     PACED_CLIENTS,
@@ -33,7 +30,9 @@ from bench.stack import (
     ACCOUNT_SLOTS,
     DEFAULT_FIRST_QUERY_S,
     FULL,
+    SLOW_COMMAND_US,
     SimulatorProcess,
+    SlowCommands,
     accounts_for,
     api_keys,
     gateway,
@@ -43,30 +42,6 @@ from tests.servers import redis_server
 ACCOUNTS_PER_GATEWAY = 4
 LATE_FIRST_QUERY_S = 60.0  # after any run here: none of its tasks ends while it is measured
 REQUESTS = 400  # counted per run, after a lead-in of PACED_LEAD_IN_S at the pace
-# Redis runs a gateway's scripts in tens of µs; one that takes over this long inside redis-server waited for a core.
-SLOW_COMMAND_US = 1000
-
-
-class SlowCommands:
-    """How many commands took redis-server over SLOW_COMMAND_US to run (its SLOWLOG), over the runs it watched."""
-
-    def __init__(self, url: str) -> None:
-        self._redis = Redis.from_url(url)
-        self.count = 0
-
-    def watching(self, load: Callable[[], Awaitable[Run]]) -> Callable[[], Awaitable[Run]]:
-        async def watched() -> Run:
-            await self._redis.config_set("slowlog-log-slower-than", SLOW_COMMAND_US)
-            await self._redis.config_set("slowlog-max-len", 100_000)
-            await self._redis.slowlog_reset()
-            run = await load()
-            self.count += await self._redis.slowlog_len()
-            return run
-
-        return watched
-
-    async def aclose(self) -> None:
-        await self._redis.aclose()
 
 
 async def measure(redis: bool, pace: float, rounds: int) -> str:
@@ -99,11 +74,14 @@ async def measure(redis: bool, pace: float, rounds: int) -> str:
                 await paced_contender(target, pace, lead_in, 0)()
             slow = {name: SlowCommands(url) for name, url in zip(list(targets)[1:], urls, strict=True) if url}
             contenders = {name: paced_contender(target, pace, REQUESTS, lead_in) for name, target in targets.items()}
-            watched = {name: slow[name].watching(load) if name in slow else load for name, load in contenders.items()}
+            watched = {
+                name: slow[name].watching(lead_in + REQUESTS, load) if name in slow else load
+                for name, load in contenders.items()
+            }
             results = await alternating(rounds, watched)
             for watch in slow.values():
                 await watch.aclose()
-    return render(results, {name: watch.count for name, watch in slow.items()}, pace, rounds)
+    return render(results, pace, rounds)
 
 
 def slowest_timing_ms(runs: list[Run]) -> float:
@@ -115,7 +93,7 @@ def slowest_timing_ms(runs: list[Run]) -> float:
     return percentile([timing for _, timing in slowest], 0.5)
 
 
-def render(results: dict[str, list[Run]], slow: dict[str, int], pace: float, rounds: int) -> str:
+def render(results: dict[str, list[Run]], pace: float, rounds: int) -> str:
     direct_p50, direct_p99 = median([run.p50_ms for run in results[DIRECT]]), pooled_p99_ms(results[DIRECT])
     rows = []
     for name, runs in results.items():
@@ -123,15 +101,16 @@ def render(results: dict[str, list[Run]], slow: dict[str, int], pace: float, rou
             continue
         p50 = median([run.p50_ms for run in runs]) - direct_p50
         timing = median([median(run.server_timings_ms) for run in runs])
-        per_thousand = f"{slow[name] * 1000 / (REQUESTS * rounds):.1f}" if name in slow else "–"
+        slow = slow_per_thousand(runs)
+        per_thousand = "–" if slow is None else f"{slow:.1f}"
         rows.append(f"| {name} | +{p50:.2f} | +{pooled_p99_ms(runs) - direct_p99:.2f} | {timing:.2f} | "
                     f"{slowest_timing_ms(runs):.2f} | {per_thousand} | {steal_percent(runs):.1f} |")  # fmt: skip
-    store = "Redis" if slow else "the memory store"
+    store = "Redis" if any(slow_per_thousand(runs) is not None for runs in results.values()) else "the memory store"
     return f"""Gateways with {store}, {PACED_CLIENTS} clients paced at {pace:g} requests/s, {rounds} rounds alternating, \
 {REQUESTS} requests counted per run after a lead-in; "added" is over the simulator called directly (p50: median \
 of the rounds; p99: over the rounds' requests together). `Server-Timing`: the median, and the median over the \
 slowest 1% of requests. Slow Redis commands: those redis-server took over {SLOW_COMMAND_US} µs to run (its \
-SLOWLOG), per 1,000 requests. Steal: the share of the machine's CPU time the hypervisor took during the runs \
+SLOWLOG), per 1,000 requests sent (median of the rounds). Steal: the share of the machine's CPU time the hypervisor took during the runs \
 (direct: {steal_percent(results[DIRECT]):.1f}%).
 
 | gateway | added p50 ms | added p99 ms | `Server-Timing` ms | slowest 1%: `Server-Timing` ms | slow Redis commands | steal % |

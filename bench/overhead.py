@@ -421,6 +421,9 @@ its own work over the floor, given in each verdict above. With Redis, the floor 
 that keeping limits and tasks in Redis cannot do without, one before the create and one after it; what the
 Redis gateway adds over that floor is its own: a third round trip on the way (the account's slots), three more as
 each task ends, and a worker about twice as busy, where every one of those waits queues behind the others' work.
+How much of its paced p99 is the work of ending earlier tasks, `python -m bench.tail --redis` measures: the same
+gateway twice, side by side, one reading each task's status after 1 s and one after 60 s, with where the slowest
+requests spent their time and whether redis-server or the host was slow meanwhile.
 
 The gateway's path includes what the direct path does not: authenticating the key, the tenant's rate, concurrency
 and daily limits, the Kling account's slots, usage counters (with Redis, counted in the worker and written once a

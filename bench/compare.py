@@ -22,7 +22,7 @@ from pathlib import Path
 
 from app.kling import KlingCredentials
 from bench.http import Connection, Reply
-from bench.measure import Run, alternating, closed_loop, paced, pooled_p99_ms
+from bench.measure import Run, alternating, closed_loop, paced, pooled_p99_ms, steal_percent
 from bench.overhead import DIRECT, PACED_LEAD_IN_S, cpu_ms, direct_sender, pace_below, rest_sender
 from bench.serving import ROOT, Server, enter_together, raise_fd_limit
 from bench.stack import (
@@ -132,13 +132,15 @@ def render(results: dict[str, dict[str, list[Run]]], revs: list[str], redis: boo
             p99 = pooled_p99_ms(runs) - direct_p99
             timing = statistics.median(statistics.median(run.server_timings_ms or [0.0]) for run in runs)
             cpu = cpu_ms(runs)
-            rows.append(f"| {load} | {rev} | +{p50:.2f} | +{p99:.2f} | {timing:.2f} | {cpu:.2f} |")
+            rows.append(f"| {load} | {rev} | +{p50:.2f} | +{p99:.2f} | {timing:.2f} | {cpu:.2f} | "
+                        f"{steal_percent(runs):.1f} |")  # fmt: skip
     store = "Redis" if redis else "the memory store"
     return f"""Gateway with {store}, {rounds} rounds, medians (p99: over the rounds' requests together); "added" is over the simulator called directly.
-CPU is the gateway process's CPU per request, its following of the task included.
+CPU is the gateway process's CPU per request, its following of the task included. Steal is the share of the
+machine's CPU time the hypervisor took during the commit's runs: where it differs, so does the noise.
 
-| load | commit | added p50 ms | added p99 ms | `Server-Timing` ms | CPU ms per request |
-|---|---|---|---|---|---|
+| load | commit | added p50 ms | added p99 ms | `Server-Timing` ms | CPU ms per request | steal % |
+|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 """
 

@@ -160,16 +160,12 @@ async def main(quick: bool) -> str:
                 await with_server_cpu(target.server, warm_up, closed_contender(target, 16, warm_up),
                                       following=target.following)  # fmt: skip
             slow = SlowCommands(redis_url)
-
-            def measured(name: str, requests: int, load: Callable[[], Awaitable[Run]]) -> Callable[[], Awaitable[Run]]:
-                target = targets[name]
-                load = with_server_cpu_of(target, requests, load)
-                return slow.watching(requests, load) if name in ON_REDIS else load
-
+            stack.push_async_callback(slow.aclose)
+            watched = {name: slow if name in ON_REDIS else None for name in targets}
             results: dict[str, dict[str, list[Run]]] = {}
             pace, paced_requests = PACED_PER_SECOND, most_paced
             for clients, count in requests.items():
-                closed = {name: measured(name, count, closed_contender(target, clients, count))
+                closed = {name: measured(target, count, closed_contender(target, clients, count), watched[name])
                           for name, target in targets.items()}  # fmt: skip
                 results[str(clients)] = await alternating(rounds, closed)
                 if clients == PACED_CLIENTS:  # right after the closed loop whose rates set the pace
@@ -178,11 +174,11 @@ async def main(quick: bool) -> str:
                     # Only a gateway has a steady state to reach: it follows earlier tasks.
                     lead_ins = {name: round(PACED_LEAD_IN_S * pace) if t.following and not quick else 0
                                 for name, t in targets.items()}  # fmt: skip
-                    at_pace = {name: measured(name, lead_ins[name] + paced_requests,
-                                              paced_contender(target, pace, paced_requests, lead_ins[name]))
+                    at_pace = {name: measured(target, lead_ins[name] + paced_requests,
+                                              paced_contender(target, pace, paced_requests, lead_ins[name]),
+                                              watched[name])
                                for name, target in targets.items()}  # fmt: skip
                     results[paced_load(pace)] = await alternating(rounds, at_pace)
-            await slow.aclose()
             outbound = await outbound_cpu_ms(sim.url, direct_account, creates=50 if quick else 200, rounds=rounds)
             reads = {name: await status_reads_per_task(t.url) for name, t in targets.items() if t.following}
     body = render(results, outbound, reads, rounds, requests, pace, paced_requests, following)
@@ -256,10 +252,15 @@ def pace_below(closed_loop: dict[str, list[Run]], gateways: Iterable[str]) -> fl
     return min(PACED_PER_SECOND, PACED_SHARE * min(rates), PACED_CPU_SHARE * 1000 / most_cpu_ms)
 
 
-def with_server_cpu_of(
-    target: Target, requests: int, load: Callable[[], Awaitable[Run]]
+def measured(
+    target: Target, requests: int, load: Callable[[], Awaitable[Run]], slow: SlowCommands | None = None
 ) -> Callable[[], Awaitable[Run]]:
-    return lambda: with_server_cpu(target.server, requests, load, following=target.following)
+    """`load` with the server's CPU per request, and with `slow`, how often its Redis was slow meanwhile."""
+
+    async def run() -> Run:
+        return await with_server_cpu(target.server, requests, load, following=target.following)
+
+    return run if slow is None else slow.watching(requests, run)
 
 
 def closed_contender(target: Target, clients: int, requests: int) -> Callable[[], Awaitable[Run]]:

@@ -59,29 +59,24 @@ async def measure(redis: bool, pace: float, rounds: int) -> str:
             )
             direct = direct_sender(KlingCredentials(accounts[0].access_key, accounts[0].secret_key))
             own = [accounts[1 + i * ACCOUNTS_PER_GATEWAY : 1 + (i + 1) * ACCOUNTS_PER_GATEWAY] for i in range(2)]
-            first = DEFAULT_FIRST_QUERY_S
-            targets = {
-                DIRECT: Target(sim.url, direct, 200, sim),
-                f"gateway, status read {first:g} s after the create": Target(
-                    following.url, rest_sender(await api_keys(following.url, own[0])), 202, following
-                ),
-                f"gateway, status read {LATE_FIRST_QUERY_S:g} s after": Target(
-                    deferred.url, rest_sender(await api_keys(deferred.url, own[1])), 202, deferred
-                ),
+            gateways = {
+                f"gateway, status read {DEFAULT_FIRST_QUERY_S:g} s after the create": (following, own[0], urls[0]),
+                f"gateway, status read {LATE_FIRST_QUERY_S:g} s after": (deferred, own[1], urls[1]),
             }
+            targets = {DIRECT: Target(sim.url, direct, 200, sim)}
+            for name, (server, keys_of, _) in gateways.items():
+                targets[name] = Target(server.url, rest_sender(await api_keys(server.url, keys_of)), 202, server)
             lead_in = round(PACED_LEAD_IN_S * pace)
             for target in targets.values():  # warm up: connections, caches, JWTs, Lua scripts
                 await paced_contender(target, pace, lead_in, 0)()
-            slow = {name: SlowCommands(url) for name, url in zip(list(targets)[1:], urls, strict=True) if url}
             contenders = {name: paced_contender(target, pace, REQUESTS, lead_in) for name, target in targets.items()}
-            watched = {
-                name: slow[name].watching(lead_in + REQUESTS, load) if name in slow else load
-                for name, load in contenders.items()
-            }
-            results = await alternating(rounds, watched)
-            for watch in slow.values():
-                await watch.aclose()
-    return render(results, pace, rounds)
+            for name, (_, _, url) in gateways.items():
+                if url is not None:  # each gateway's own Redis, watched for slow commands during its runs
+                    slow = SlowCommands(url)
+                    stack.push_async_callback(slow.aclose)
+                    contenders[name] = slow.watching(lead_in + REQUESTS, contenders[name])
+            results = await alternating(rounds, contenders)
+    return render(results, redis, pace, rounds)
 
 
 def slowest_timing_ms(runs: list[Run]) -> float:
@@ -93,7 +88,7 @@ def slowest_timing_ms(runs: list[Run]) -> float:
     return percentile([timing for _, timing in slowest], 0.5)
 
 
-def render(results: dict[str, list[Run]], pace: float, rounds: int) -> str:
+def render(results: dict[str, list[Run]], redis: bool, pace: float, rounds: int) -> str:
     direct_p50, direct_p99 = median([run.p50_ms for run in results[DIRECT]]), pooled_p99_ms(results[DIRECT])
     rows = []
     for name, runs in results.items():
@@ -105,13 +100,13 @@ def render(results: dict[str, list[Run]], pace: float, rounds: int) -> str:
         per_thousand = "–" if slow is None else f"{slow:.1f}"
         rows.append(f"| {name} | +{p50:.2f} | +{pooled_p99_ms(runs) - direct_p99:.2f} | {timing:.2f} | "
                     f"{slowest_timing_ms(runs):.2f} | {per_thousand} | {steal_percent(runs):.1f} |")  # fmt: skip
-    store = "Redis" if any(slow_per_thousand(runs) is not None for runs in results.values()) else "the memory store"
+    store = "Redis" if redis else "the memory store"
     return f"""Gateways with {store}, {PACED_CLIENTS} clients paced at {pace:g} requests/s, {rounds} rounds alternating, \
 {REQUESTS} requests counted per run after a lead-in; "added" is over the simulator called directly (p50: median \
 of the rounds; p99: over the rounds' requests together). `Server-Timing`: the median, and the median over the \
 slowest 1% of requests. Slow Redis commands: those redis-server took over {SLOW_COMMAND_US} µs to run (its \
-SLOWLOG), per 1,000 requests sent (median of the rounds). Steal: the share of the machine's CPU time the hypervisor took during the runs \
-(direct: {steal_percent(results[DIRECT]):.1f}%).
+SLOWLOG), per 1,000 requests sent (median of the rounds). Steal: the share of the machine's CPU time the \
+hypervisor took during the runs (direct: {steal_percent(results[DIRECT]):.1f}%).
 
 | gateway | added p50 ms | added p99 ms | `Server-Timing` ms | slowest 1%: `Server-Timing` ms | slow Redis commands | steal % |
 |---|---|---|---|---|---|---|

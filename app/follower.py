@@ -48,9 +48,10 @@ CALLBACK_FALLBACK_POLL_S = 30.0
 ADOPT_EVERY_S = 10.0  # how often each replica looks for tasks nobody follows any more
 ADOPT_BATCH = 100
 # How many loops record what a poll brought (the record, the broadcast, the releases at the end) at once. One
-# list call answers dozens of tasks together; unbounded, all their Redis round trips would be queued on the
-# event loop ahead of the next step of every request, which then waited tens of ms (p99, one client).
-RECORDING_AT_ONCE = 4
+# list call answers dozens of tasks together. Their scripts, made in the same turn of the event loop, go to Redis
+# in one pipeline (app/script_batches.py); the bound keeps the Python work of one such burst short, as the next
+# step of every request waits behind it (unbounded, before the pipelines, requests waited tens of ms at p99).
+RECORDING_AT_ONCE = 32
 # A bound on bursts, not a queue: a loop that waited this long for its turn goes ahead anyway. With Redis slow
 # (each turn held for seconds) news would otherwise reach waiters minutes late, and shutdown wait as long.
 RECORDING_QUEUE_S = 0.5

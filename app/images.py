@@ -38,7 +38,7 @@ from app.kling import (
 from app.lifecycle import Drain
 from app.models import GenerateRequest, TaskStatus, TaskView
 from app.observability import waiting
-from app.ratelimit import AccountGovernor, Limiter, Remaining, limit_refused
+from app.ratelimit import AccountGovernor, Admission, Limiter, Remaining, limit_refused
 from app.references import ReferenceGuard
 from app.sealing import SealingError
 from app.tasks import IdempotencyClaim, PollLease, ProgressCallback, TaskRecord, TaskStore
@@ -321,17 +321,10 @@ class ImageService:
         lapse: a task that may run at Kling must not free its slots early.
         """
         tenant, images = principal.tenant, request.num_images
-        admission = await self._limiter.admit_task(tenant.id, principal.key_id, tenant.limits, images)
+        admission, account_lease = await self._admit_with_slot(principal, images)
         # Only a key-derived id can have been sent before (a retry of the same key): a fresh one needs no marker.
         create = self._create_once if external_task_id is not None else self._create
         external_task_id = external_task_id or external_task_id_for(tenant.id, None)
-        try:
-            account_lease = await self._governor.acquire(
-                principal.credential_id, images, principal.concurrency, self._timings.queue_timeout_s
-            )
-        except BaseException:
-            await asyncio.shield(self._undo(principal, admission.lease_id, None, images))
-            raise
         with anyio.CancelScope(shield=True):
             try:
                 callback_url = self._callback_url_for(external_task_id)
@@ -361,6 +354,35 @@ class ImageService:
             await self._save_quietly(record, polled_by=self._follower.poll_lease)
         return Outcome(record, admission.remaining)
 
+    async def _admit_with_slot(self, principal: Principal, images: int) -> tuple[Admission, str]:
+        """The tenant's admission and a slot of its Kling account, asked for at once: with Redis, both scripts go
+        in one round trip (app/script_batches.py) instead of one after the other. The price is paid only by a
+        submission the limiter refuses: a slot taken for it meanwhile goes straight back (one round trip more)."""
+        tenant = principal.tenant
+        slot = self._governor.acquire(principal.credential_id, images, principal.concurrency,
+                                      self._timings.queue_timeout_s)  # fmt: skip
+        taking = asyncio.ensure_future(slot)
+        try:
+            admission = await self._limiter.admit_task(tenant.id, principal.key_id, tenant.limits, images)
+        except BaseException:
+            taking.cancel()
+            await asyncio.shield(self._give_back_slot(principal, taking))
+            raise
+        try:
+            return admission, await taking
+        except BaseException:
+            await asyncio.shield(self._undo(principal, admission.lease_id, None, images))
+            raise
+
+    async def _give_back_slot(self, principal: Principal, taking: asyncio.Future[str]) -> None:
+        """The slot of a refused submission: cancelled while queued, it leaves the queue by itself (the
+        governor's `acquire`); taken before the cancel came, it is released here."""
+        try:
+            lease = await taking
+        except (asyncio.CancelledError, Exception):  # left the queue, or never got a slot: nothing to give back
+            return
+        await self._release_account_slot(principal, lease)
+
     async def _record_usage(self, principal: Principal, *, requests: int = 0, tasks: int = 0, images: int = 0) -> None:
         """Usage is bookkeeping: failing to count must never fail a request (least of all a paid one)."""
         try:
@@ -389,16 +411,23 @@ class ImageService:
         await self._record_usage(principal, requests=1)
 
     async def _release(self, principal: Principal, tenant_lease: str, account_lease: str | None, refund: int) -> None:
-        """Each release on its own: one failing must not keep the other slot."""
-        if account_lease is not None:
-            try:
-                await self._governor.release(principal.credential_id, account_lease)
-            except (RedisError, OSError):
-                logger.warning("could not release an account slot of tenant %s; it lapses", principal.tenant.id)
+        """Both at once (with Redis, in one round trip), each on its own: one failing must not keep the other slot."""
+        releases = [self._release_tenant_lease(principal, tenant_lease, refund)]
+        if account_lease is not None:  # first, as they were one after the other: the slot, then the tenant's lease
+            releases.insert(0, self._release_account_slot(principal, account_lease))
+        await asyncio.gather(*releases)
+
+    async def _release_tenant_lease(self, principal: Principal, lease: str, refund: int) -> None:
         try:
-            await self._limiter.release(principal.tenant.id, tenant_lease, refund_images=refund)
+            await self._limiter.release(principal.tenant.id, lease, refund_images=refund)
         except (RedisError, OSError):
             logger.warning("could not release a lease of tenant %s; it lapses", principal.tenant.id)
+
+    async def _release_account_slot(self, principal: Principal, lease: str) -> None:
+        try:
+            await self._governor.release(principal.credential_id, lease)
+        except (RedisError, OSError):
+            logger.warning("could not release an account slot of tenant %s; it lapses", principal.tenant.id)
 
     async def _create_once(self, kling: KlingCredentials, body: dict[str, Any], external_task_id: str) -> KlingTask:
         """The id is recorded before the create is sent: if an earlier attempt with it (say, on a replica that

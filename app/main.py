@@ -55,6 +55,7 @@ from app.ratelimit import (
     RedisLimiter,
 )
 from app.references import ReferenceGuard
+from app.script_batches import ScriptBatcher
 from app.sealing import SecretSealer, parse_master_keys
 from app.sentinel import SentinelTarget, following_failovers, sentinel_master
 from app.status_queries import BATCH_WINDOW_S, FALLBACK_BATCH_WINDOW_S, StatusQueries
@@ -169,11 +170,14 @@ def open_limits(settings: Settings, redis: Redis | None) -> tuple[Limiter, Accou
     if redis is None:
         return MemoryLimiter(lease_ttl_s=ttl), MemoryAccountGovernor(lease_ttl_s=ttl)
     local = settings.limits_on_redis_failure == "local"
+    batches = ScriptBatcher(redis)  # shared: a task's two releases, made together, go in one round trip
     limiter = FallbackLimiter(
-        RedisLimiter(redis, lease_ttl_s=ttl), MemoryLimiter(lease_ttl_s=ttl) if local else None, settings.replicas_hint
+        RedisLimiter(redis, lease_ttl_s=ttl, batches=batches),
+        MemoryLimiter(lease_ttl_s=ttl) if local else None,
+        settings.replicas_hint,
     )
     governor = FallbackGovernor(
-        RedisAccountGovernor(redis, lease_ttl_s=ttl),
+        RedisAccountGovernor(redis, lease_ttl_s=ttl, batches=batches),
         MemoryAccountGovernor(lease_ttl_s=ttl) if local else None,
         settings.replicas_hint,
     )

@@ -31,6 +31,7 @@ from redis.exceptions import RedisError
 from app.errors import InvalidRequest, LimitsUnavailable, RateLimited
 from app.metrics import LIMITER_DECISIONS
 from app.observability import waiting
+from app.script_batches import ScriptBatcher
 
 logger = logging.getLogger(__name__)
 REDIS_FAILURES = (RedisError, OSError, TimeoutError)
@@ -290,10 +291,14 @@ def _policy(limits: TenantLimits) -> str:
 class RedisLimiter:
     """`redis` must not retry on its own: a timed-out script may have run, and a retry would charge twice."""
 
-    def __init__(self, redis: Redis, *, lease_ttl_s: float, namespace: str = "kgw") -> None:
+    def __init__(
+        self, redis: Redis, *, lease_ttl_s: float, namespace: str = "kgw", batches: ScriptBatcher | None = None
+    ) -> None:
         self._redis = redis
         self._ns = namespace
         self._lease_ttl_ms = int(lease_ttl_s * 1000)
+        # Releases come as tasks end, many at once when a list call answers them together (app/script_batches.py).
+        self._batches = batches or ScriptBatcher(redis)
         self._admit_request = redis.register_script(ADMIT_REQUEST)
         self._admit_task = redis.register_script(ADMIT_TASK)
         self._refresh = redis.register_script(REFRESH)
@@ -331,7 +336,8 @@ class RedisLimiter:
             seconds_until_utc_midnight(),
             CONCURRENCY_RETRY_HINT_S * 1000,
         ]
-        reply = await self._admit_task(keys=self._keys(tenant_id, key_id, day), args=args)
+        # Batched: the submission asks for its account's slot at the same time (ImageService._admit_with_slot).
+        reply = await self._batches.run(self._admit_task, self._keys(tenant_id, key_id, day), args)
         requests, concurrent, images_left = _decision(reply, _policy(limits))
         count_admitted(limits, task=True)
         return Admission(lease_id, Remaining(requests, concurrent, images_left))
@@ -342,12 +348,15 @@ class RedisLimiter:
 
     async def release(self, tenant_id: str, lease_id: str, *, refund_images: int = 0) -> None:
         keys = self._keys(tenant_id, "", day_of_lease(lease_id))[2:5]
-        await self._release(keys=keys, args=[lease_id, refund_images])
+        await self._batches.run(self._release, keys, [lease_id, refund_images])
 
 
 class RedisAccountGovernor:
-    def __init__(self, redis: Redis, *, lease_ttl_s: float, namespace: str = "kgw") -> None:
+    def __init__(
+        self, redis: Redis, *, lease_ttl_s: float, namespace: str = "kgw", batches: ScriptBatcher | None = None
+    ) -> None:
         self._ns = namespace
+        self._batches = batches or ScriptBatcher(redis)  # as the limiter's: one batch holds both of a task's releases
         self._lease_ttl_ms = int(lease_ttl_s * 1000)
         self._acquire = redis.register_script(ACQUIRE_SLOTS)
         self._refresh = redis.register_script(REFRESH)
@@ -363,7 +372,7 @@ class RedisAccountGovernor:
         args: list[int | str] = [ticket, slots, capacity, self._lease_ttl_ms, ACCOUNT_QUEUE_STALE_MS]
 
         async def attempt() -> bool:
-            reply = await self._acquire(keys=self._keys(credential_id), args=args)
+            reply = await self._batches.run(self._acquire, self._keys(credential_id), args)
             return int(reply[0]) == 1
 
         try:
@@ -379,7 +388,7 @@ class RedisAccountGovernor:
         return bool(await self._refresh(keys=self._keys(credential_id)[:2], args=[lease_id, self._lease_ttl_ms]))
 
     async def release(self, credential_id: str, lease_id: str) -> None:
-        await self._leave(keys=self._keys(credential_id), args=[lease_id])
+        await self._batches.run(self._leave, self._keys(credential_id), [lease_id])
 
 
 def refuse_impossible(slots: int, capacity: int) -> None:

@@ -4,7 +4,7 @@ redis-py's own `ConnectionPool` raises at once when it is full, which would fail
 moment's wait would serve. Its `BlockingConnectionPool` waits instead, but makes every command pay for that: it
 enters an `asyncio.Condition` and arms a timer to take a connection, and enters the condition again to give it
 back, even with connections to spare: about 15 µs of CPU per command here (a GET 125 against 110 µs, 30 rounds
-alternating in one process), over the eight Redis round trips a task costs the gateway. This pool takes a free
+alternating in one process), over every Redis round trip a task costs the gateway. This pool takes a free
 connection the way redis-py's plain pool does; only a command that finds none waits, and only then are a
 condition and a timer involved.
 

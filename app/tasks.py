@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 
 from app.kling import KlingTask
 from app.models import IMAGE_URL_LIFETIME_DAYS, ImageView, TaskStatus, TaskView, datetime_from_ms
+from app.script_batches import ScriptBatcher
 
 TASK_TTL_S = IMAGE_URL_LIFETIME_DAYS * 86_400
 # Compare-and-set on an idempotency claim: only its owner may complete (ARGV[2] set for ARGV[3] s) or drop it.
@@ -342,6 +343,8 @@ class RedisTaskStore:
     def __init__(self, redis: Redis, namespace: str = "kgw") -> None:
         self._redis = redis
         self._ns = namespace
+        # What followers record of tasks already running: many at once when a list call answers them together.
+        self._batches = ScriptBatcher(redis)
         self._if_owner = redis.register_script(IF_OWNER)
         self._claim_polling = redis.register_script(CLAIM_POLLING)
         self._release_polling = redis.register_script(RELEASE_POLLING)
@@ -366,7 +369,9 @@ class RedisTaskStore:
             following = ["unfollow", record.task_id]
         if following:
             keys += [f"{self._ns}:followed", f"{self._ns}:poller:{record.task_id}"]
-        return bool(await self._save_if_not_older(keys=keys, args=args + following))
+        if polled_by is not None:  # a task just created, its request waiting for this one round trip: at once
+            return bool(await self._save_if_not_older(keys=keys, args=args + following))
+        return bool(await self._batches.run(self._save_if_not_older, keys, args + following))
 
     async def get(self, task_id: str) -> TaskRecord | None:
         raw = await self._redis.get(f"{self._ns}:task:{task_id}")
@@ -403,7 +408,7 @@ class RedisTaskStore:
         return PollClaim(claimed=False, stored=record_from_json(raw) if raw is not None else None)
 
     async def release_polling(self, task_id: str, poller: str) -> None:
-        await self._release_polling(keys=[f"{self._ns}:poller:{task_id}"], args=[poller])
+        await self._batches.run(self._release_polling, [f"{self._ns}:poller:{task_id}"], [poller])
 
     async def is_polled(self, task_id: str) -> bool:
         return bool(await self._redis.exists(f"{self._ns}:poller:{task_id}"))
@@ -422,7 +427,7 @@ class RedisTaskStore:
             await self._redis.zrem(f"{self._ns}:followed", task_id)
             return
         keys = [f"{self._ns}:poller:{task_id}", f"{self._ns}:followed"]
-        await self._unfollow(keys=keys, args=[poller, task_id])
+        await self._batches.run(self._unfollow, keys, [poller, task_id])
 
     async def stale_followed(self, older_than_s: float, limit: int) -> list[str]:
         cutoff = time.time() - older_than_s

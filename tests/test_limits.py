@@ -201,6 +201,27 @@ async def test_a_cancelled_call_frees_its_lease_and_queue_place_at_once(
     assert (await simulator.stats())["creates"] == 1
 
 
+@pytest.mark.sim_delay(60.0)
+async def test_submissions_the_rate_limit_refuses_leave_no_account_slot_taken(
+    redis_gateway: RunningGateway, replica_b: str, simulator: Simulator, redis: Redis
+) -> None:
+    """A submission asks for its account's slot while its admission is decided (one round trip): the slot of one
+    refused comes back at once, not when its lease lapses, and a refused one waiting for a slot leaves the queue."""
+    await simulator.control("accounts", SHARED_ACCOUNT | {"concurrency": 4})
+    http, admin = redis_gateway.http, f"{redis_gateway.url}/admin"
+    body = {"name": "acme", "kling": SHARED_ACCOUNT | {"concurrency": 4}}
+    tenant = (await http.post(f"{admin}/tenants", json=body, headers=ADMIN)).json()
+    api_key = (await http.post(f"{admin}/tenants/{tenant['id']}/keys", json={}, headers=ADMIN)).json()["api_key"]
+    await set_limits(redis_gateway, requests_per_minute=2)
+    slots = f"kgw:gov:{{c:{tenant['credential_ids'][0]}}}"
+    responses = await burst(http, [redis_gateway.url, replica_b], 12, bearer(api_key), {"prompt": "x"})
+    assert statuses(responses) == {202: 2, 429: 10}
+    # The two admitted tasks run for a minute; every refused submission is answered, its slot given back.
+    assert await redis.zcard(f"{slots}:leases") == 2
+    assert await redis.zcard(f"{slots}:queue") == 0
+    assert (await simulator.stats())["creates"] == 2
+
+
 @pytest.fixture
 def restartable_redis() -> Iterator[RedisProcess]:
     with tempfile.TemporaryDirectory() as workdir:

@@ -66,9 +66,10 @@ async def round_trips_per_decision(redis: Redis, limiter: Limiter, decisions: in
     return (sent_after - sent_before) / decisions, (total_after - total_before) / decisions
 
 
-# Commands from one connection this close together were sent together (a pipeline): no round trip through a
-# Python client on loopback takes less (redis-py spends 100-200 us of CPU on each), while Redis may run a
-# pipeline's commands more than 20 us apart on a busy host (seen: a pipeline counted twice).
+# Commands from one connection this close together (after the last command the previous one's script ran, if
+# any) were sent together (a pipeline): no round trip through a Python client on loopback takes less (redis-py
+# spends 100-200 us of CPU on each), while Redis may run a pipeline's commands more than 20 us apart on a busy
+# host (seen: a pipeline counted twice).
 PIPELINED_WITHIN_S = 80e-6
 
 
@@ -91,6 +92,8 @@ class RoundTrips:
                 if sender != self._last[0] or command["time"] - self._last[1] > PIPELINED_WITHIN_S:
                     self.counted += 1
                 self._last = (sender, command["time"])
+            else:  # the gap to a pipeline's next script starts when this one's last command ran, not its first
+                self._last = (self._last[0], command["time"])
             if done(command["command"]):
                 return self.counted
 
@@ -238,7 +241,7 @@ Machine: {machine()}. Run {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}.
 | Redis round trips per rate decision | {trips:.2f} (one EVALSHA; the script is loaded once), running {commands:.1f} commands inside Redis |
 | Redis round trips per request, key not in the replica's cache (`GET /tasks/{{id}}`) | {per_request["auth miss"]} (key, tenant and Kling account records and the key's last use; the rate decision; the task record) |
 | same request, key cached (for up to 1 s, dropped at once on revocation) | {per_request["auth hit"]} |
-| Redis round trips of a `POST /generate` (wait 0) over the task's whole life, key cached | {per_request["generate"]} (limits, account slot, the record with the follow mark and the poll lease; then the new state recorded and broadcast and its follow mark dropped in one script (a task without a webhook; its poll lease lapses), and the two leases' releases) |
+| Redis round trips of a `POST /generate` (wait 0) over the task's whole life, key cached | {per_request["generate"]} (the limits and the account's slot, two scripts in one pipeline; the record with the follow mark and the poll lease; then the new state recorded and broadcast and its follow mark dropped in one script (a task without a webhook; its poll lease lapses), and the two leases' releases in one pipeline. Tasks that end together, as a list call answers them, share these last two: app/script_batches.py) |
 | admission accuracy: 200 simultaneous submissions over 2 gateway processes against 50/min | admitted {", ".join(map(str, admitted))} in {rounds} rounds (exact = 50) |
 
 Usage is not among these: a replica counts it in memory and writes it every `KGW_USAGE_FLUSH_SECONDS` (1 s by

@@ -420,8 +420,9 @@ with h11; the same request, without the client's deadline, breaker, metrics, spa
 cached JWT and decodes the answer. The goal's 1 ms is below the floor here; what the gateway's design decides is
 its own work over the floor, given in each verdict above. With Redis, the floor also holds the two round trips
 that keeping limits and tasks in Redis cannot do without, one before the create and one after it; what the
-Redis gateway adds over that floor is its own: a third round trip on the way (the account's slots), three more as
-each task ends, and a worker about twice as busy, where every one of those waits queues behind the others' work.
+Redis gateway adds over that floor is its own: a second script in the admission's round trip (the account's
+slots), two more round trips as tasks end (shared by the tasks one list call answers), and a worker about twice as
+busy, where every one of those waits queues behind the others' work.
 How much of its paced p99 is the work of ending earlier tasks, `python -m bench.tail --redis` measures: the same
 gateway twice, side by side, one reading each task's status after 1 s and one after 60 s, with where the slowest
 requests spent their time and whether redis-server or the host was slow meanwhile.
@@ -429,8 +430,8 @@ requests spent their time and whether redis-server or the host was slow meanwhil
 The gateway's path includes what the direct path does not: authenticating the key, the tenant's rate, concurrency
 and daily limits, the Kling account's slots, usage counters (with Redis, counted in the worker and written once a
 second), recording the task, and following it, all in the same worker. With Redis these are round trips to a local
-redis-server: three before the answer (the limits, the account's slots, the record) and three after it, as the
-task ends (bench.limiter counts them). The simulator ends each task {following.task_s:g} s
+redis-server: two before the answer (the limits and the account's slots, together; the record) and two after
+it, as the task ends, shared by the tasks that end together (bench.limiter counts them). The simulator ends each task {following.task_s:g} s
 after its create, and the gateways query its status first {following.first_query_s or DEFAULT_FIRST_QUERY_S:g} s after
 it{following_note}: that read finds the task ended.{reads_note} The simulator, the gateway and the client share the machine's two cores,
 so throughput at 16 clients or more is bounded by the whole set, not by the gateway alone.

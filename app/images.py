@@ -177,6 +177,8 @@ class ImageService:
         drain: Drain,
         references: ReferenceGuard,
         callback_url_for: Callable[[str], str | None],
+        *,
+        limits_in_redis: bool = False,
     ) -> None:
         self._kling = kling
         self._tasks = tasks
@@ -189,6 +191,9 @@ class ImageService:
         self._drain = drain
         self._references = references
         self._callback_url_for = callback_url_for
+        # With the limits in Redis, the limiter's and the governor's scripts for one submission are sent at once, to
+        # share a round trip. In memory both answer without waiting: at once would only add tasks to the event loop.
+        self._together = limits_in_redis
 
     async def generate(
         self,
@@ -355,24 +360,27 @@ class ImageService:
         return Outcome(record, admission.remaining)
 
     async def _admit_with_slot(self, principal: Principal, images: int) -> tuple[Admission, str]:
-        """The tenant's admission and a slot of its Kling account, asked for at once: with Redis, both scripts go
-        in one round trip (app/script_batches.py) instead of one after the other. The price is paid only by a
-        submission the limiter refuses: a slot taken for it meanwhile goes straight back (one round trip more)."""
+        """The tenant's admission, then a slot of its Kling account; with the limits in Redis, both at once, so
+        that their scripts go in one round trip (app/script_batches.py). That costs only a submission the limiter
+        refuses: the slot taken for it meanwhile goes straight back (one round trip more)."""
         tenant = principal.tenant
-        slot = self._governor.acquire(principal.credential_id, images, principal.concurrency,
-                                      self._timings.queue_timeout_s)  # fmt: skip
-        taking = asyncio.ensure_future(slot)
+        taking = asyncio.ensure_future(self._take_slot(principal, images)) if self._together else None
         try:
             admission = await self._limiter.admit_task(tenant.id, principal.key_id, tenant.limits, images)
         except BaseException:
-            taking.cancel()
-            await asyncio.shield(self._give_back_slot(principal, taking))
+            if taking is not None:
+                taking.cancel()
+                await asyncio.shield(self._give_back_slot(principal, taking))
             raise
         try:
-            return admission, await taking
+            return admission, await taking if taking is not None else await self._take_slot(principal, images)
         except BaseException:
             await asyncio.shield(self._undo(principal, admission.lease_id, None, images))
             raise
+
+    async def _take_slot(self, principal: Principal, images: int) -> str:
+        wait_s = self._timings.queue_timeout_s
+        return await self._governor.acquire(principal.credential_id, images, principal.concurrency, wait_s)
 
     async def _give_back_slot(self, principal: Principal, taking: asyncio.Future[str]) -> None:
         """The slot of a refused submission: cancelled while queued, it leaves the queue by itself (the
@@ -411,11 +419,16 @@ class ImageService:
         await self._record_usage(principal, requests=1)
 
     async def _release(self, principal: Principal, tenant_lease: str, account_lease: str | None, refund: int) -> None:
-        """Both at once (with Redis, in one round trip), each on its own: one failing must not keep the other slot."""
-        releases = [self._release_tenant_lease(principal, tenant_lease, refund)]
-        if account_lease is not None:  # first, as they were one after the other: the slot, then the tenant's lease
-            releases.insert(0, self._release_account_slot(principal, account_lease))
-        await asyncio.gather(*releases)
+        """The account's slot, then the tenant's lease (with Redis, in one round trip), each on its own: one failing
+        must not keep the other slot."""
+        if account_lease is None:
+            await self._release_tenant_lease(principal, tenant_lease, refund)
+        elif self._together:
+            await asyncio.gather(self._release_account_slot(principal, account_lease),
+                                 self._release_tenant_lease(principal, tenant_lease, refund))  # fmt: skip
+        else:
+            await self._release_account_slot(principal, account_lease)
+            await self._release_tenant_lease(principal, tenant_lease, refund)
 
     async def _release_tenant_lease(self, principal: Principal, lease: str, refund: int) -> None:
         try:

@@ -282,6 +282,7 @@ def build_gateway(settings: Settings, tracing: Tracing | None = None) -> Gateway
         drain,
         references,
         callback_url_for,
+        limits_in_redis=limits_redis is not None,
     )
     # Apart from Kling's pool, so slow image hosts never take the connections that API calls need.
     preview_http = create_http_client(max_connections=20)

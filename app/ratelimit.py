@@ -2,7 +2,9 @@
 Kling account. Facts behind the design: reference/reliability.md §1-§4.
 
 - Every decision is one Lua script, atomic on Redis, clocked by Redis `TIME` (so replicas' clocks do not
-  matter), and a request refused by one limit consumes nothing from the others.
+  matter), and a request refused by one limit consumes nothing from the others. (With Redis, a submission asks
+  for its account's slot while its tenant's limits are decided, app/images.py: a refused one gives it straight
+  back, having held it for a round trip.)
 - Every key of one script shares one hash tag (`{t:<tenant>}` or `{c:<credential>}`): Cluster-safe.
 - Concurrency is held as leases that expire: a crashed replica's slots come back by themselves, and a
   live one refreshes them while it follows its tasks. Nothing is an INCR/DECR counter that could leak.

@@ -6,15 +6,17 @@ by one, each is a round trip of its own, with its own trip through redis-py and 
 its answer comes, queued on the event loop ahead of the next step of every request. Here the calls made in one
 turn of the loop go out in the next as one pipeline of `EVALSHA`s, and their answers come back together.
 
-Only for work that can wait a turn of the loop: a request's own round trips go straight to Redis (the calls
-batched here save nothing when they come alone). The pipeline sends `EVALSHA` directly: redis-py's own pipeline
-support for scripts asks `SCRIPT EXISTS` first, a round trip of its own. A script Redis does not know (a new or
-restarted server, a failover) is run on its own through redis-py's `Script`, which loads it.
+For calls that can wait a turn of the loop: the follower's records and releases, and a submission's admission and
+account slot, made at once so that both go in one round trip (app/images.py). A request's other round trips go
+straight to Redis: batched, a call that comes alone saves nothing and waits a turn. The pipeline sends `EVALSHA`
+directly: redis-py's own pipeline support for scripts asks `SCRIPT EXISTS` first, a round trip of its own. Calls
+of scripts Redis does not know (a new or restarted server, a failover) are sent again once each script is loaded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,30 +61,41 @@ class ScriptBatcher:
         except asyncio.CancelledError:
             # The call goes out all the same (the others' batch may be on its way). The caller is let go once Redis
             # has run it: whatever the caller sends next (a slot's release, on another connection) must not reach
-            # Redis before it.
-            await asyncio.wait([call.answer])
+            # Redis before it. anyio cancels again at every turn of the loop, so each of those is sat out too; every
+            # call is answered (`_send_pending`), within the client's socket timeouts.
+            while not call.answer.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([call.answer])
             raise
 
     async def _send_pending(self) -> None:
         batch, self._pending = self._pending, []
         try:
-            if len(batch) == 1:
-                await _run_alone(batch[0])
-                return
-            replies = await self._pipelined(batch)
-        except BaseException as exc:
+            await self._answer(batch)
+        except Exception as exc:  # the round trip failed: every call of it did
             for call in batch:
                 _fail(call, exc)
-            if not isinstance(exc, Exception):
-                raise
+        finally:
+            for call in batch:  # cancelled (shutdown) before all were answered: none is left waiting
+                _fail(call, RedisConnectionError("the batch was abandoned (shutdown)"))
+
+    async def _answer(self, batch: list[_Call]) -> None:
+        if len(batch) == 1:  # alone, the plain call costs less than a pipeline, and loads its script itself
+            call = batch[0]
+            _settle(call, await call.script(keys=call.keys, args=call.args))
             return
+        replies = await self._pipelined(batch)
+        unknown = [call for call, reply in zip(batch, replies, strict=True) if isinstance(reply, NoScriptError)]
+        if unknown:
+            # Redis lost its scripts (a restart, a failover): each is loaded once, then those calls go again together.
+            # A caller has one call in a batch at most, so running these after the others reorders no caller's own.
+            for script in {id(call.script): call.script for call in unknown}.values():
+                script.sha = await self._redis.script_load(script.script)
+            for call, reply in zip(unknown, await self._pipelined(unknown), strict=True):
+                _settle(call, reply)
         for call, reply in zip(batch, replies, strict=True):
-            if isinstance(reply, NoScriptError):
-                await _run_alone(call)  # loads the script, then runs it: once per script and server
-            elif isinstance(reply, Exception):
-                _fail(call, reply)
-            elif not call.answer.done():
-                call.answer.set_result(reply)
+            if not isinstance(reply, NoScriptError):
+                _settle(call, reply)
 
     async def _pipelined(self, batch: list[_Call]) -> list[Any]:
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -92,24 +105,16 @@ class ScriptBatcher:
             return replies
 
 
-async def _run_alone(call: _Call) -> None:
-    try:
-        reply = await call.script(keys=call.keys, args=call.args)
-    except BaseException as exc:
-        _fail(call, exc)
-        if not isinstance(exc, Exception):
-            raise
-    else:
-        if not call.answer.done():
-            call.answer.set_result(reply)
+def _settle(call: _Call, reply: Any) -> None:
+    if isinstance(reply, Exception):
+        _fail(call, reply)
+    elif not call.answer.done():
+        call.answer.set_result(reply)
 
 
-def _fail(call: _Call, exc: BaseException) -> None:
+def _fail(call: _Call, failure: Exception) -> None:
     if call.answer.done():
         return
-    # A batch cancelled (shutdown) is a Redis failure to its callers: a cancellation handed to one would be taken
-    # for its own, and stop it.
-    failure = exc if isinstance(exc, Exception) else RedisConnectionError("the batch was abandoned (shutdown)")
     call.answer.set_exception(failure)
     # Its caller may have given up already: mark the failure seen, so asyncio does not log it as never retrieved.
     call.answer.add_done_callback(_seen)

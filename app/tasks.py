@@ -408,7 +408,9 @@ class RedisTaskStore:
         return PollClaim(claimed=False, stored=record_from_json(raw) if raw is not None else None)
 
     async def release_polling(self, task_id: str, poller: str) -> None:
-        await self._batches.run(self._release_polling, [f"{self._ns}:poller:{task_id}"], [poller])
+        # Straight to Redis, as the claim it undoes is: batched, a watch's release could reach Redis after the claim of
+        # a new watch of the same task on this replica, and drop its lease.
+        await self._release_polling(keys=[f"{self._ns}:poller:{task_id}"], args=[poller])
 
     async def is_polled(self, task_id: str) -> bool:
         return bool(await self._redis.exists(f"{self._ns}:poller:{task_id}"))

@@ -170,7 +170,7 @@ def open_limits(settings: Settings, redis: Redis | None) -> tuple[Limiter, Accou
     if redis is None:
         return MemoryLimiter(lease_ttl_s=ttl), MemoryAccountGovernor(lease_ttl_s=ttl)
     local = settings.limits_on_redis_failure == "local"
-    batches = ScriptBatcher(redis)  # shared: a task's two releases, made together, go in one round trip
+    batches = ScriptBatcher(redis)  # shared: a submission's admission and slot, and a task's two releases, pair up
     limiter = FallbackLimiter(
         RedisLimiter(redis, lease_ttl_s=ttl, batches=batches),
         MemoryLimiter(lease_ttl_s=ttl) if local else None,

@@ -72,12 +72,14 @@ class ScriptBatcher:
         batch, self._pending = self._pending, []
         try:
             await self._answer(batch)
-        except Exception as exc:  # the round trip failed: every call of it did
+        except BaseException as exc:
+            # Every call not yet answered failed with the round trip. A batch cancelled (shutdown) is a Redis failure
+            # to its callers: a cancellation handed to one would be taken for its own, and stop it.
+            failure = exc if isinstance(exc, Exception) else RedisConnectionError("the batch was abandoned (shutdown)")
             for call in batch:
-                _fail(call, exc)
-        finally:
-            for call in batch:  # cancelled (shutdown) before all were answered: none is left waiting
-                _fail(call, RedisConnectionError("the batch was abandoned (shutdown)"))
+                _fail(call, failure)
+            if not isinstance(exc, Exception):
+                raise
 
     async def _answer(self, batch: list[_Call]) -> None:
         if len(batch) == 1:  # alone, the plain call costs less than a pipeline, and loads its script itself
@@ -86,15 +88,15 @@ class ScriptBatcher:
             return
         replies = await self._pipelined(batch)
         unknown = [call for call, reply in zip(batch, replies, strict=True) if isinstance(reply, NoScriptError)]
+        for call, reply in zip(batch, replies, strict=True):
+            if not isinstance(reply, NoScriptError):  # answered first: these ran, whatever becomes of the others
+                _settle(call, reply)
         if unknown:
             # Redis lost its scripts (a restart, a failover): each is loaded once, then those calls go again together.
             # A caller has one call in a batch at most, so running these after the others reorders no caller's own.
             for script in {id(call.script): call.script for call in unknown}.values():
                 script.sha = await self._redis.script_load(script.script)
             for call, reply in zip(unknown, await self._pipelined(unknown), strict=True):
-                _settle(call, reply)
-        for call, reply in zip(batch, replies, strict=True):
-            if not isinstance(reply, NoScriptError):
                 _settle(call, reply)
 
     async def _pipelined(self, batch: list[_Call]) -> list[Any]:

@@ -360,20 +360,25 @@ class ImageService:
         return Outcome(record, admission.remaining)
 
     async def _admit_with_slot(self, principal: Principal, images: int) -> tuple[Admission, str]:
-        """The tenant's admission, then a slot of its Kling account; with the limits in Redis, both at once, so
-        that their scripts go in one round trip (app/script_batches.py). That costs only a submission the limiter
-        refuses: the slot taken for it meanwhile goes straight back (one round trip more)."""
+        """The tenant's admission, then a slot of its Kling account. With the limits in Redis, the admission and a
+        try for a free slot go at once, so that their scripts share one round trip (app/script_batches.py); the try
+        never queues, so a submission the limiter refuses holds no place in the queue, and gives back at once a
+        slot it took. An admitted one whose try found the account full then queues for its slot."""
         tenant = principal.tenant
-        taking = asyncio.ensure_future(self._take_slot(principal, images)) if self._together else None
+        trying: asyncio.Future[str | None] | None = None
+        if self._together:
+            trying = asyncio.ensure_future(
+                self._governor.try_acquire(principal.credential_id, images, principal.concurrency)
+            )
         try:
             admission = await self._limiter.admit_task(tenant.id, principal.key_id, tenant.limits, images)
         except BaseException:
-            if taking is not None:
-                taking.cancel()
-                await asyncio.shield(self._give_back_slot(principal, taking))
+            if trying is not None:
+                await asyncio.shield(self._give_back_slot(principal, trying))
             raise
         try:
-            return admission, await taking if taking is not None else await self._take_slot(principal, images)
+            taken = await trying if trying is not None else None
+            return admission, taken or await self._take_slot(principal, images)
         except BaseException:
             await asyncio.shield(self._undo(principal, admission.lease_id, None, images))
             raise
@@ -382,14 +387,15 @@ class ImageService:
         wait_s = self._timings.queue_timeout_s
         return await self._governor.acquire(principal.credential_id, images, principal.concurrency, wait_s)
 
-    async def _give_back_slot(self, principal: Principal, taking: asyncio.Future[str]) -> None:
-        """The slot of a refused submission: cancelled while queued, it leaves the queue by itself (the
-        governor's `acquire`); taken before the cancel came, it is released here."""
+    async def _give_back_slot(self, principal: Principal, trying: asyncio.Future[str | None]) -> None:
+        """The slot a refused submission's try took, if it took one (a try that failed took none that will not
+        lapse)."""
         try:
-            lease = await taking
-        except (asyncio.CancelledError, Exception):  # left the queue, or never got a slot: nothing to give back
+            lease = await trying
+        except (asyncio.CancelledError, Exception):
             return
-        await self._release_account_slot(principal, lease)
+        if lease is not None:
+            await self._release_account_slot(principal, lease)
 
     async def _record_usage(self, principal: Principal, *, requests: int = 0, tasks: int = 0, images: int = 0) -> None:
         """Usage is bookkeeping: failing to count must never fail a request (least of all a paid one)."""

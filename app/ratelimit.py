@@ -2,9 +2,10 @@
 Kling account. Facts behind the design: reference/reliability.md §1-§4.
 
 - Every decision is one Lua script, atomic on Redis, clocked by Redis `TIME` (so replicas' clocks do not
-  matter), and a request refused by one limit consumes nothing from the others. (With Redis, a submission asks
-  for its account's slot while its tenant's limits are decided, app/images.py: a refused one gives it straight
-  back, having held it for a round trip.)
+  matter), and a request refused by one limit consumes nothing from the others. (With Redis, a submission tries
+  for a free slot of its account while its tenant's limits are decided, app/images.py: a refused one gives a slot
+  it took straight back, having held it for a round trip, and it never queues; an admitted one queues only if
+  the try found the account full.)
 - Every key of one script shares one hash tag (`{t:<tenant>}` or `{c:<credential>}`): Cluster-safe.
 - Concurrency is held as leases that expire: a crashed replica's slots come back by themselves, and a
   live one refreshes them while it follows its tasks. Nothing is an INCR/DECR counter that could leak.
@@ -146,6 +147,11 @@ class AccountGovernor(Protocol):
         """Wait in the account's FIFO queue, up to `wait_s`, for `slots` free image slots; returns the lease id.
         Raises RateLimited (limit `kling_account`) when the wait runs out."""
 
+    async def try_acquire(self, credential_id: str, slots: int, capacity: int) -> str | None:
+        """`slots` image slots at once if they are free and no one queues for them; else None, and no place in the
+        queue taken (nor a refusal counted: `acquire` decides). For a submission not yet admitted."""
+        ...
+
     async def refresh(self, credential_id: str, lease_id: str) -> bool: ...
     async def release(self, credential_id: str, lease_id: str) -> None: ...
 
@@ -246,14 +252,20 @@ if held == 1 and tonumber(ARGV[2]) > 0 and redis.call('EXISTS', KEYS[3]) == 1 th
 end
 return held
 """
+_LUA_QUEUE = """
+local function drop_stale(queue, beats, now, stale_ms)
+  local stale = redis.call('ZRANGEBYSCORE', beats, '-inf', now - stale_ms * 1000)
+  for _, id in ipairs(stale) do redis.call('ZREM', queue, id); redis.call('ZREM', beats, id) end
+end
+"""
 # KEYS: leases, weights, queue, heartbeats | ARGV: ticket, slots, capacity, lease ttl ms, stale ms
 ACQUIRE_SLOTS = (
     _LUA_LEASES
+    + _LUA_QUEUE
     + """
 local t = redis.call('TIME'); local now = t[1] * 1000000 + t[2]
 local used = purge(KEYS[1], KEYS[2], now)
-local stale = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now - tonumber(ARGV[5]) * 1000)
-for _, id in ipairs(stale) do redis.call('ZREM', KEYS[3], id); redis.call('ZREM', KEYS[4], id) end
+drop_stale(KEYS[3], KEYS[4], now, tonumber(ARGV[5]))
 redis.call('ZADD', KEYS[3], 'NX', now, ARGV[1]); redis.call('ZADD', KEYS[4], now, ARGV[1])
 redis.call('PEXPIRE', KEYS[3], 60000); redis.call('PEXPIRE', KEYS[4], 60000)
 local head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
@@ -264,6 +276,21 @@ if head == ARGV[1] and used + slots <= tonumber(ARGV[3]) then
   return {1, used + slots}
 end
 return {0, redis.call('ZRANK', KEYS[3], ARGV[1])}
+"""
+)
+# KEYS: leases, weights, queue, heartbeats | ARGV: lease id, slots, capacity, lease ttl ms, stale ms
+# Never joins the queue: slots are taken only if they are free and no live waiter is ahead (the queue stays FIFO).
+TAKE_FREE_SLOTS = (
+    _LUA_LEASES
+    + _LUA_QUEUE
+    + """
+local t = redis.call('TIME'); local now = t[1] * 1000000 + t[2]
+local used = purge(KEYS[1], KEYS[2], now)
+drop_stale(KEYS[3], KEYS[4], now, tonumber(ARGV[5]))
+local slots = tonumber(ARGV[2])
+if redis.call('ZCARD', KEYS[3]) > 0 or used + slots > tonumber(ARGV[3]) then return 0 end
+take(KEYS[1], KEYS[2], ARGV[1], slots, tonumber(ARGV[4]), now)
+return 1
 """
 )
 # KEYS: leases, weights, queue, heartbeats | ARGV: ticket
@@ -338,8 +365,15 @@ class RedisLimiter:
             seconds_until_utc_midnight(),
             CONCURRENCY_RETRY_HINT_S * 1000,
         ]
-        # Batched: the submission asks for its account's slot at the same time (ImageService._admit_with_slot).
-        reply = await self._batches.run(self._admit_task, self._keys(tenant_id, key_id, day), args)
+        try:
+            # Batched: the submission tries for its account's slot at the same time (ImageService._admit_with_slot).
+            reply = await self._batches.run(self._admit_task, self._keys(tenant_id, key_id, day), args)
+        except asyncio.CancelledError:
+            # A caller that hung up is let go once Redis ran its call (app/script_batches.py), which may have admitted
+            # it: the lease and the images go back at once (a lease the script did not take refunds nothing).
+            with contextlib.suppress(*REDIS_FAILURES):
+                await asyncio.shield(self.release(tenant_id, lease_id, refund_images=images))
+            raise
         requests, concurrent, images_left = _decision(reply, _policy(limits))
         count_admitted(limits, task=True)
         return Admission(lease_id, Remaining(requests, concurrent, images_left))
@@ -361,6 +395,7 @@ class RedisAccountGovernor:
         self._batches = batches or ScriptBatcher(redis)  # as the limiter's: one batch holds both of a task's releases
         self._lease_ttl_ms = int(lease_ttl_s * 1000)
         self._acquire = redis.register_script(ACQUIRE_SLOTS)
+        self._take_free = redis.register_script(TAKE_FREE_SLOTS)
         self._refresh = redis.register_script(REFRESH)
         self._leave = redis.register_script(LEAVE)
 
@@ -385,6 +420,24 @@ class RedisAccountGovernor:
                 await asyncio.shield(self.release(credential_id, ticket))
             raise
         return ticket
+
+    async def try_acquire(self, credential_id: str, slots: int, capacity: int) -> str | None:
+        if slots > capacity:
+            return None  # `acquire` says why
+        lease_id = uuid.uuid4().hex
+        args: list[int | str] = [lease_id, slots, capacity, self._lease_ttl_ms, ACCOUNT_QUEUE_STALE_MS]
+        try:
+            # Batched: a submission tries while its admission is decided (ImageService._admit_with_slot).
+            taken = int(await self._batches.run(self._take_free, self._keys(credential_id), args)) == 1
+        except asyncio.CancelledError:
+            # The batcher lets a cancelled caller go once Redis ran its call: slots it took go straight back.
+            with contextlib.suppress(*REDIS_FAILURES):
+                await asyncio.shield(self.release(credential_id, lease_id))
+            raise
+        if not taken:
+            return None
+        _ADMITTED["kling_account"].inc()
+        return lease_id
 
     async def refresh(self, credential_id: str, lease_id: str) -> bool:
         return bool(await self._refresh(keys=self._keys(credential_id)[:2], args=[lease_id, self._lease_ttl_ms]))
@@ -592,6 +645,16 @@ class MemoryAccountGovernor:
             raise
         return ticket
 
+    async def try_acquire(self, credential_id: str, slots: int, capacity: int) -> str | None:
+        now = time.monotonic()
+        someone_queues = bool(self._queues.get(credential_id))
+        if slots > capacity or someone_queues or self._leases.used(credential_id, now) + slots > capacity:
+            return None
+        lease_id = uuid.uuid4().hex
+        self._leases.take(credential_id, lease_id, slots, now + self._lease_ttl_s)
+        _ADMITTED["kling_account"].inc()
+        return lease_id
+
     async def refresh(self, credential_id: str, lease_id: str) -> bool:
         now = time.monotonic()
         return self._leases.refresh(credential_id, lease_id, now + self._lease_ttl_s, now)
@@ -678,6 +741,12 @@ class FallbackGovernor:
             # A share of the slots, but never less than this request needs nor more than the account has.
             share = min(capacity, max(slots, capacity // self._replicas))
             return LOCAL_PREFIX + await self._fallback.acquire(credential_id, slots, share, wait_s)
+
+    async def try_acquire(self, credential_id: str, slots: int, capacity: int) -> str | None:
+        try:
+            return await self._primary.try_acquire(credential_id, slots, capacity)
+        except REDIS_FAILURES:
+            return None  # `acquire`, which follows, refuses or falls back, and counts it once
 
     async def refresh(self, credential_id: str, lease_id: str) -> bool:
         if lease_id.startswith(LOCAL_PREFIX) and self._fallback is not None:

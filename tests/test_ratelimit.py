@@ -419,6 +419,56 @@ async def test_the_queue_is_strictly_fifo_so_a_big_request_is_not_starved(backen
         await completes(small)
 
 
+async def test_a_try_takes_free_slots_at_once_and_never_takes_a_place_in_the_queue(backend: Backend) -> None:
+    governor = backend.governor()
+    first = await governor.try_acquire(CREDENTIAL, 3, 4)
+    assert first is not None
+    assert await governor.try_acquire(CREDENTIAL, 2, 4) is None  # one slot left
+    assert await governor.try_acquire(CREDENTIAL, 5, 4) is None  # never fits; `acquire` says why (422)
+    assert await backend.queued(governor) == 0
+    await governor.release(CREDENTIAL, first)
+    second = await governor.try_acquire(CREDENTIAL, 4, 4)
+    assert second is not None
+    assert await governor.refresh(CREDENTIAL, second)
+
+
+async def test_a_try_does_not_jump_the_queue(backend: Backend) -> None:
+    governor = backend.governor()
+    holder = await governor.acquire(CREDENTIAL, 3, 4, 0)
+    async with anyio.create_task_group() as group:
+        big = start_waiter(group, governor, slots=2)
+        await until_queued(backend, governor, 1)
+        assert await governor.try_acquire(CREDENTIAL, 1, 4) is None  # it would fit, but a waiter is first
+        await governor.release(CREDENTIAL, holder)
+        await completes(big)
+    assert await governor.try_acquire(CREDENTIAL, 1, 4) is not None  # nobody queues now, and it fits
+
+
+async def test_a_caller_that_hangs_up_during_its_admission_is_charged_no_lease_and_no_images(
+    redis_client: Redis,
+) -> None:
+    """The script may have admitted it before the hang-up reached it: what it took goes back at once."""
+    limiter = RedisLimiter(redis_client, lease_ttl_s=60)
+    limits = TenantLimits(requests_per_minute=HIGH, concurrent_tasks=1, images_per_day=2)
+    admitting = asyncio.ensure_future(limiter.admit_task(TENANT, "k1", limits, 2))
+    await asyncio.sleep(0)  # one turn: its script call is made, and goes out in the next
+    admitting.cancel()
+    with anyio.fail_after(2), pytest.raises(asyncio.CancelledError):
+        await admitting
+    admitted = await limiter.admit_task(TENANT, "k1", limits, 2)  # neither the lease nor the images are held
+    assert admitted.remaining == Remaining(requests_this_minute=HIGH - 2, concurrent_tasks=0, images_today=0)
+
+
+async def test_a_try_whose_caller_hangs_up_leaves_no_slot_taken(redis_client: Redis) -> None:
+    governor = RedisAccountGovernor(redis_client, lease_ttl_s=60)
+    trying = asyncio.ensure_future(governor.try_acquire(CREDENTIAL, 4, 4))
+    await asyncio.sleep(0)  # one turn: its script call is made, and goes out in the next
+    trying.cancel()
+    with anyio.fail_after(2), pytest.raises(asyncio.CancelledError):
+        await trying
+    assert await governor.try_acquire(CREDENTIAL, 4, 4) is not None
+
+
 # --- Two replicas on one Redis --------------------------------------------------------------------------
 
 

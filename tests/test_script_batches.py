@@ -58,6 +58,22 @@ async def test_scripts_redis_does_not_know_are_loaded_and_run(client: Redis) -> 
     assert await client.get("kgw:test:n") == b"31"
 
 
+async def test_calls_that_ran_keep_their_answers_when_a_lost_script_cannot_be_loaded(client: Redis) -> None:
+    """A call that ran is reported as run, whatever becomes of the batch's calls of scripts Redis lost: an
+    admission that was charged must not read as failed (its caller would answer 503 and hold its lease)."""
+    batches = ScriptBatcher(client)
+    increment = client.register_script(INCREMENT)
+    await increment(keys=["kgw:test:ran"], args=[0])  # known to Redis
+    unloadable = client.register_script("this is not Lua")  # unknown to Redis, and its load fails
+    with anyio.fail_after(5):
+        ran, failed = await asyncio.gather(
+            batches.run(increment, ["kgw:test:ran"], [1]), batches.run(unloadable, [], []), return_exceptions=True
+        )
+    assert ran == 1
+    assert isinstance(failed, ResponseError)
+    assert await client.get("kgw:test:ran") == b"1"
+
+
 async def test_a_caller_that_gives_up_leaves_its_call_and_the_others_to_run(client: Redis) -> None:
     batches = ScriptBatcher(client)
     increment = client.register_script(INCREMENT)

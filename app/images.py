@@ -272,13 +272,7 @@ class ImageService:
         if wait_s <= 0 or record.status.is_terminal:
             return record  # nothing to wait for: no waiter counted, no drain watch
         latest = record
-        async with anyio.create_task_group() as group:
-
-            async def stop_when_draining() -> None:
-                await self._drain.started.wait()
-                group.cancel_scope.cancel()
-
-            group.start_soon(stop_when_draining)
+        with self._drain.ended_on_start():
             try:
                 # However many callers wait, here or on other replicas, the task costs one stream of queries.
                 kling = await self._kling_of(principal, record)
@@ -287,7 +281,6 @@ class ImageService:
             except (RedisError, OSError, SealingError):
                 # The task exists: the caller gets its id rather than an error that invites paying again.
                 logger.warning("waiting on task %s failed; answering with its last known state", record.task_id)
-            group.cancel_scope.cancel()
         if self._drain.draining and not latest.status.is_terminal:
             latest = self._follower.latest(record.task_id) or latest
         return latest

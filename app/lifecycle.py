@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from types import FrameType
 from typing import Any
 
+import anyio
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -26,11 +27,32 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 class Drain:
     def __init__(self) -> None:
-        self.started = asyncio.Event()
+        self._draining = False
+        # The waits to end the moment draining starts; a scope each, rather than a task each watching for the
+        # start: thousands of callers may wait at once (bench.waiting), and a task costs far more to hold.
+        self._waits: set[anyio.CancelScope] = set()
 
     @property
     def draining(self) -> bool:
-        return self.started.is_set()
+        return self._draining
+
+    def start(self) -> None:
+        """Draining starts: new submissions are refused and every wait registered here ends now."""
+        self._draining = True
+        for scope in self._waits:
+            scope.cancel()
+
+    @contextlib.contextmanager
+    def ended_on_start(self) -> Iterator[None]:
+        """A block that stops (as a cancelled one does, silently) when draining starts, or at once if it has."""
+        with anyio.CancelScope() as scope:
+            if self._draining:
+                scope.cancel()
+            self._waits.add(scope)
+            try:
+                yield
+            finally:
+                self._waits.discard(scope)
 
     @contextlib.contextmanager
     def on_signals(self) -> Iterator[None]:
@@ -44,7 +66,7 @@ class Drain:
         def handle(sig: int, frame: FrameType | None) -> None:
             if not self.draining:
                 logger.info("draining: answering waiting callers and refusing new submissions")
-            loop.call_soon_threadsafe(self.started.set)
+            loop.call_soon_threadsafe(self.start)
             chained: Any = previous[signal.Signals(sig)]
             if callable(chained):
                 chained(sig, frame)

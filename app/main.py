@@ -323,7 +323,7 @@ def build_gateway(settings: Settings, tracing: Tracing | None = None) -> Gateway
             try:
                 yield
             finally:
-                drain.started.set()  # whatever stops the server, waiting callers get their answer first
+                drain.start()  # whatever stops the server, waiting callers get their answer first
 
     app = FastAPI(
         title="Kling MCP Gateway",

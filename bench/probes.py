@@ -1,12 +1,14 @@
 """The gateway (`app.main:create_app`) with a probe in front, for `python -m bench.serving FACTORY PORT --gateway`:
 
-- `lag_probed_gateway`: plus an event-loop lag monitor, read at `/_bench/lag` (bench/waiting.py);
+- `lag_probed_gateway`: plus an event-loop lag monitor and a record of garbage collections, read at
+  `/_bench/lag` (bench/waiting.py);
 - `profiled_gateway`: plus pyinstrument, started and stopped at `/_bench/profile` (bench/hotpath.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import time
 
@@ -24,24 +26,34 @@ PROFILE_INTERVAL_S = 0.001
 
 class LagProbe:
     """Pure ASGI in front of the gateway. A task sleeps LAG_TICK_S in a loop and records how late it wakes:
-    that lateness is how long any ready callback (a request, a Kling answer) waits for the loop.
-    `GET /_bench/lag` returns the recording; `POST` returns it and starts a new one."""
+    that lateness is how long any ready callback (a request, a Kling answer) waits for the loop. Each of the
+    process's garbage collections is recorded too, with how long it held the worker (Python's collector stops
+    everything while it runs). `GET /_bench/lag` returns the recording; `POST` returns it and starts a new one."""
 
     def __init__(self, app: ASGIApp) -> None:
         self._app = app
         self._lags: list[float] = []
+        self._collections: list[float] = []
+        self._collecting_since = 0.0
         self._task: asyncio.Task[None] | None = None
+        gc.callbacks.append(self._on_collection)
+
+    def _on_collection(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._collecting_since = time.perf_counter()
+        else:
+            self._collections.append(time.perf_counter() - self._collecting_since)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != LAG_PATH:
             await self._app(scope, receive, send)
             return
-        recorded = self._lags
+        recorded = {"lags_s": self._lags, "collections_s": self._collections}
         if scope["method"] == "POST":
-            self._lags = []
+            self._lags, self._collections = [], []
             if self._task is None:
                 self._task = asyncio.create_task(self._monitor(), name="bench lag monitor")
-        await JSONResponse({"lags_s": recorded})(scope, receive, send)
+        await JSONResponse(recorded)(scope, receive, send)
 
     async def _monitor(self) -> None:
         while True:

@@ -50,6 +50,8 @@ class Milestone:
     lag_ramp_p99_ms: float  # while the waiters since the last milestone were coming in
     lag_held_p99_ms: float
     lag_held_max_ms: float
+    collection_max_ms: float  # the longest garbage collection while held
+    collection_share: float  # of the hold's time, spent collecting garbage
     probe_p50_ms: float
     probe_p99_ms: float
 
@@ -87,11 +89,18 @@ async def waiter(url: str, key: str) -> tuple[Reply, float]:
         await connection.close()
 
 
-async def lags(control: Connection, *, restart: bool) -> list[float]:
-    """The lags recorded since the last restart (seconds); `restart` starts a new recording."""
-    reply = await control.request("POST" if restart else "GET", LAG_PATH)
-    recorded: list[float] = reply.json()["lags_s"]
-    return recorded
+@dataclass(frozen=True)
+class Recording:
+    """What the gateway's LagProbe recorded: the loop's lags and the garbage collections' pauses (seconds)."""
+
+    lags: list[float]
+    collections: list[float]
+
+
+async def lags(control: Connection, *, restart: bool) -> Recording:
+    """What was recorded since the last restart; `restart` starts a new recording."""
+    recorded = (await control.request("POST" if restart else "GET", LAG_PATH)).json()
+    return Recording(recorded["lags_s"], recorded["collections_s"])
 
 
 async def sim_counts(stats: Connection) -> dict[str, int]:
@@ -160,8 +169,9 @@ async def run(milestones: tuple[int, ...], hold_s: float) -> tuple[list[Mileston
             probes, rss_held = await hold(gw, hold_s)
             lag_held = await lags(control, restart=True)
             reached.append(Milestone(
-                held, ramp_s, rss_held - rss_base, _p99_ms(lag_ramp), _p99_ms(lag_held),
-                max(lag_held, default=0) * 1000, percentile(probes, 0.5) * 1000, percentile(probes, 0.99) * 1000,
+                held, ramp_s, rss_held - rss_base, _p99_ms(lag_ramp.lags), _p99_ms(lag_held.lags),
+                max(lag_held.lags, default=0) * 1000, max(lag_held.collections, default=0) * 1000,
+                sum(lag_held.collections) / hold_s, percentile(probes, 0.5) * 1000, percentile(probes, 0.99) * 1000,
             ))  # fmt: skip
         finish_s = ramping_s
         await stats.request("POST", "/_sim/finish", {"within_s": finish_s})
@@ -171,7 +181,7 @@ async def run(milestones: tuple[int, ...], hold_s: float) -> tuple[list[Mileston
         after = await sim_counts(stats)
         await control.close()
         await stats.close()
-    return reached, ending(answers, finish_s, lag_end, before, after)
+    return reached, ending(answers, finish_s, lag_end.lags, before, after)
 
 
 def ending(
@@ -213,7 +223,8 @@ async def main(quick: bool) -> str:
     reached, end = await run((1000,) if quick else (1000, 5000, 10000), hold_s)
     rows = [
         f"| {m.held:,} | {m.ramp_s:.1f} | {m.rss_added_mib:.0f} | **{m.kib_per_waiter:.1f}** | {m.lag_ramp_p99_ms:.1f} | "
-        f"**{m.lag_held_p99_ms:.1f}** ({m.lag_held_max_ms:.0f}) | {m.probe_p50_ms:.1f} / {m.probe_p99_ms:.1f} |"
+        f"**{m.lag_held_p99_ms:.1f}** ({m.lag_held_max_ms:.0f}) | {m.collection_max_ms:.0f} ({m.collection_share:.0%}) | "
+        f"{m.probe_p50_ms:.1f} / {m.probe_p99_ms:.1f} |"
         for m in reached
     ]
     command = "python -m bench.waiting" + (" --quick" if quick else "")
@@ -226,8 +237,8 @@ holds every task until the benchmark lets them finish, so the callers pile up: a
 and all of them are held at once for {hold_s:g} s while the gateway is measured. Every tenant's limits are at the
 admin API's ceiling and each Kling account has 1,000 slots (one tenant per 1,000 waiters).
 
-| held at once | ramp s | RSS added MiB | KiB per waiter | loop lag p99 ms, ramp | loop lag p99 ms, held (max) | `GET /healthz` p50 / p99 ms, held |
-|---|---|---|---|---|---|---|
+| held at once | ramp s | RSS added MiB | KiB per waiter | loop lag p99 ms, ramp | loop lag p99 ms, held (max) | longest garbage collection ms, held (share of the time) | `GET /healthz` p50 / p99 ms, held |
+|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
 Then the simulator finished all {end.creates:,} tasks within {end.finish_s:.0f} s (the time spent ramping up), in the
@@ -242,6 +253,11 @@ order they were created:
 - **Loop lag** is how late a {1000 * 0.005:g} ms sleep inside the gateway wakes (bench/probes.py `LagProbe`): the
   time any ready request or Kling answer waits for the worker. "finishing" covers the tasks ending and every
   caller being answered.
+- **Garbage collection**: CPython's cyclic collector stops the worker while it runs (bench/probes.py records each
+  collection). Each waiter keeps a few hundred objects alive (its connection, request, coroutines and its
+  task's follower), and a collection of even the youngest objects takes longer the more there are: with
+  thousands held, its pauses are the loop lag's tail. More waiters per worker cost lag, not only memory: past a
+  few thousand, more workers (or replicas) rather than more waiters each.
 - **Upstream reads per task**: the simulator's status reads (`/_sim/stats` `queries`: single queries and list
   calls) divided by its creates. With callbacks, polling is the fallback for a lost one: 5 s after the create,
   backing off to every 30 s, so a task held for the whole run falls due a few times; reads of one account that

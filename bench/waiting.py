@@ -256,8 +256,9 @@ order they were created:
 - **Garbage collection**: CPython's cyclic collector stops the worker while it runs (bench/probes.py records each
   collection). Each waiter keeps a few hundred objects alive (its connection, request, coroutines and its
   task's follower), and a collection of even the youngest objects takes longer the more there are: with
-  thousands held, its pauses are the loop lag's tail. More waiters per worker cost lag, not only memory: past a
-  few thousand, more workers (or replicas) rather than more waiters each.
+  thousands held, its longest pauses are about the loop lag's p99 (the longest lags also hold the worker's waits
+  for a core, which it shares here with the client and the simulator). More waiters per worker cost lag, not
+  only memory: past a few thousand, more workers (or replicas) rather than more waiters each.
 - **Upstream reads per task**: the simulator's status reads (`/_sim/stats` `queries`: single queries and list
   calls) divided by its creates. With callbacks, polling is the fallback for a lost one: 5 s after the create,
   backing off to every 30 s, so a task held for the whole run falls due a few times; reads of one account that

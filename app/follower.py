@@ -501,10 +501,15 @@ class TaskFollower:
                 break
             # A heartbeat for progress reports; a caller without them sleeps until news, its deadline or the loop's end.
             heartbeat_s = MAX_POLL_INTERVAL_S if on_progress is not None else remaining
-            await _changed_within(watch.changed, min(remaining, heartbeat_s))
+            changed = watch.changed
+            await _changed_within(changed, min(remaining, heartbeat_s))
             record = watch.record
             if on_progress is not None:
                 await on_progress(record, time.monotonic() - started)
+            if changed.done() and changed is watch.changed:
+                # Signalled and not replaced: the loop ended, or is ending (it may not be done yet, and waiting on
+                # a signal already given would not yield to it). No news will come.
+                break
         return record
 
 

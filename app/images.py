@@ -38,7 +38,7 @@ from app.kling import (
 from app.lifecycle import Drain
 from app.models import GenerateRequest, TaskStatus, TaskView
 from app.observability import waiting
-from app.ratelimit import AccountGovernor, Admission, Limiter, Remaining, limit_refused
+from app.ratelimit import AccountGovernor, Admission, Limiter, Remaining, count_slot_taken, limit_refused
 from app.references import ReferenceGuard
 from app.sealing import SealingError
 from app.tasks import IdempotencyClaim, PollLease, ProgressCallback, TaskRecord, TaskStore
@@ -371,10 +371,23 @@ class ImageService:
             raise
         try:
             taken = await trying if trying is not None else None
-            return admission, taken or await self._take_slot(principal, images)
+            if taken is not None:
+                count_slot_taken()
+                return admission, taken
+            return admission, await self._take_slot(principal, images)
         except BaseException:
-            await asyncio.shield(self._undo(principal, admission.lease_id, None, images))
+            # One shielded await: anyio cancels again at each await, and the work must all go on regardless.
+            await asyncio.shield(self._undo_unslotted(principal, admission, trying, images))
             raise
+
+    async def _undo_unslotted(
+        self, principal: Principal, admission: Admission, trying: asyncio.Future[str | None] | None, images: int
+    ) -> None:
+        """An admitted submission that got no slot: a slot its try took (its answer cut off by a cancellation)
+        goes back, then the admission."""
+        if trying is not None:
+            await self._give_back_slot(principal, trying)
+        await self._undo(principal, admission.lease_id, None, images)
 
     async def _take_slot(self, principal: Principal, images: int) -> str:
         wait_s = self._timings.queue_timeout_s

@@ -103,6 +103,11 @@ def count_admitted(limits: TenantLimits, *, task: bool) -> None:
         _ADMITTED["images_per_day"].inc()
 
 
+def count_slot_taken() -> None:
+    """A submission kept the account slot its `try_acquire` took (`acquire` counts its own)."""
+    _ADMITTED["kling_account"].inc()
+
+
 def seconds_until_utc_midnight(now: float | None = None) -> int:
     now = time.time() if now is None else now
     return SECONDS_PER_DAY - int(now) % SECONDS_PER_DAY
@@ -149,7 +154,8 @@ class AccountGovernor(Protocol):
 
     async def try_acquire(self, credential_id: str, slots: int, capacity: int) -> str | None:
         """`slots` image slots at once if they are free and no one queues for them; else None, and no place in the
-        queue taken (nor a refusal counted: `acquire` decides). For a submission not yet admitted."""
+        queue taken. For a submission not yet admitted: nothing is counted (`acquire` counts its refusals, and the
+        caller a slot it keeps, `count_slot_taken`)."""
         ...
 
     async def refresh(self, credential_id: str, lease_id: str) -> bool: ...
@@ -279,7 +285,9 @@ return {0, redis.call('ZRANK', KEYS[3], ARGV[1])}
 """
 )
 # KEYS: leases, weights, queue, heartbeats | ARGV: lease id, slots, capacity, lease ttl ms, stale ms
-# Never joins the queue: slots are taken only if they are free and no live waiter is ahead (the queue stays FIFO).
+# Never joins the queue: slots are taken only if they are free and no live waiter is ahead. The queue stays FIFO
+# among those in it; a submission whose try found the account full joins it once admitted, a round trip later,
+# and a try meanwhile may take slots freed first (by a round trip's margin: nobody is starved).
 TAKE_FREE_SLOTS = (
     _LUA_LEASES
     + _LUA_QUEUE
@@ -368,9 +376,11 @@ class RedisLimiter:
         try:
             # Batched: the submission tries for its account's slot at the same time (ImageService._admit_with_slot).
             reply = await self._batches.run(self._admit_task, self._keys(tenant_id, key_id, day), args)
-        except asyncio.CancelledError:
-            # A caller that hung up is let go once Redis ran its call (app/script_batches.py), which may have admitted
-            # it: the lease and the images go back at once (a lease the script did not take refunds nothing).
+        except BaseException:
+            # The script may have run: a caller that hung up is let go only once Redis ran its call
+            # (app/script_batches.py), and an answer that timed out may have been on its way. The lease and the images
+            # go back at once (a lease the script did not take refunds nothing); if Redis is what failed, the lease
+            # lapses and the images stay.
             with contextlib.suppress(*REDIS_FAILURES):
                 await asyncio.shield(self.release(tenant_id, lease_id, refund_images=images))
             raise
@@ -429,15 +439,12 @@ class RedisAccountGovernor:
         try:
             # Batched: a submission tries while its admission is decided (ImageService._admit_with_slot).
             taken = int(await self._batches.run(self._take_free, self._keys(credential_id), args)) == 1
-        except asyncio.CancelledError:
-            # The batcher lets a cancelled caller go once Redis ran its call: slots it took go straight back.
+        except BaseException:
+            # The script may have run (as for `RedisLimiter.admit_task`): slots it took go straight back.
             with contextlib.suppress(*REDIS_FAILURES):
                 await asyncio.shield(self.release(credential_id, lease_id))
             raise
-        if not taken:
-            return None
-        _ADMITTED["kling_account"].inc()
-        return lease_id
+        return lease_id if taken else None
 
     async def refresh(self, credential_id: str, lease_id: str) -> bool:
         return bool(await self._refresh(keys=self._keys(credential_id)[:2], args=[lease_id, self._lease_ttl_ms]))
@@ -652,7 +659,6 @@ class MemoryAccountGovernor:
             return None
         lease_id = uuid.uuid4().hex
         self._leases.take(credential_id, lease_id, slots, now + self._lease_ttl_s)
-        _ADMITTED["kling_account"].inc()
         return lease_id
 
     async def refresh(self, credential_id: str, lease_id: str) -> bool:
@@ -746,7 +752,12 @@ class FallbackGovernor:
         try:
             return await self._primary.try_acquire(credential_id, slots, capacity)
         except REDIS_FAILURES:
-            return None  # `acquire`, which follows, refuses or falls back, and counts it once
+            if self._fallback is None:
+                return None  # `acquire`, if it comes to that, refuses (503) and counts it
+            # Tried locally at once, as `acquire` would fall back: asking a hung Redis again costs another timeout.
+            share = min(capacity, max(slots, capacity // self._replicas))
+            lease = await self._fallback.try_acquire(credential_id, slots, share)
+            return None if lease is None else LOCAL_PREFIX + lease
 
     async def refresh(self, credential_id: str, lease_id: str) -> bool:
         if lease_id.startswith(LOCAL_PREFIX) and self._fallback is not None:

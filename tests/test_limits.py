@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import tempfile
 import time
@@ -50,6 +51,19 @@ async def burst(http: httpx2.AsyncClient, urls: list[str], count: int, headers: 
             for index in range(count):
                 group.start_soon(submit, index)
     return responses
+
+
+ACCOUNT_SLOTS_ADMITTED = re.escape('kgw_limiter_decisions_total{limit="kling_account",result="admitted"}')
+
+
+async def account_slots_admitted(http: httpx2.AsyncClient, urls: list[str]) -> float:
+    """Account slots the replicas at `urls` counted as admitted (`/metrics`), in all."""
+    total = 0.0
+    for url in urls:
+        metrics = (await http.get(f"{url}/metrics")).text
+        found = re.search(rf"^{ACCOUNT_SLOTS_ADMITTED} (\S+)$", metrics, re.MULTILINE)
+        total += float(found.group(1)) if found else 0.0
+    return total
 
 
 def statuses(responses: list[httpx2.Response]) -> dict[int, int]:
@@ -205,8 +219,9 @@ async def test_a_cancelled_call_frees_its_lease_and_queue_place_at_once(
 async def test_submissions_the_rate_limit_refuses_leave_no_account_slot_taken(
     redis_gateway: RunningGateway, replica_b: str, simulator: Simulator, redis: Redis
 ) -> None:
-    """A submission asks for its account's slot while its admission is decided (one round trip): the slot of one
-    refused comes back at once, not when its lease lapses, and a refused one waiting for a slot leaves the queue."""
+    """A submission tries for its account's slot while its admission is decided (one round trip): the slot of one
+    refused comes back at once, not when its lease lapses, and no refused one joins the queue or counts as
+    admitted to the account."""
     await simulator.control("accounts", SHARED_ACCOUNT | {"concurrency": 4})
     http, admin = redis_gateway.http, f"{redis_gateway.url}/admin"
     body = {"name": "acme", "kling": SHARED_ACCOUNT | {"concurrency": 4}}
@@ -214,8 +229,11 @@ async def test_submissions_the_rate_limit_refuses_leave_no_account_slot_taken(
     api_key = (await http.post(f"{admin}/tenants/{tenant['id']}/keys", json={}, headers=ADMIN)).json()["api_key"]
     await set_limits(redis_gateway, requests_per_minute=2)
     slots = f"kgw:gov:{{c:{tenant['credential_ids'][0]}}}"
-    responses = await burst(http, [redis_gateway.url, replica_b], 12, bearer(api_key), {"prompt": "x"})
+    replicas = [redis_gateway.url, replica_b]
+    admitted_before = await account_slots_admitted(http, replicas)
+    responses = await burst(http, replicas, 12, bearer(api_key), {"prompt": "x"})
     assert statuses(responses) == {202: 2, 429: 10}
+    assert await account_slots_admitted(http, replicas) - admitted_before == 2
     # The two admitted tasks run for a minute; every refused submission is answered, its slot given back.
     assert await redis.zcard(f"{slots}:leases") == 2
     assert await redis.zcard(f"{slots}:queue") == 0

@@ -461,12 +461,33 @@ async def test_a_caller_that_hangs_up_during_its_admission_is_charged_no_lease_a
 
 async def test_a_try_whose_caller_hangs_up_leaves_no_slot_taken(redis_client: Redis) -> None:
     governor = RedisAccountGovernor(redis_client, lease_ttl_s=60)
+    scripts_run = await scripts_run_by(redis_client)
     trying = asyncio.ensure_future(governor.try_acquire(CREDENTIAL, 4, 4))
     await asyncio.sleep(0)  # one turn: its script call is made, and goes out in the next
     trying.cancel()
     with anyio.fail_after(2), pytest.raises(asyncio.CancelledError):
         await trying
+    assert await scripts_run_by(redis_client) == scripts_run + 2  # the try ran, and then the release
     assert await governor.try_acquire(CREDENTIAL, 4, 4) is not None
+
+
+async def scripts_run_by(redis: Redis) -> int:
+    stats = await redis.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{command}", {}).get("calls", 0)) for command in ("evalsha", "eval"))
+
+
+async def test_with_a_fallback_a_dead_redis_has_a_try_take_a_share_of_account_slots_locally(dead_redis: Redis) -> None:
+    """At once, as `acquire` falls back: asking the dead Redis again would cost the submission another timeout."""
+    governor = FallbackGovernor(
+        RedisAccountGovernor(dead_redis, lease_ttl_s=60), MemoryAccountGovernor(lease_ttl_s=60), replicas=2
+    )
+    first, second = await governor.try_acquire(CREDENTIAL, 1, 4), await governor.try_acquire(CREDENTIAL, 1, 4)
+    assert first is not None
+    assert first.startswith(LOCAL_PREFIX)
+    assert second is not None
+    assert await governor.try_acquire(CREDENTIAL, 1, 4) is None  # this replica's share is 2 of 4
+    await governor.release(CREDENTIAL, first)
+    assert await governor.try_acquire(CREDENTIAL, 1, 4) is not None
 
 
 # --- Two replicas on one Redis --------------------------------------------------------------------------

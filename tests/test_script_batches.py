@@ -66,9 +66,10 @@ async def test_calls_that_ran_keep_their_answers_when_a_lost_script_cannot_be_lo
     await increment(keys=["kgw:test:ran"], args=[0])  # known to Redis
     unloadable = client.register_script("this is not Lua")  # unknown to Redis, and its load fails
     with anyio.fail_after(5):
-        ran, failed = await asyncio.gather(
+        outcomes: list[object] = await asyncio.gather(
             batches.run(increment, ["kgw:test:ran"], [1]), batches.run(unloadable, [], []), return_exceptions=True
         )
+    ran, failed = outcomes
     assert ran == 1
     assert isinstance(failed, ResponseError)
     assert await client.get("kgw:test:ran") == b"1"

@@ -11,7 +11,13 @@ import httpx2
 import pytest
 from redis.asyncio import Redis
 
+from app.follower import Leases, TaskFollower
+from app.http_pool import create_kling_pool
+from app.kling import KlingClient, KlingCredentials
+from app.models import TaskStatus
+from app.tasks import MemoryTaskStore, TaskRecord
 from tests.conftest import (
+    PRIMARY,
     RunningGateway,
     Simulator,
     bearer,
@@ -153,3 +159,38 @@ async def test_progress_keeps_an_mcp_client_alive_at_least_every_5_s_of_a_slow_t
     times = [started, *(at for at, _ in arrivals), ended]
     assert max(later - earlier for earlier, later in itertools.pairwise(times)) <= 5.5
     assert all(message and message.endswith(" s)") for _, message in arrivals)  # e.g. "generating (7 s)"
+
+
+@pytest.mark.sim_delay(60.0)
+async def test_a_caller_waiting_on_a_task_its_follower_gives_up_on_is_answered_then(simulator: Simulator) -> None:
+    """A follow can end before its task does (the follower gives up after its longest follow): a caller waiting
+    without progress reports is answered at once with the task as it stands, and the worker goes on serving."""
+    credentials = KlingCredentials(PRIMARY.access_key, PRIMARY.secret_key, credential_id="c_primary")
+    async with create_kling_pool() as pool:
+        kling = KlingClient(pool, simulator.url, deadline_s=10)
+        task = await kling.create_image_task(credentials, {"model_name": "kling-v1", "prompt": "x", "n": 1})
+        record = TaskRecord(
+            task_id=task.task_id, tenant_id="t_1", external_task_id="e_1", model_name="kling-v1", num_images=1,
+            status=TaskStatus.SUBMITTED, created_at_ms=task.created_at, updated_at_ms=task.updated_at,
+            credential_id=credentials.credential_id,
+        ).updated_from(task)  # fmt: skip
+        store = MemoryTaskStore()
+        await store.save(record)
+        released = anyio.Event()
+
+        async def release() -> None:
+            released.set()
+
+        async def refresh() -> None:
+            return None
+
+        follower = TaskFollower(kling, store, first_interval_s=0.05, max_follow_s=0.3)
+        follower.follow(record, credentials, Leases(refresh=refresh, release=release))
+        try:
+            with anyio.fail_after(10):
+                latest = await follower.wait(record, credentials, 60, None)
+                await released.wait()  # the loop went on to its end: the worker was not held by the waiter
+        finally:
+            await follower.aclose()
+    assert latest.task_id == record.task_id
+    assert not latest.status.is_terminal

@@ -258,20 +258,22 @@ if held == 1 and tonumber(ARGV[2]) > 0 and redis.call('EXISTS', KEYS[3]) == 1 th
 end
 return held
 """
-_LUA_QUEUE = """
-local function drop_stale(queue, beats, now, stale_ms)
-  local stale = redis.call('ZRANGEBYSCORE', beats, '-inf', now - stale_ms * 1000)
-  for _, id in ipairs(stale) do redis.call('ZREM', queue, id); redis.call('ZREM', beats, id) end
+# An account's state before a slot script decides: expired leases purged, waiters gone quiet dropped from its queue.
+_LUA_ACCOUNT = """
+local function tidied(stale_ms)  -- KEYS: leases, weights, queue, heartbeats; returns now, slots in use
+  local t = redis.call('TIME'); local now = t[1] * 1000000 + t[2]
+  local used = purge(KEYS[1], KEYS[2], now)
+  local stale = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now - stale_ms * 1000)
+  for _, id in ipairs(stale) do redis.call('ZREM', KEYS[3], id); redis.call('ZREM', KEYS[4], id) end
+  return now, used
 end
 """
 # KEYS: leases, weights, queue, heartbeats | ARGV: ticket, slots, capacity, lease ttl ms, stale ms
 ACQUIRE_SLOTS = (
     _LUA_LEASES
-    + _LUA_QUEUE
+    + _LUA_ACCOUNT
     + """
-local t = redis.call('TIME'); local now = t[1] * 1000000 + t[2]
-local used = purge(KEYS[1], KEYS[2], now)
-drop_stale(KEYS[3], KEYS[4], now, tonumber(ARGV[5]))
+local now, used = tidied(tonumber(ARGV[5]))
 redis.call('ZADD', KEYS[3], 'NX', now, ARGV[1]); redis.call('ZADD', KEYS[4], now, ARGV[1])
 redis.call('PEXPIRE', KEYS[3], 60000); redis.call('PEXPIRE', KEYS[4], 60000)
 local head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
@@ -290,11 +292,9 @@ return {0, redis.call('ZRANK', KEYS[3], ARGV[1])}
 # and a try meanwhile may take slots freed first (by a round trip's margin: nobody is starved).
 TAKE_FREE_SLOTS = (
     _LUA_LEASES
-    + _LUA_QUEUE
+    + _LUA_ACCOUNT
     + """
-local t = redis.call('TIME'); local now = t[1] * 1000000 + t[2]
-local used = purge(KEYS[1], KEYS[2], now)
-drop_stale(KEYS[3], KEYS[4], now, tonumber(ARGV[5]))
+local now, used = tidied(tonumber(ARGV[5]))
 local slots = tonumber(ARGV[2])
 if redis.call('ZCARD', KEYS[3]) > 0 or used + slots > tonumber(ARGV[3]) then return 0 end
 take(KEYS[1], KEYS[2], ARGV[1], slots, tonumber(ARGV[4]), now)

@@ -3,6 +3,7 @@ by one poller at a time, and a replica that stops hands the polling over. Waiter
 
 from __future__ import annotations
 
+import faulthandler
 import itertools
 import signal
 
@@ -186,11 +187,14 @@ async def test_a_caller_waiting_on_a_task_its_follower_gives_up_on_is_answered_t
 
         follower = TaskFollower(kling, store, first_interval_s=0.05, max_follow_s=0.3)
         follower.follow(record, credentials, Leases(refresh=refresh, release=release))
+        # A waiter that spins holds the event loop, where no timeout can fire: end the run (exit 1) after 30 s.
+        faulthandler.dump_traceback_later(30, exit=True)
         try:
             with anyio.fail_after(10):
                 latest = await follower.wait(record, credentials, 60, None)
                 await released.wait()  # the loop went on to its end: the worker was not held by the waiter
         finally:
+            faulthandler.cancel_dump_traceback_later()
             await follower.aclose()
     assert latest.task_id == record.task_id
     assert not latest.status.is_terminal

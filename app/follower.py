@@ -67,6 +67,11 @@ class Leases:
     release: Callable[[], Awaitable[None]]
 
 
+def _new_signal() -> asyncio.Future[None]:
+    """A watch's signal, done when its task's state changes or its loop ends (`_signal`)."""
+    return asyncio.get_running_loop().create_future()
+
+
 @dataclass(eq=False)
 class _Watch:
     """One task's loop on this replica, its latest state, and the signal its waiters sleep on: a future done
@@ -75,7 +80,7 @@ class _Watch:
     record: TaskRecord
     kling: KlingCredentials
     leases: Leases | None  # set only on the replica that submitted the task
-    changed: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    changed: asyncio.Future[None] = field(default_factory=_new_signal)
     adopted: bool = False  # taken over from a replica that stopped following it: runs to the end
     waiters: int = 0
     loop: asyncio.Task[None] | None = None
@@ -363,7 +368,7 @@ class TaskFollower:
     def _publish(self, watch: _Watch, record: TaskRecord) -> None:
         watch.record = record
         _signal(watch.changed)
-        watch.changed = asyncio.get_running_loop().create_future()
+        watch.changed = _new_signal()
 
     async def _finish(self, watch: _Watch) -> None:
         async with self._turn_to_record():
@@ -497,7 +502,7 @@ class TaskFollower:
         record = watch.record
         while not record.status.is_terminal:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or (watch.loop is not None and watch.loop.done()):
+            if remaining <= 0:
                 break
             # A heartbeat for progress reports; a caller without them sleeps until news, its deadline or the loop's end.
             heartbeat_s = MAX_POLL_INTERVAL_S if on_progress is not None else remaining

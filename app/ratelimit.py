@@ -23,7 +23,7 @@ import math
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Any, Protocol
@@ -381,8 +381,7 @@ class RedisLimiter:
             # (app/script_batches.py), and an answer that timed out may have been on its way. The lease and the images
             # go back at once (a lease the script did not take refunds nothing); if Redis is what failed, the lease
             # lapses and the images stay.
-            with contextlib.suppress(*REDIS_FAILURES):
-                await asyncio.shield(self.release(tenant_id, lease_id, refund_images=images))
+            await _given_back(self.release(tenant_id, lease_id, refund_images=images))
             raise
         requests, concurrent, images_left = _decision(reply, _policy(limits))
         count_admitted(limits, task=True)
@@ -426,8 +425,7 @@ class RedisAccountGovernor:
             await _wait_for_turn(attempt, wait_s, capacity)
         except BaseException:
             # Leave the queue; if Redis is what failed, the place lapses by itself (ACCOUNT_QUEUE_STALE_MS).
-            with contextlib.suppress(*REDIS_FAILURES):
-                await asyncio.shield(self.release(credential_id, ticket))
+            await _given_back(self.release(credential_id, ticket))
             raise
         return ticket
 
@@ -441,8 +439,7 @@ class RedisAccountGovernor:
             taken = int(await self._batches.run(self._take_free, self._keys(credential_id), args)) == 1
         except BaseException:
             # The script may have run (as for `RedisLimiter.admit_task`): slots it took go straight back.
-            with contextlib.suppress(*REDIS_FAILURES):
-                await asyncio.shield(self.release(credential_id, lease_id))
+            await _given_back(self.release(credential_id, lease_id))
             raise
         return lease_id if taken else None
 
@@ -451,6 +448,13 @@ class RedisAccountGovernor:
 
     async def release(self, credential_id: str, lease_id: str) -> None:
         await self._batches.run(self._leave, self._keys(credential_id), [lease_id])
+
+
+async def _given_back(release: Awaitable[None]) -> None:
+    """A release after a failure or a cancellation: shielded, so it completes whatever cancels the caller again;
+    if Redis is what failed, what it would release lapses by its TTL instead."""
+    with contextlib.suppress(*REDIS_FAILURES):
+        await asyncio.shield(release)
 
 
 def refuse_impossible(slots: int, capacity: int) -> None:
@@ -744,8 +748,7 @@ class FallbackGovernor:
                 LIMITER_DECISIONS.labels("kling_account", "unavailable").inc()
                 raise LimitsUnavailable() from exc
             logger.warning("account governor falling back to per-replica slots: %s", type(exc).__name__)
-            # A share of the slots, but never less than this request needs nor more than the account has.
-            share = min(capacity, max(slots, capacity // self._replicas))
+            share = self._local_share(slots, capacity)
             return LOCAL_PREFIX + await self._fallback.acquire(credential_id, slots, share, wait_s)
 
     async def try_acquire(self, credential_id: str, slots: int, capacity: int) -> str | None:
@@ -755,9 +758,12 @@ class FallbackGovernor:
             if self._fallback is None:
                 return None  # `acquire`, if it comes to that, refuses (503) and counts it
             # Tried locally at once, as `acquire` would fall back: asking a hung Redis again costs another timeout.
-            share = min(capacity, max(slots, capacity // self._replicas))
-            lease = await self._fallback.try_acquire(credential_id, slots, share)
+            lease = await self._fallback.try_acquire(credential_id, slots, self._local_share(slots, capacity))
             return None if lease is None else LOCAL_PREFIX + lease
+
+    def _local_share(self, slots: int, capacity: int) -> int:
+        """This replica's share of the slots, but never less than this request needs nor more than the account has."""
+        return min(capacity, max(slots, capacity // self._replicas))
 
     async def refresh(self, credential_id: str, lease_id: str) -> bool:
         if lease_id.startswith(LOCAL_PREFIX) and self._fallback is not None:

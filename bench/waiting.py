@@ -97,7 +97,7 @@ class Recording:
     collections: list[float]
 
 
-async def lags(control: Connection, *, restart: bool) -> Recording:
+async def recording(control: Connection, *, restart: bool) -> Recording:
     """What was recorded since the last restart; `restart` starts a new recording."""
     recorded = (await control.request("POST" if restart else "GET", LAG_PATH)).json()
     return Recording(recorded["lags_s"], recorded["collections_s"])
@@ -157,17 +157,17 @@ async def run(milestones: tuple[int, ...], hold_s: float) -> tuple[list[Mileston
         rss_base = gw.rss_bytes() / 2**20
         tasks: list[asyncio.Task[tuple[Reply, float]]] = []
         reached: list[Milestone] = []
-        await lags(control, restart=True)
+        await recording(control, restart=True)
         ramp_started, ramping_s = time.monotonic(), 0.0
         for target in milestones:
             segment_started = time.monotonic()
             await ramp(gw, stats, keys, tasks, target)
             ramping_s += time.monotonic() - segment_started
             ramp_s = time.monotonic() - ramp_started
-            lag_ramp = await lags(control, restart=True)
+            lag_ramp = await recording(control, restart=True)
             held = (await sim_counts(stats))["creates"] - before["creates"] - sum(t.done() for t in tasks)
             probes, rss_held = await hold(gw, hold_s)
-            lag_held = await lags(control, restart=True)
+            lag_held = await recording(control, restart=True)
             reached.append(Milestone(
                 held, ramp_s, rss_held - rss_base, _p99_ms(lag_ramp.lags), _p99_ms(lag_held.lags),
                 max(lag_held.lags, default=0) * 1000, max(lag_held.collections, default=0) * 1000,
@@ -176,7 +176,7 @@ async def run(milestones: tuple[int, ...], hold_s: float) -> tuple[list[Mileston
         finish_s = ramping_s
         await stats.request("POST", "/_sim/finish", {"within_s": finish_s})
         answers = await asyncio.gather(*tasks, return_exceptions=True)
-        lag_end = await lags(control, restart=False)
+        lag_end = await recording(control, restart=False)
         await asyncio.sleep(1.0)  # callbacks of the last tasks may still be on their way; nothing signals them
         after = await sim_counts(stats)
         await control.close()

@@ -1,9 +1,10 @@
 """Two commits of the gateway side by side: the latency each adds to a create and its CPU per request, in one run
 against one simulator, alternating, so a change to the hot path is judged on this shared machine's noise alike.
 
-    python -m bench.compare BASE [OTHER] [--redis] [--rounds N]
+    python -m bench.compare BASE [OTHER] [--redis] [--mcp] [--rounds N]
 
-OTHER defaults to the working tree as it is (uncommitted changes included). Each commit runs from a temporary git
+With `--mcp`, the same for MCP tool calls: `generate_image` (wait 0) through the SDK's client, in both eras, as
+`python -m bench.mcp_calls` calls it: calls per second, latency and the gateway's CPU per call. OTHER defaults to the working tree as it is (uncommitted changes included). Each commit runs from a temporary git
 worktree under this checkout's virtualenv, so both must run on the same dependencies. Prints a table; writes
 nothing to docs/benchmarks.md.
 """
@@ -18,11 +19,13 @@ import subprocess
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from app.kling import KlingCredentials
 from bench.http import Connection, Reply
-from bench.measure import Run, alternating, closed_loop, paced, pooled_p99_ms, steal_percent
+from bench.mcp_calls import CLIENTS, ERAS, LEAD_IN_S, Measured, Span, Target, measured_calls, opened_sessions
+from bench.measure import Run, alternating, closed_loop, median, paced, pooled_p99_ms, steal_percent
 from bench.overhead import DIRECT, PACED_LEAD_IN_S, cpu_ms, direct_sender, pace_below, rest_sender
 from bench.serving import ROOT, Server, enter_together, raise_fd_limit
 from bench.stack import (
@@ -85,7 +88,7 @@ async def measured(url: str, send: Send, load: Load, expect: int, server: Server
     return await with_server_cpu(server, load.lead_in + load.requests, run, following=FULL)
 
 
-async def compare(revs: list[str], redis: bool, rounds: int) -> str:
+async def compare(revs: list[str], redis: bool, rounds: int, mcp: bool = False) -> str:
     raise_fd_limit()
     accounts = accounts_for((1 + ACCOUNTS_PER_GATEWAY * len(revs)) * ACCOUNT_SLOTS)
     with contextlib.ExitStack() as trees:
@@ -97,6 +100,12 @@ async def compare(revs: list[str], redis: bool, rounds: int) -> str:
             sim, *gateways = await enter_together(
                 stack, kling, *(gateway(kling.url, redis_url=redis_urls[rev], root=root) for rev, root in roots.items())
             )
+            if mcp:
+                tools = {}
+                for index, (rev, server) in enumerate(zip(roots, gateways, strict=True)):
+                    own = accounts[1 + index * ACCOUNTS_PER_GATEWAY : 1 + (index + 1) * ACCOUNTS_PER_GATEWAY]
+                    tools[rev] = Target(server, "generate_image", await api_keys(server.url, own), sim, FULL)
+                return render_mcp(await mcp_calls_of(tools, rounds), redis, rounds)
             direct = direct_sender(KlingCredentials(accounts[0].access_key, accounts[0].secret_key))
             targets: dict[str, tuple[str, Send, int, Server | None]] = {DIRECT: (sim.url, direct, 200, None)}
             for index, (rev, server) in enumerate(zip(roots, gateways, strict=True)):
@@ -115,6 +124,38 @@ async def compare(revs: list[str], redis: bool, rounds: int) -> str:
             contenders = {name: _contender(*target, at_pace) for name, target in targets.items()}
             results[at_pace.name] = await alternating(rounds, contenders)
     return render(results, revs, redis, rounds)
+
+
+async def mcp_calls_of(targets: dict[str, Target], rounds: int) -> dict[str, dict[str, list[Measured]]]:
+    """Each era's calls, the gateways in turn (bench.mcp_calls's `measured_calls`, lead-in included)."""
+    results = {}
+    for era, mode in ERAS.items():
+        async with contextlib.AsyncExitStack() as era_stack:
+            sessions = {rev: await era_stack.enter_async_context(opened_sessions(target, mode, CLIENTS))
+                        for rev, target in targets.items()}  # fmt: skip
+            for rev, target in targets.items():  # warm up, and follow the warm-up's tasks to their end
+                await measured_calls(target, sessions[rev], Span(0.0, 0.2))
+            contenders = {rev: partial(measured_calls, target, sessions[rev], Span(LEAD_IN_S, 1.5))
+                          for rev, target in targets.items()}  # fmt: skip
+            results[era] = await alternating(rounds, contenders)
+    return results
+
+
+def render_mcp(results: dict[str, dict[str, list[Measured]]], redis: bool, rounds: int) -> str:
+    rows = []
+    for era, by_rev in results.items():
+        for rev, runs in by_rev.items():
+            rate, p50 = median([m.run.per_second for m in runs]), median([m.run.p50_ms for m in runs])
+            server, simulator = (median([m.cpu_ms[part] for m in runs]) for part in ("server", "simulator"))
+            rows.append(f"| {era} | {rev} | {rate:,.0f} | {p50:.1f} | {pooled_p99_ms([m.run for m in runs]):.1f} | "
+                        f"{server:.2f} | {simulator:.2f} |")  # fmt: skip
+    store = "Redis" if redis else "the memory store"
+    return f"""Gateway with {store}: {CLIENTS} MCP SDK clients calling `generate_image` (wait 0) in a row, {rounds} rounds alternating per era, medians (p99: over the rounds' calls together). CPU is per call, lead-in and the following of each task included: the gateway process's, and the simulator's (Kling's side).
+
+| era | commit | calls/s | p50 ms | p99 ms | gateway CPU ms per call | simulator CPU ms per call |
+|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+"""
 
 
 def _contender(url: str, send: Send, expect: int, server: Server | None, load: Load) -> Callable[[], Awaitable[Run]]:
@@ -150,9 +191,10 @@ def main() -> None:
     parser.add_argument("base", help="a commit (anything git rev-parse takes)")
     parser.add_argument("other", nargs="?", default=WORKING_TREE, help="another commit (default: the working tree)")
     parser.add_argument("--redis", action="store_true", help="gateways on a Redis of their own, not in memory")
+    parser.add_argument("--mcp", action="store_true", help="MCP tool calls instead of REST requests")
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
-    print(asyncio.run(compare([args.base, args.other], args.redis, args.rounds)))
+    print(asyncio.run(compare([args.base, args.other], args.redis, args.rounds, args.mcp)))
 
 
 if __name__ == "__main__":

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
+import httpx2
 import pytest
 from mcp.types import ResourceLink
 from PIL import Image
+from pydantic import Field
 
+from app.mcp_server import GatewayMCPServer, declares_param_headers
 from tests.conftest import (
     RunningGateway,
     Simulator,
@@ -20,6 +23,7 @@ from tests.conftest import (
     structured,
     text_of,
 )
+from tests.servers import serve
 
 pytestmark = pytest.mark.anyio
 ERAS = ["legacy", "auto"]  # 2025-11-25 (initialize handshake) and 2026-07-28 (sessionless)
@@ -199,3 +203,48 @@ async def test_the_public_hostname_is_served_without_421(simulator: Simulator) -
             assert response.status_code == 200, (host, response.text)
         foreign = await http.post(f"{url}/mcp", json=body, headers={**headers, "Host": "other.example.com"})
         assert foreign.status_code == 421
+
+
+def modern_tool_call(
+    tool: str, arguments: dict[str, Any], **param_headers: str
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """A raw 2026-07-28 `tools/call` (what the SDK client sends, minus the `Mcp-Param-*` headers it derives from
+    the tool's schema): its body and headers, with `param_headers` as `Mcp-Param-<name>`."""
+    meta = {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+            "params": {"name": tool, "arguments": arguments, "_meta": meta}}  # fmt: skip
+    headers = {"Accept": "application/json, text/event-stream", "MCP-Protocol-Version": "2026-07-28",
+               "Mcp-Method": "tools/call", "Mcp-Name": tool}  # fmt: skip
+    return body, headers | {f"Mcp-Param-{name}": value for name, value in param_headers.items()}
+
+
+async def test_the_gateways_tools_declare_no_param_headers_so_a_stray_one_changes_nothing(
+    gateway: RunningGateway, simulator: Simulator
+) -> None:
+    api_key = await gateway.new_api_key("acme")
+    async with mcp_client(gateway, api_key) as client:
+        tools = (await client.list_tools()).tools
+    assert {tool.name for tool in tools} == {"generate_image", "check_image_status"}
+    assert not any(declares_param_headers(tool.input_schema) for tool in tools)
+    body, headers = modern_tool_call("generate_image", {"prompt": "a cat", "wait_seconds": 0}, Prompt="a dog")
+    response = await gateway.http.post(f"{gateway.url}/mcp", json=body, headers=headers | bearer(api_key))
+    assert response.status_code == 200, response.text
+    assert '"isError":false' in response.text
+    assert (await simulator.stats())["creates"] == 1
+
+
+async def test_a_tool_that_declares_a_param_header_still_has_it_checked() -> None:
+    """The gateway's server skips the SDK's `Mcp-Param-*` check only for tools without `x-mcp-header`."""
+    mcp = GatewayMCPServer("headers")
+
+    @mcp.tool()
+    def region_of(region: Annotated[str, Field(json_schema_extra={"x-mcp-header": "Region"})]) -> str:
+        return region
+
+    app = mcp.streamable_http_app(stateless_http=True, json_response=True)
+    async with serve(app) as url, httpx2.AsyncClient(timeout=10) as http:
+        for header, status in (("eu", 200), ("us", 400)):
+            body, headers = modern_tool_call("region_of", {"region": "eu"}, Region=header)
+            response = await http.post(f"{url}/mcp", json=body, headers=headers)
+            assert response.status_code == status, response.text
+        assert "Mcp-Param-Region" in response.json()["error"]["message"]

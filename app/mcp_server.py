@@ -162,7 +162,8 @@ class GatewayMCPServer(MCPServer):
     Before each such `tools/call` the SDK compares those headers with the tool's `x-mcp-header` annotations,
     walking the tool's whole input schema twice to find them: 0.1 ms of CPU per call for generate_image's, which
     has none, as no tool here has. A tool without them can fail no such check, so its schema is not handed to
-    it (the SDK then skips the check); whether a tool declares any is read once per schema."""
+    it (the SDK then skips the check); whether a tool declares any is read once per schema. The lookup overridden
+    is the SDK's own, private: should it be renamed, every call is checked again as before, at the old cost."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

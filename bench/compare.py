@@ -19,12 +19,11 @@ import subprocess
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 from app.kling import KlingCredentials
 from bench.http import Connection, Reply
-from bench.mcp_calls import CLIENTS, ERAS, LEAD_IN_S, Measured, Span, Target, measured_calls, opened_sessions
+from bench.mcp_calls import CLIENTS, FULL_SPAN, Measured, Target, calls_per_era
 from bench.measure import Run, alternating, closed_loop, median, paced, pooled_p99_ms, steal_percent
 from bench.overhead import DIRECT, PACED_LEAD_IN_S, cpu_ms, direct_sender, pace_below, rest_sender
 from bench.serving import ROOT, Server, enter_together, raise_fd_limit
@@ -105,7 +104,7 @@ async def compare(revs: list[str], redis: bool, rounds: int, mcp: bool = False) 
                 for index, (rev, server) in enumerate(zip(roots, gateways, strict=True)):
                     own = accounts[1 + index * ACCOUNTS_PER_GATEWAY : 1 + (index + 1) * ACCOUNTS_PER_GATEWAY]
                     tools[rev] = Target(server, "generate_image", await api_keys(server.url, own), sim, FULL)
-                return render_mcp(await mcp_calls_of(tools, rounds), redis, rounds)
+                return render_mcp(await calls_per_era(tools, rounds, FULL_SPAN), redis, rounds)
             direct = direct_sender(KlingCredentials(accounts[0].access_key, accounts[0].secret_key))
             targets: dict[str, tuple[str, Send, int, Server | None]] = {DIRECT: (sim.url, direct, 200, None)}
             for index, (rev, server) in enumerate(zip(roots, gateways, strict=True)):
@@ -124,21 +123,6 @@ async def compare(revs: list[str], redis: bool, rounds: int, mcp: bool = False) 
             contenders = {name: _contender(*target, at_pace) for name, target in targets.items()}
             results[at_pace.name] = await alternating(rounds, contenders)
     return render(results, revs, redis, rounds)
-
-
-async def mcp_calls_of(targets: dict[str, Target], rounds: int) -> dict[str, dict[str, list[Measured]]]:
-    """Each era's calls, the gateways in turn (bench.mcp_calls's `measured_calls`, lead-in included)."""
-    results = {}
-    for era, mode in ERAS.items():
-        async with contextlib.AsyncExitStack() as era_stack:
-            sessions = {rev: await era_stack.enter_async_context(opened_sessions(target, mode, CLIENTS))
-                        for rev, target in targets.items()}  # fmt: skip
-            for rev, target in targets.items():  # warm up, and follow the warm-up's tasks to their end
-                await measured_calls(target, sessions[rev], Span(0.0, 0.2))
-            contenders = {rev: partial(measured_calls, target, sessions[rev], Span(LEAD_IN_S, 1.5))
-                          for rev, target in targets.items()}  # fmt: skip
-            results[era] = await alternating(rounds, contenders)
-    return results
 
 
 def render_mcp(results: dict[str, dict[str, list[Measured]]], redis: bool, rounds: int) -> str:

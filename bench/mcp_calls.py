@@ -73,6 +73,9 @@ class Span:
     window_s: float
 
 
+FULL_SPAN = Span(LEAD_IN_S, 1.5)
+
+
 @dataclass(frozen=True)
 class Calls:
     run: Run  # the calls started after the lead-in
@@ -145,7 +148,7 @@ async def calls(target: Target, sessions: list[Client], span: Span) -> Calls:
 async def main(quick: bool) -> str:
     raise_fd_limit()
     # Quick runs skip the lead-in: their figures leave out part of the gateway's following of its tasks.
-    rounds, span = (2, Span(0.0, 0.4)) if quick else (4, Span(LEAD_IN_S, 1.5))  # the gateway's
+    rounds, span = (2, Span(0.0, 0.4)) if quick else (4, FULL_SPAN)  # the gateway's
     following = QUICK if quick else FULL
     accounts = accounts_for(4000)
     async with contextlib.AsyncExitStack() as stack:
@@ -161,23 +164,30 @@ async def main(quick: bool) -> str:
         targets = {GATEWAY: Target(gw, "generate_image", keys, sim, following),
                    FLOOR: Target(floor, "generate_image", ["-"], sim),
                    CEILING: Target(noop, "noop", ["-"])}  # fmt: skip
-        results: dict[str, dict[str, list[Measured]]] = {}
-        for era, mode in ERAS.items():
-            async with contextlib.AsyncExitStack() as era_stack:
-                sessions = {name: await era_stack.enter_async_context(opened_sessions(target, mode, CLIENTS))
-                            for name, target in targets.items()}  # fmt: skip
-                for name, target in targets.items():  # warm up, and follow the warm-up's tasks to their end
-                    await calls(target, sessions[name], Span(0.0, 0.2))
-                    if target.following is not None:
-                        await settled(target.server.url, target.following)
-                # Only the gateway has a steady state to reach: it follows earlier tasks.
-                contenders = {name: partial(measured_calls, target, sessions[name],
-                                            span if target.following else Span(0.0, span.window_s))
-                              for name, target in targets.items()}  # fmt: skip
-                results[era] = await alternating(rounds, contenders)
+        results = await calls_per_era(targets, rounds, span)
     body = render(results, rounds, span, quick)
     write_section("mcp", body)
     return body
+
+
+async def calls_per_era(targets: dict[str, Target], rounds: int, span: Span) -> dict[str, dict[str, list[Measured]]]:
+    """In each era, `targets` called in turn, `rounds` times, alternating (`measured_calls`), each through its own
+    SDK sessions opened once for the era. Only a target that follows its tasks (a gateway) has a steady state to
+    reach: the others are measured without the lead-in."""
+    results = {}
+    for era, mode in ERAS.items():
+        async with contextlib.AsyncExitStack() as era_stack:
+            sessions = {name: await era_stack.enter_async_context(opened_sessions(target, mode, CLIENTS))
+                        for name, target in targets.items()}  # fmt: skip
+            for name, target in targets.items():  # warm up, and follow the warm-up's tasks to their end
+                await calls(target, sessions[name], Span(0.0, 0.2))
+                if target.following is not None:
+                    await settled(target.server.url, target.following)
+            contenders = {name: partial(measured_calls, target, sessions[name],
+                                        span if target.following else Span(0.0, span.window_s))
+                          for name, target in targets.items()}  # fmt: skip
+            results[era] = await alternating(rounds, contenders)
+    return results
 
 
 def render(results: dict[str, dict[str, list[Measured]]], rounds: int, span: Span, quick: bool) -> str:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
 import subprocess
 import sys
+import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -18,6 +20,31 @@ HEADER = (
 )
 PACKAGES = ("uvicorn", "uvloop", "httptools", "fastapi", "starlette", "pydantic", "mcp", "httpx2", "httpcore2", "redis",
             "pyinstrument")  # fmt: skip
+
+
+# A Kling answer, as the gateway reads thousands: the fixed workload `host_speed_ms` times.
+_KLING_ANSWER = {
+    "code": 0, "message": "SUCCEED", "request_id": "5ff4c0b2-39c8-4f45-9b5e-2a9cf0a5e7de",
+    "data": {"task_id": "781250138164375622", "task_status": "succeed", "task_status_msg": "",
+             "created_at": 1722769557708, "updated_at": 1722769570081,
+             "task_result": {"images": [{"index": 0, "url": "https://cdn.klingai.com/bs2/upload-kling-api/1.png"}]}},
+}  # fmt: skip
+SPEED_ROUNDS = 10_000
+
+
+def host_speed_ms(repeats: int = 9) -> float:
+    """CPU time of a fixed pure-Python workload, the least of `repeats` (the host's bursts of other work only ever
+    add to it): SPEED_ROUNDS times, a Kling answer encoded
+    and decoded as JSON, then its task's fields copied as text. It is the same on every run, so it tells how fast
+    the host itself was; shared hosts differ twofold from one day to the next."""
+    samples = []
+    for _ in range(repeats):
+        started = time.process_time()
+        for _ in range(SPEED_ROUNDS):
+            data = json.loads(json.dumps(_KLING_ANSWER))["data"]
+            _ = {key: f"{value}" for key, value in data.items()}
+        samples.append((time.process_time() - started) * 1000)
+    return min(samples)
 
 
 def machine() -> str:
@@ -46,6 +73,9 @@ def machine_section(command: str) -> str:
 
 - {machine()}.
 - Packages: {versions}. Commit {commit} (plus any uncommitted changes).
+- Host speed: a fixed pure-Python workload (bench/report.py `host_speed_ms`) took **{host_speed_ms():.0f} ms** of CPU
+  (the least of 9). It does the same work on every run: compare it between two versions of this file before their
+  absolute figures, which scale with it.
 - Load average when the run started: {load}. **The machine has only {os.cpu_count()} cores**, shared by the client,
   the simulator, redis-server and the server under test (each server in its own process), and, while these figures
   were taken, by other work: absolute numbers are lower and noisier than on a dedicated machine. Comparisons are

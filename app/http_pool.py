@@ -69,8 +69,9 @@ class AsyncioStream(httpcore2.AsyncNetworkStream):
         # The pool asks whether an idle connection is readable twice per request it sends, of each idle connection:
         # one poll set made for the connection's socket answers in a third of the time of httpcore2's
         # `is_socket_readable`, which builds and fills a new one every time.
+        self._fd = self._socket.fileno()
         self._readable = select.poll()
-        self._readable.register(self._socket.fileno(), select.POLLIN)
+        self._readable.register(self._fd, select.POLLIN)
         self._unsent: list[bytes] = []
         self._write_timeout: float | None = None
 
@@ -128,7 +129,14 @@ class AsyncioStream(httpcore2.AsyncNetworkStream):
             # answer before closing) or garbled: the transport may have taken it in already, else the socket
             # shows it. Such bytes must never be read as the answer to the next request.
             reader = self._reader
-            return reader.holds_unread() or reader.at_eof() or self._writer.is_closing() or bool(self._readable.poll(0))
+            # A closed socket's number may be another's by now: closed, it reads as ended, as in httpcore2's check.
+            return (
+                reader.holds_unread()
+                or reader.at_eof()
+                or self._writer.is_closing()
+                or self._socket.fileno() != self._fd
+                or bool(self._readable.poll(0))
+            )
         return self._writer.get_extra_info(_EXTRA_INFO.get(info, info))
 
 

@@ -4,7 +4,9 @@ against one simulator, alternating, so a change to the hot path is judged on thi
     python -m bench.compare BASE [OTHER] [--redis] [--mcp] [--rounds N]
 
 With `--mcp`, the same for MCP tool calls: `generate_image` (wait 0) through the SDK's client, in both eras, as
-`python -m bench.mcp_calls` calls it: calls per second, latency and the gateway's CPU per call. OTHER defaults to the working tree as it is (uncommitted changes included). Each commit runs from a temporary git
+`python -m bench.mcp_calls` calls it: calls per second, latency and the gateway's CPU per call.
+
+OTHER defaults to the working tree as it is (uncommitted changes included). Each commit runs from a temporary git
 worktree under this checkout's virtualenv, so both must run on the same dependencies. Prints a table; writes
 nothing to docs/benchmarks.md.
 """

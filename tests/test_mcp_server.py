@@ -241,6 +241,17 @@ async def test_a_tool_that_declares_a_param_header_still_has_it_checked() -> Non
     def region_of(region: Annotated[str, Field(json_schema_extra={"x-mcp-header": "Region"})]) -> str:
         return region
 
+    @mcp.tool()
+    def echo(text: str) -> str:
+        return text
+
+    # What the SDK's transport asks before each call: a schema to check against only for the annotated tool (should
+    # the SDK stop asking through the override, the check would run for every tool again, at its old cost).
+    lookup = mcp._lowlevel_server.get_tool_input_schema
+    assert lookup is not None
+    assert lookup("region_of") is not None
+    assert lookup("echo") is None
+
     app = mcp.streamable_http_app(stateless_http=True, json_response=True)
     async with serve(app) as url, httpx2.AsyncClient(timeout=10) as http:
         for header, status in (("eu", 200), ("us", 400)):

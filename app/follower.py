@@ -519,7 +519,8 @@ class TaskFollower:
         return record
 
 
-def _signal(changed: asyncio.Future[None]) -> None:
+def _signal(changed: asyncio.Future[None], _: object = None) -> None:
+    """Done, if not yet; also a timer's or another future's callback (which passes one argument more)."""
     if not changed.done():
         changed.set_result(None)
 
@@ -535,8 +536,8 @@ async def _changed_within(changed: asyncio.Future[None], seconds: float) -> bool
         return True
     loop = asyncio.get_running_loop()
     woken: asyncio.Future[None] = loop.create_future()
-    wake = functools.partial(_wake, woken)
-    timer = loop.call_later(seconds, wake, None)
+    wake = functools.partial(_signal, woken)
+    timer = loop.call_later(seconds, wake)
     changed.add_done_callback(wake)
     try:
         await woken
@@ -544,8 +545,3 @@ async def _changed_within(changed: asyncio.Future[None], seconds: float) -> bool
         timer.cancel()
         changed.remove_done_callback(wake)
     return changed.done()
-
-
-def _wake(woken: asyncio.Future[None], _: object) -> None:
-    if not woken.done():
-        woken.set_result(None)

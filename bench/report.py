@@ -34,9 +34,9 @@ SPEED_ROUNDS = 10_000
 
 def host_speed_ms(repeats: int = 9) -> float:
     """CPU time of a fixed pure-Python workload, the least of `repeats` (the host's bursts of other work only ever
-    add to it): SPEED_ROUNDS times, a Kling answer encoded
-    and decoded as JSON, then its task's fields copied as text. It is the same on every run, so it tells how fast
-    the host itself was; shared hosts differ twofold from one day to the next."""
+    add to it): SPEED_ROUNDS times, a Kling answer encoded and decoded as JSON, then its task's fields copied as
+    text. It is the same on every run, so it tells how fast the host itself was; shared hosts differ twofold from
+    one day to the next."""
     samples = []
     for _ in range(repeats):
         started = time.process_time()

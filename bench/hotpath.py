@@ -23,7 +23,7 @@ from pyinstrument.session import Session
 from bench.measure import closed_loop
 from bench.overhead import rest_sender
 from bench.probes import PROFILE_INTERVAL_S, PROFILE_PATH
-from bench.report import write_section
+from bench.report import Finding, write_section, write_summary
 from bench.serving import enter_together, raise_fd_limit
 from bench.stack import FULL, TLS, SimulatorProcess, accounts_for, api_keys, gateway
 
@@ -77,15 +77,7 @@ def summarize(session: Session, requests: int) -> str:
         if where(frame) == "app" and not _has_ancestor(frame, frame.function, frame.file_path):
             inclusive_app[name] += frame.time
     total = root.time
-    spots: defaultdict[str, float] = defaultdict(float)
-    for frame in real:
-        for label, function, path in SPOTS:
-            if (
-                frame.function == function
-                and path in (frame.file_path or "")
-                and not _has_ancestor(frame, function, frame.file_path)
-            ):
-                spots[label] += frame.time
+    spots = spot_seconds(real)
     spot_rows = "\n".join(f"| {label} | {spots[label] / total:.1%} | {spots[label] / requests * 1000:.3f} |"
                           for label, _, _ in SPOTS)  # fmt: skip
     frame_rows = "\n".join(f"| {name} | {seconds / total:.1%} |" for name, seconds in _top(by_frame))
@@ -118,6 +110,32 @@ Gateway functions by inclusive time (a function's share includes what it calls):
 | function | share | ms per request |
 |---|---|---|
 {app_rows}"""
+
+
+def spot_seconds(real: list[Frame]) -> defaultdict[str, float]:
+    """Inclusive seconds in each of SPOTS (an outermost call each, so recursion counts once)."""
+    spots: defaultdict[str, float] = defaultdict(float)
+    for frame in real:
+        for label, function, path in SPOTS:
+            if (
+                frame.function == function
+                and path in (frame.file_path or "")
+                and not _has_ancestor(frame, function, frame.file_path)
+            ):
+                spots[label] += frame.time
+    return spots
+
+
+def finding(session: Session, requests: int) -> Finding:
+    """The summary's row: the share of the worker's time in Kling calls and in the gateway's own code."""
+    root = session.root_frame()
+    assert root is not None
+    real = [frame for frame in frames(root) if not frame.is_synthetic]
+    kling = spot_seconds(real)[SPOTS[0][0]] / root.time
+    own = sum(self_time(frame) for frame in real if where(frame) == "app") / root.time
+    return Finding("Where `POST /generate` (wait 0) spends one worker's time, 16 clients (pyinstrument)",
+                   f"Kling calls {kling:.0%}, the gateway's own code {own:.0%} (self time); "
+                   f"{session.duration / requests * 1000:.2f} ms of wall time per request")  # fmt: skip
 
 
 def _top(seconds: dict[str, float]) -> list[tuple[str, float]]:
@@ -166,6 +184,7 @@ from outside the process, without a hook) took of the same load (16 clients, mem
 {summarize(session, requests)}
 """
     write_section("profile", body)
+    write_summary("profile", [finding(session, requests)], quick=quick)
     return body
 
 

@@ -36,7 +36,7 @@ from bench.measure import (
     slow_per_thousand,
     steal_percent,
 )
-from bench.report import write_section
+from bench.report import Finding, write_section, write_summary
 from bench.serving import Server, enter_together, raise_fd_limit, served
 from bench.stack import (
     ACCOUNT_SLOTS,
@@ -73,6 +73,7 @@ PACED_WINDOW_S = 3.0
 PROMPT = "a lighthouse at dawn, oil on canvas"
 GOAL_P50_MS, GOAL_P99_MS = 1.0, 5.0
 DIRECT, FLOOR = "direct to the simulator", "floor: FastAPI + the gateway's Kling client"
+CEILING = "bare FastAPI endpoint"
 REDIS_FLOOR = "floor with Redis: the floor + a round trip before the create and one after"
 # The goal holds for both stores: a deployment of several replicas runs on Redis.
 VERDICT_GATEWAYS = {"gateway, memory store": "memory store", "gateway, Redis": "Redis"}
@@ -154,7 +155,7 @@ async def main(quick: bool) -> str:
                                          following),
                 FLOOR: Target(floor.url, rest_sender(["-"]), 202, floor),
                 REDIS_FLOOR: Target(redis_floor.url, rest_sender(["-"]), 202, redis_floor),
-                "bare FastAPI endpoint": Target(ceiling.url, rest_sender(["-"]), 202, ceiling),
+                CEILING: Target(ceiling.url, rest_sender(["-"]), 202, ceiling),
             }  # fmt: skip
             for target in targets.values():
                 await with_server_cpu(target.server, warm_up, closed_contender(target, 16, warm_up),
@@ -183,7 +184,38 @@ async def main(quick: bool) -> str:
             reads = {name: await status_reads_per_task(t.url) for name, t in targets.items() if t.following}
     body = render(results, outbound, reads, rounds, requests, pace, paced_requests, following)
     write_section("overhead", body)
+    write_summary("overhead", findings(results, pace), quick=quick)
     return body
+
+
+def findings(results: dict[str, dict[str, list[Run]]], pace: float) -> list[Finding]:
+    """The summary's rows: the latency goal at 16 clients, paced and closed, each gateway against the direct create
+    and its own work over its floor; the REST ceiling; what one worker sustains."""
+    rows = []
+    for load, label in (
+        (paced_load(pace), f"16 clients paced at {pace:.0f} req/s"),
+        (str(PACED_CLIENTS), "16 clients, closed loop"),
+    ):
+        by_target = results[load]
+        for name, store in VERDICT_GATEWAYS.items():
+            total, own = added(by_target[name], by_target[DIRECT]), added(by_target[name], by_target[FLOOR_OF[name]])
+            rows.append(Finding(
+                f"Added latency p50 / p99, {label}, {store}",
+                f"{total[0]:+.2f} / {total[1]:+.2f} ms; own work over the floor {own[0]:+.2f} / {own[1]:+.2f} ms"
+                f" ({'within' if within_goal(*own) else 'over'} the goal)",
+                f"< {GOAL_P50_MS:g} / < {GOAL_P99_MS:g} ms", within_goal(*total),
+            ))  # fmt: skip
+    closed = results[str(PACED_CLIENTS)]
+    rate = {name: median([run.per_second for run in closed[name]]) for name in (*VERDICT_GATEWAYS, CEILING)}
+    rows.append(Finding(
+        "Requests/s at 16 clients, closed loop: gateway (memory store, Redis) against a bare FastAPI endpoint",
+        " and ".join(f"{rate[name]:,.0f}" for name in VERDICT_GATEWAYS) + f" against {rate[CEILING]:,.0f}",
+    ))  # fmt: skip
+    rows.append(Finding(
+        "Tasks/s one worker takes on a core of its own (memory store, Redis), from its CPU per task",
+        " and ".join(f"{1000 / cpu_ms(closed[name]):,.0f}" for name in VERDICT_GATEWAYS),
+    ))  # fmt: skip
+    return rows
 
 
 async def outbound_cpu_ms(kling_url: str, account: SimAccount, *, creates: int, rounds: int) -> dict[str, float]:
@@ -281,15 +313,23 @@ def host_tail(direct_p99: float, p99: float) -> str:
             "stall of the host during its runs; the comparison with the floor is the one to read.) ")  # fmt: skip
 
 
+def added(runs: list[Run], over: list[Run]) -> tuple[float, float]:
+    """(p50, p99) of `runs` minus those of `over`: the medians over the rounds, the p99s over all their requests."""
+    return (median([r.p50_ms for r in runs]) - median([r.p50_ms for r in over]),
+            pooled_p99_ms(runs) - pooled_p99_ms(over))  # fmt: skip
+
+
+def within_goal(p50: float, p99: float) -> bool:
+    return p50 < GOAL_P50_MS and p99 < GOAL_P99_MS
+
+
 def own_work(by_target: dict[str, list[Run]], gateway_name: str) -> str:
     """What a gateway adds over the floor: its own work, apart from what FastAPI and one Kling call cost."""
     gateway, floor, direct = by_target[gateway_name], by_target[FLOOR_OF[gateway_name]], by_target[DIRECT]
-    floor_p50, floor_p99 = (median([r.p50_ms for r in floor]) - median([r.p50_ms for r in direct]),
-                            pooled_p99_ms(floor) - pooled_p99_ms(direct))  # fmt: skip
-    own_p50, own_p99 = (median([r.p50_ms for r in gateway]) - median([r.p50_ms for r in floor]),
-                        pooled_p99_ms(gateway) - pooled_p99_ms(floor))  # fmt: skip
+    floor_p50, floor_p99 = added(floor, direct)
+    own_p50, own_p99 = added(gateway, floor)
     gateway_cpu, floor_cpu = cpu_ms(gateway), cpu_ms(floor)
-    within = own_p50 < GOAL_P50_MS and own_p99 < GOAL_P99_MS
+    within = within_goal(own_p50, own_p99)
     floor_is = FLOOR_SAYS[FLOOR_OF[gateway_name]]
     return (
         f"Of that, the floor ({floor_is}) adds {floor_p50:.2f} ms at p50 and {floor_p99:.2f} ms at p99, and the "
@@ -347,7 +387,7 @@ def render(
             rows.append(f"| {load} | {name} | {p50:.2f} | {p99:.2f} | {rate:,.0f} | {added} | {timing} | "
                         f"{cpu_ms(runs):.2f} | {steal_percent(runs):.1f} |")  # fmt: skip
             if load in labels and name in VERDICT_GATEWAYS:
-                met = p50 - base_p50 < GOAL_P50_MS and p99 - base_p99 < GOAL_P99_MS
+                met = within_goal(p50 - base_p50, p99 - base_p99)
                 verdicts.append(f"- {labels[load]}: the gateway ({VERDICT_GATEWAYS[name]}) adds {p50 - base_p50:.2f} ms "
                                 f"at p50 and {p99 - base_p99:.2f} ms at p99: the goal (< {GOAL_P50_MS:g} ms, "
                                 f"< {GOAL_P99_MS:g} ms) is **{'met' if met else 'not met'}**. "

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -90,13 +91,66 @@ def _version(name: str) -> str:
         return "not installed"
 
 
-def write_section(name: str, body: str) -> None:
-    """Replace (or append) the section between the markers for `name`."""
+def write_section(name: str, body: str, *, after: str | None = None) -> None:
+    """Replace the section between the markers for `name`; a new one goes after section `after`, or at the end."""
     text = DOC.read_text() if DOC.exists() else ""
     first = text.find("<!-- ")
     text = HEADER + ("\n" + text[first:] if first >= 0 else "")  # the header as this code has it, sections as they are
     section = f"<!-- {name}:start -->\n{body.strip()}\n<!-- {name}:end -->"
     pattern = re.compile(rf"<!-- {name}:start -->.*?<!-- {name}:end -->", re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else f"{text.rstrip()}\n\n{section}\n"
+    anchor = f"<!-- {after}:end -->"
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section, text)
+    elif after is not None and anchor in text:
+        text = text.replace(anchor, f"{anchor}\n\n{section}", 1)
+    else:
+        text = f"{text.rstrip()}\n\n{section}\n"
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text(text)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One row of the summary: a figure, the goal the issue sets for it ("" for none) and whether it is met."""
+
+    measure: str
+    result: str
+    goal: str = ""
+    met: bool | None = None  # None: no goal to meet
+
+
+# The benchmarks whose findings the summary holds, in its order: the section each writes, and its command.
+SUMMARY_SOURCES = {"overhead": "bench.overhead", "mcp": "bench.mcp_calls", "waiting": "bench.waiting",
+                   "limiter": "bench.limiter", "profile": "bench.hotpath"}  # fmt: skip
+_SUMMARY_HEAD = """## Summary
+
+The goals against the figures below, one row per figure; each row names the benchmark that measured it and when
+(a benchmark rerun alone updates its own rows). The **floor** is what any gateway on this stack pays: FastAPI and
+the Kling call (with Redis, also a round trip before and one after it); "own work" is what this gateway adds over
+it. The sections below hold every figure, its method and what limits it on this machine.
+
+| measure | goal | result | met | measured by |
+|---|---|---|---|---|
+"""
+
+
+def write_summary(section: str, findings: list[Finding], *, quick: bool) -> None:
+    """Replace the summary's rows from the benchmark writing `section` with `findings`, keeping the others'."""
+    text = DOC.read_text() if DOC.exists() else ""
+    match = re.search(r"<!-- summary:start -->(.*?)<!-- summary:end -->", text, re.S)
+    kept: dict[str, list[str]] = {name: [] for name in SUMMARY_SOURCES}
+    for line in (match.group(1) if match else "").splitlines():
+        source = next((name for name, command in SUMMARY_SOURCES.items() if f"| `{command}" in line), None)
+        if source is not None and source != section:
+            kept[source].append(line)
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    command = SUMMARY_SOURCES[section] + (" --quick" if quick else "")
+    kept[section] = [
+        f"| {f.measure} | {f.goal or '–'} | {f.result} | {_met(f.met)} | `{command}`, {when} |" for f in findings
+    ]
+    rows = "\n".join(line for lines in kept.values() for line in lines)
+    write_section("summary", _SUMMARY_HEAD + rows, after="machine")
+
+
+def _met(met: bool | None) -> str:
+    return "" if met is None else "yes" if met else "**no**"

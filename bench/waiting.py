@@ -26,7 +26,7 @@ from bench.http import Connection, Reply
 from bench.measure import percentile
 from bench.overhead import PROMPT
 from bench.probes import LAG_PATH
-from bench.report import write_section
+from bench.report import Finding, write_section, write_summary
 from bench.serving import Server, enter_together, raise_fd_limit
 from bench.stack import SimulatorProcess, accounts_for, api_keys, gateway
 
@@ -273,7 +273,19 @@ order they were created:
   higher loop lag held and finishing while doing less work per waiter.
 """
     write_section("waiting", body)
+    write_summary("waiting", findings(reached[-1], end), quick=quick)
     return body
+
+
+def findings(most: Milestone, end: Ending) -> list[Finding]:
+    """The summary's rows: what the most waiters held at once cost, and what their ending did."""
+    return [
+        Finding(f"Memory per waiting caller, {most.held:,} held on one worker", f"{most.kib_per_waiter:.1f} KiB"),
+        Finding(f"Event-loop lag p99 while {most.held:,} wait (longest garbage collection)",
+                f"{most.lag_held_p99_ms:.1f} ms ({most.collection_max_ms:.0f} ms)"),
+        Finding(f"Kling status reads per task as {end.creates:,} waited tasks finish (Kling's callbacks on)",
+                f"{end.queries / max(1, end.creates):.2f}; {end.succeeded:,} of {end.creates:,} callers answered"),
+    ]  # fmt: skip
 
 
 def _failed(failures: dict[int, int]) -> str:

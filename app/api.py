@@ -2,6 +2,7 @@
 that give every REST failure the same JSON shape: `{"error": {"type", "message", ...}}`."""
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -160,6 +161,11 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, on_http_error)
 
 
+def _cancel_if_hung_up(request_scope: anyio.CancelScope, message: asyncio.Future[Message]) -> None:
+    if not message.cancelled() and message.exception() is None and message.result()["type"] == "http.disconnect":
+        request_scope.cancel()
+
+
 class RestRequestGuard:
     """Pure ASGI, in front of the REST routes (the MCP transports, which have their own body limits and
     cancellation, are dispatched before it, by `McpTransports`):
@@ -181,28 +187,21 @@ class RestRequestGuard:
         body = await self._read_body(scope, receive, send)
         if body is None:
             return
-        gone = anyio.Event()
-
-        async def replay() -> Message:
-            if body:
-                return body.pop(0)
-            await gone.wait()
-            return {"type": "http.disconnect"}
-
         with anyio.CancelScope() as request_scope:
+            # After the body, the caller's next message can only be its hang-up: it is read at once, by a plain task
+            # (stopped with one cheap cancel when the answer is sent, where a task group's cancel scope would format
+            # the task's repr), and the app's own reads past the body wait for the same message. No watching
+            # coroutine or event of its own: a caller waiting for its images keeps fewer objects alive.
+            hang_up = asyncio.ensure_future(receive())
+            hang_up.add_done_callback(functools.partial(_cancel_if_hung_up, request_scope))
 
-            async def watch() -> None:
-                if (await receive())["type"] == "http.disconnect":
-                    gone.set()
-                    request_scope.cancel()
+            async def replay() -> Message:
+                return body.pop(0) if body else await asyncio.shield(hang_up)
 
-            # A plain task rather than a task group's: stopping it when the answer is sent is then one cheap
-            # cancel, not a cancel scope's (which formats the task's repr) on every request.
-            watcher = asyncio.ensure_future(watch())
             try:
                 await self._app(scope, replay, send)
             finally:
-                watcher.cancel()
+                hang_up.cancel()
 
     async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> list[Message] | None:
         """The request's body messages, or None when the request is answered (413) or gone."""

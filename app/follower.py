@@ -227,7 +227,7 @@ class TaskFollower:
             self._run(watch), name=f"follow {watch.record.task_id}", context=contextvars.Context()
         )
         # However the loop ends (cancelled even before its first step, say), its waiters answer at once.
-        watch.loop.add_done_callback(lambda _: _signal(watch.changed))
+        watch.loop.add_done_callback(lambda _: _signal(watch.changed), context=_SIGNAL_CONTEXT)
         return watch
 
     async def _run(self, watch: _Watch) -> None:
@@ -519,6 +519,12 @@ class TaskFollower:
         return record
 
 
+# The context the signal's callbacks run in: they only complete a future, and read or set no context variable.
+# Given none, asyncio copies the current context for every timer and done-callback: an object the collector tracks,
+# several for each waiting caller. Never entered twice at once: the loop runs its callbacks one at a time.
+_SIGNAL_CONTEXT = contextvars.Context()
+
+
 def _signal(changed: asyncio.Future[None], _: object = None) -> None:
     """Done, if not yet; also a timer's or another future's callback (which passes one argument more)."""
     if not changed.done():
@@ -537,8 +543,8 @@ async def _changed_within(changed: asyncio.Future[None], seconds: float) -> bool
     loop = asyncio.get_running_loop()
     woken: asyncio.Future[None] = loop.create_future()
     wake = functools.partial(_signal, woken)
-    timer = loop.call_later(seconds, wake)
-    changed.add_done_callback(wake)
+    timer = loop.call_later(seconds, wake, context=_SIGNAL_CONTEXT)
+    changed.add_done_callback(wake, context=_SIGNAL_CONTEXT)
     try:
         await woken
     finally:

@@ -27,6 +27,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from redis.exceptions import RedisError
 
@@ -60,12 +61,13 @@ CredentialsOf = Callable[[str], Awaitable[KlingCredentials | None]]
 OnFinished = Callable[[TaskRecord], Awaitable[None]]
 
 
-@dataclass(frozen=True)
-class Leases:
-    """What a submitted task holds, as callables so the follower needs to know nothing about limits."""
+class Leases(Protocol):
+    """What a submitted task holds: the follower renews it while it follows the task and gives it back at the
+    task's end, knowing nothing about limits."""
 
-    refresh: Callable[[], Awaitable[None]]
-    release: Callable[[], Awaitable[None]]
+    async def refresh(self) -> None: ...
+
+    async def release(self) -> None: ...
 
 
 def _new_signal() -> asyncio.Future[None]:

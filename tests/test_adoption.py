@@ -11,7 +11,7 @@ import anyio.lowlevel
 import pytest
 from redis.asyncio import Redis
 
-from app.follower import Leases, TaskFollower
+from app.follower import TaskFollower
 from app.http_pool import create_kling_pool
 from app.kling import KlingClient, KlingCredentials
 from app.models import TaskStatus
@@ -41,8 +41,14 @@ async def _submitted(kling: KlingClient, store: RedisTaskStore) -> TaskRecord:
     return record
 
 
-async def _no_op() -> None:
-    return None
+class _NoLeases:
+    """Leases of a task whose limits these tests do not look at."""
+
+    async def refresh(self) -> None:
+        return None
+
+    async def release(self) -> None:
+        return None
 
 
 @pytest.mark.sim_delay(1.0)
@@ -52,7 +58,7 @@ async def test_a_task_whose_replica_stopped_is_adopted_once_and_its_end_handled(
     store = RedisTaskStore(redis)
     record = await _submitted(kling, store)
     stopped = TaskFollower(kling, store, first_interval_s=0.05)
-    stopped.follow(record, CREDENTIALS, Leases(refresh=_no_op, release=_no_op))
+    stopped.follow(record, CREDENTIALS, _NoLeases())
     await anyio.lowlevel.checkpoint()  # its follow loop starts, and pauses until its first poll
     await stopped.aclose()  # the replica stops (or dies) before Kling finishes: nothing follows the task now
     await store.mark_followed(record.task_id, at=0.0)  # and a poll lease's time has passed since its last turn
@@ -226,7 +232,7 @@ async def test_a_followed_task_s_end_is_unfollowed_only_once_nothing_is_left_to_
 
     follower = TaskFollower(kling, store, first_interval_s=0.05, on_finished=on_finished)
     await store.save(record, polled_by=follower.poll_lease)  # as the gateway records a task it submits
-    follower.follow(record, CREDENTIALS, Leases(refresh=_no_op, release=_no_op))
+    follower.follow(record, CREDENTIALS, _NoLeases())
     try:
         with anyio.fail_after(10):
             assert (await follower.wait(record, CREDENTIALS, 10, None)).status is TaskStatus.SUCCEEDED

@@ -12,7 +12,7 @@ import httpx2
 import pytest
 from redis.asyncio import Redis
 
-from app.follower import Leases, TaskFollower
+from app.follower import TaskFollower
 from app.http_pool import create_kling_pool
 from app.kling import KlingClient, KlingCredentials
 from app.models import TaskStatus
@@ -177,24 +177,30 @@ async def test_a_caller_waiting_on_a_task_its_follower_gives_up_on_is_answered_t
         ).updated_from(task)  # fmt: skip
         store = MemoryTaskStore()
         await store.save(record)
-        released = anyio.Event()
-
-        async def release() -> None:
-            released.set()
-
-        async def refresh() -> None:
-            return None
-
+        leases = _SignalledLeases()
         follower = TaskFollower(kling, store, first_interval_s=0.05, max_follow_s=0.3)
-        follower.follow(record, credentials, Leases(refresh=refresh, release=release))
+        follower.follow(record, credentials, leases)
         # A waiter that spins holds the event loop, where no timeout can fire: end the run (exit 1) after 30 s.
         faulthandler.dump_traceback_later(30, exit=True)
         try:
             with anyio.fail_after(10):
                 latest = await follower.wait(record, credentials, 60, None)
-                await released.wait()  # the loop went on to its end: the worker was not held by the waiter
+                await leases.released.wait()  # the loop went on to its end: the worker was not held by the waiter
         finally:
             faulthandler.cancel_dump_traceback_later()
             await follower.aclose()
     assert latest.task_id == record.task_id
     assert not latest.status.is_terminal
+
+
+class _SignalledLeases:
+    """A task's leases that tell when the follower gives them back."""
+
+    def __init__(self) -> None:
+        self.released = anyio.Event()
+
+    async def refresh(self) -> None:
+        return None
+
+    async def release(self) -> None:
+        self.released.set()

@@ -161,6 +161,20 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, on_http_error)
 
 
+class _Replay:
+    """The app's `receive`: the body read already, then the caller's hang-up when it comes. An object rather than
+    a closure: every waiting caller holds one."""
+
+    __slots__ = ("_body", "_hang_up")
+
+    def __init__(self, body: list[Message], hang_up: asyncio.Future[Message]) -> None:
+        self._body = body
+        self._hang_up = hang_up
+
+    async def __call__(self) -> Message:
+        return self._body.pop(0) if self._body else await asyncio.shield(self._hang_up)
+
+
 def _cancel_if_hung_up(request_scope: anyio.CancelScope, message: asyncio.Future[Message]) -> None:
     if not message.cancelled() and message.exception() is None and message.result()["type"] == "http.disconnect":
         request_scope.cancel()
@@ -194,12 +208,8 @@ class RestRequestGuard:
             # coroutine or event of its own: a caller waiting for its images keeps fewer objects alive.
             hang_up = asyncio.ensure_future(receive())
             hang_up.add_done_callback(functools.partial(_cancel_if_hung_up, request_scope))
-
-            async def replay() -> Message:
-                return body.pop(0) if body else await asyncio.shield(hang_up)
-
             try:
-                await self._app(scope, replay, send)
+                await self._app(scope, _Replay(body, hang_up), send)
             finally:
                 hang_up.cancel()
 

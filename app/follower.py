@@ -229,7 +229,7 @@ class TaskFollower:
             self._run(watch), name=f"follow {watch.record.task_id}", context=contextvars.Context()
         )
         # However the loop ends (cancelled even before its first step, say), its waiters answer at once.
-        watch.loop.add_done_callback(lambda _: _signal(watch.changed), context=_SIGNAL_CONTEXT)
+        watch.loop.add_done_callback(functools.partial(_signal_loop_end, watch), context=_SIGNAL_CONTEXT)
         return watch
 
     async def _run(self, watch: _Watch) -> None:
@@ -531,6 +531,10 @@ def _signal(changed: asyncio.Future[None], _: object = None) -> None:
     """Done, if not yet; also a timer's or another future's callback (which passes one argument more)."""
     if not changed.done():
         changed.set_result(None)
+
+
+def _signal_loop_end(watch: _Watch, _: object) -> None:
+    _signal(watch.changed)  # the watch's current signal: it is replaced at every change
 
 
 async def _changed_within(changed: asyncio.Future[None], seconds: float) -> bool:

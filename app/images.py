@@ -37,7 +37,7 @@ from app.kling import (
 )
 from app.lifecycle import Drain
 from app.models import GenerateRequest, TaskStatus, TaskView
-from app.observability import waiting
+from app.observability import Waiting
 from app.ratelimit import AccountGovernor, Admission, Limiter, Remaining, count_slot_taken, limit_refused
 from app.references import ReferenceGuard
 from app.sealing import SealingError
@@ -276,7 +276,7 @@ class ImageService:
             try:
                 # However many callers wait, here or on other replicas, the task costs one stream of queries.
                 kling = await self._kling_of(principal, record)
-                with waiting():
+                with Waiting():
                     latest = await self._follower.wait(record, kling, wait_s, on_progress)
             except (RedisError, OSError, SealingError):
                 # The task exists: the caller gets its id rather than an error that invites paying again.
@@ -491,7 +491,7 @@ class ImageService:
             delay = retry_delay(failure, attempt, known_absent=absent)
             if delay is None or time.monotonic() + delay >= deadline:
                 raise _create_failed(failure) from failure
-            with waiting(waiter=False):
+            with Waiting(waiter=False):
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -525,7 +525,7 @@ class ImageService:
             if time.monotonic() >= deadline:
                 raise Conflict("a request with this idempotency_key is still being submitted; retry shortly")
             # The first request is talking to Kling right now; its answer is usually a moment away.
-            with waiting(waiter=False):
+            with Waiting(waiter=False):
                 await asyncio.sleep(0.1)
 
     async def _replay(self, principal: Principal, task_id: str) -> Outcome:

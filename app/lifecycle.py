@@ -14,7 +14,7 @@ import logging
 import signal
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
-from types import FrameType
+from types import FrameType, TracebackType
 from typing import Any
 
 import anyio
@@ -42,17 +42,9 @@ class Drain:
         for scope in self._waits:
             scope.cancel()
 
-    @contextlib.contextmanager
-    def ended_on_start(self) -> Iterator[None]:
+    def ended_on_start(self) -> _EndedOnDrain:
         """A block that stops (as a cancelled one does, silently) when draining starts, or at once if it has."""
-        with anyio.CancelScope() as scope:
-            if self._draining:
-                scope.cancel()
-            self._waits.add(scope)
-            try:
-                yield
-            finally:
-                self._waits.discard(scope)
+        return _EndedOnDrain(self)
 
     @contextlib.contextmanager
     def on_signals(self) -> Iterator[None]:
@@ -82,6 +74,30 @@ class Drain:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+class _EndedOnDrain:
+    """`Drain.ended_on_start`'s block: a cancel scope registered with the drain while it runs. A class, not a
+    generator: every waiting caller holds one, and a generator, its wrapper and the scope's bound exit are
+    three objects more for the garbage collector to walk."""
+
+    __slots__ = ("_drain", "_scope")
+
+    def __init__(self, drain: Drain) -> None:
+        self._drain = drain
+        self._scope = anyio.CancelScope()
+
+    def __enter__(self) -> None:
+        self._scope.__enter__()
+        if self._drain.draining:
+            self._scope.cancel()
+        self._drain._waits.add(self._scope)
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> bool:
+        self._drain._waits.discard(self._scope)
+        return bool(self._scope.__exit__(exc_type, exc, traceback))
 
 
 @contextlib.asynccontextmanager

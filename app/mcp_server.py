@@ -45,7 +45,7 @@ from app.models import (
     TaskStatus,
     WaitSeconds,
 )
-from app.observability import tool_call, waiting
+from app.observability import Waiting, tool_call
 from app.previews import NoPreview, Preview, PreviewMaker
 from app.tasks import ProgressCallback, TaskRecord
 
@@ -145,7 +145,7 @@ async def _run_tool(tool: str, work: Callable[[], Awaitable[Outcome]], previews:
         return tool_error_result(error)
     if previews is None or outcome.record.status is not TaskStatus.SUCCEEDED:
         return task_result(outcome)
-    with waiting(waiter=False):  # downloading images is time spent on others' servers, not the gateway's work
+    with Waiting(waiter=False):  # downloading images is time spent on others' servers, not the gateway's work
         made = await previews.make(outcome.view().images)
     return task_result(outcome, preview_blocks(made))
 

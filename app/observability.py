@@ -68,6 +68,30 @@ def server_timing(request: RequestContext, now: float) -> str:
     return f"gateway;dur={own * 1000:.2f}, kling;dur={kling * 1000:.2f}, wait;dur={wait * 1000:.2f}"
 
 
+class _ObservedSend:
+    """A request's `send`: the answer's head gets the request id and `Server-Timing`, and its status is noted
+    (CLIENT_CLOSED until it is sent). An object rather than a closure: every waiting caller holds one, and a
+    closure over three variables is five objects for the garbage collector to walk."""
+
+    __slots__ = ("_request", "_send", "status")
+
+    def __init__(self, request: RequestContext, send: Send) -> None:
+        self._request = request
+        self._send = send
+        self.status = CLIENT_CLOSED
+
+    async def __call__(self, message: Message) -> None:
+        request = self._request
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            headers = [*message.get("headers", ()), (b"x-request-id", request.request_id.encode()),
+                       (b"server-timing", server_timing(request, time.perf_counter()).encode())]  # fmt: skip
+            message = {**message, "headers": headers}
+        elif message["type"] == "http.response.body" and not message.get("more_body", False):
+            request.finished = True
+        await self._send(message)
+
+
 class ObservabilityMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self._app = app
@@ -78,31 +102,20 @@ class ObservabilityMiddleware:
             return
         request = RequestContext(request_id_from(scope["headers"]), scope["method"])
         token = current_request.set(request)
-        status = CLIENT_CLOSED
-
-        async def send_observed(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                headers = [*message.get("headers", ()), (b"x-request-id", request.request_id.encode()),
-                           (b"server-timing", server_timing(request, time.perf_counter()).encode())]  # fmt: skip
-                message = {**message, "headers": headers}
-            elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                request.finished = True
-            await send(message)
-
+        observed = _ObservedSend(request, send)
         # The log line is written inside the span, so it carries the trace id.
         with request_span(scope, untraced=_QUIET_ROUTES) as span:
             try:
-                await self._app(scope, receive, send_observed)
+                await self._app(scope, receive, observed)
             except Exception:
-                status = 500 if status == CLIENT_CLOSED else status  # answered by the server's error handler
+                if observed.status == CLIENT_CLOSED:
+                    observed.status = 500  # answered by the server's error handler
                 raise
             finally:
                 request.finished = True
                 current_request.reset(token)
-                self._record(request, scope, status)
-                describe_request(span, request, status)
+                self._record(request, scope, observed.status)
+                describe_request(span, request, observed.status)
 
     @staticmethod
     def _record(request: RequestContext, scope: Scope, status: int) -> None:
@@ -172,21 +185,28 @@ def kling_call(endpoint: str, failure_code: Callable[[BaseException], str]) -> I
                 request.kling_code = int(call.code)
 
 
-@contextlib.contextmanager
-def waiting(*, waiter: bool = True) -> Iterator[None]:
+class Waiting:
     """Around time spent waiting, not working: for a task to finish (`waiter=True` also counts the caller
-    in `kgw_waiters`), for free Kling slots, or out a retry's backoff. Booked as the request's `wait`."""
-    if waiter:
-        WAITERS.inc()
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        if waiter:
+    in `kgw_waiters`), for free Kling slots, or out a retry's backoff. Booked as the request's `wait`.
+    A class, not a generator: one object held by each waiting caller instead of a generator and its wrapper."""
+
+    __slots__ = ("_started", "_waiter")
+
+    def __init__(self, *, waiter: bool = True) -> None:
+        self._waiter = waiter
+        self._started = 0.0
+
+    def __enter__(self) -> None:
+        if self._waiter:
+            WAITERS.inc()
+        self._started = time.perf_counter()
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._waiter:
             WAITERS.dec()
         request = current_request.get()
         if request is not None:
-            request.add_wait_time(time.perf_counter() - started)
+            request.add_wait_time(time.perf_counter() - self._started)
 
 
 async def tool_call(tool: str, work: Callable[[], Awaitable[T]]) -> T:

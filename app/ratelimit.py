@@ -33,7 +33,7 @@ from redis.exceptions import RedisError
 
 from app.errors import InvalidRequest, LimitsUnavailable, RateLimited
 from app.metrics import LIMITER_DECISIONS
-from app.observability import waiting
+from app.observability import Waiting
 from app.script_batches import ScriptBatcher
 
 logger = logging.getLogger(__name__)
@@ -474,7 +474,7 @@ async def _wait_for_turn(attempt: Any, wait_s: float, capacity: int) -> None:
             message = f"the Kling account is busy ({capacity} images in flight)"
             raise _refusal("kling_account", CONCURRENCY_RETRY_HINT_S * 1000, message)
         # Polling, not an event: waiters on other replicas free slots, and a missed wake-up must not strand us.
-        with waiting(waiter=False):
+        with Waiting(waiter=False):
             await asyncio.sleep(min(delay, remaining))
         delay = min(delay * 2, 0.25)
     _ADMITTED["kling_account"].inc()

@@ -286,7 +286,8 @@ def build_gateway(settings: Settings, tracing: Tracing | None = None) -> Gateway
     )
     # Apart from Kling's pool, so slow image hosts never take the connections that API calls need.
     preview_http = create_http_client(max_connections=20)
-    mcp = build_mcp_server(service, default_wait_s=settings.default_wait_seconds, previews=PreviewMaker(preview_http))
+    mcp = build_mcp_server(service, default_wait_s=settings.default_wait_seconds, previews=PreviewMaker(preview_http),
+                           traced=tracing is not None)  # fmt: skip
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

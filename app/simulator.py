@@ -11,6 +11,7 @@ import asyncio
 import binascii
 import functools
 import hashlib
+import heapq
 import io
 import json
 import logging
@@ -134,6 +135,47 @@ class _Task:
         return "submitted", 0.0
 
 
+VERIFIED_KEPT = 4096  # verified tokens remembered, the oldest forgotten first
+
+
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    access_key: str
+    nbf: float  # valid from (s since the epoch), as PyJWT checks it: not before nbf
+    exp: float  # valid until, exclusive: expired at exp
+
+
+class _SlotsInUse:
+    """One account's tasks that may still hold image slots, by when they end, and their images in all. Every
+    create asks how many slots are in use: a scan of the running tasks would cost it more the more there are (a
+    benchmark holds thousands), where popping those that ended costs it nothing while none has."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, _Task] = {}
+        self._ends: list[tuple[float, str]] = []  # a heap of (when the task ends, its id)
+        self._images = 0
+
+    def add(self, task: _Task) -> None:
+        self._tasks[task.task_id] = task
+        heapq.heappush(self._ends, (task.started + task.delay, task.task_id))
+        self._images += task.spec.n
+
+    def used(self) -> int:
+        while self._ends:
+            task = self._tasks[self._ends[0][1]]
+            if task.phase()[0] not in _TERMINAL:
+                break
+            heapq.heappop(self._ends)
+            del self._tasks[task.task_id]
+            self._images -= task.spec.n
+        return self._images
+
+    def rescheduled(self) -> None:
+        """The tasks' ends were brought forward (`POST /_sim/finish`)."""
+        self._ends = [(task.started + task.delay, task.task_id) for task in self._tasks.values()]
+        heapq.heapify(self._ends)
+
+
 @dataclass
 class _Rule(Generic[T]):
     value: T
@@ -155,7 +197,7 @@ def _take(rules: list[_Rule[T]], kind: str) -> T | None:
 class _State:
     tasks: dict[str, _Task] = field(default_factory=dict)
     external: dict[tuple[str, str], str] = field(default_factory=dict)  # (access key, external id) -> task id
-    active: dict[str, dict[str, _Task]] = field(default_factory=dict)  # access key -> tasks maybe holding slots
+    active: dict[str, _SlotsInUse] = field(default_factory=dict)  # access key -> its tasks maybe holding slots
     faults: list[_Rule[_KlingError]] = field(default_factory=list)
     slow: list[_Rule[float]] = field(default_factory=list)
     malformed: list[_Rule[bool]] = field(default_factory=list)
@@ -277,6 +319,9 @@ class _Simulator:
         self._http: httpx2.AsyncClient | None = None
         self._tg: TaskGroup | None = None
         self._rescheduled = asyncio.Event()  # set (and replaced) when `POST /_sim/finish` moves tasks' ends
+        # Tokens whose signature was checked, for as long as they are valid: a client signs a token and sends it
+        # for its whole life (the gateway: about half an hour), so the signature is checked once, not per request.
+        self._verified: dict[str, _Verified] = {}
 
     @asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
@@ -338,11 +383,15 @@ class _Simulator:
         try:
             if scheme.lower() != "bearer":
                 raise jwt.InvalidTokenError("not a bearer token")
+            verified = self._verified.get(token)
+            if verified is not None and verified.nbf <= time.time() < verified.exp:
+                return verified.access_key
             # Unverified only to find whose secret to check the signature with.
             account = self._accounts.get(jwt.decode(token, options={"verify_signature": False}).get("iss", ""))
             if account is None:
                 raise jwt.InvalidIssuerError("unknown issuer")
-            jwt.decode(token, account.secret_key, algorithms=["HS256"], options={"require": ["exp", "nbf"]})
+            claims = jwt.decode(token, account.secret_key, algorithms=["HS256"], options={"require": ["exp", "nbf"]})
+            self._remember(token, _Verified(account.access_key, float(claims["nbf"]), float(claims["exp"])))
         except jwt.ImmatureSignatureError as exc:
             raise _KlingError(401, 1003, "Authorization is not active yet") from exc
         except jwt.ExpiredSignatureError as exc:
@@ -350,6 +399,11 @@ class _Simulator:
         except (jwt.InvalidTokenError, TypeError) as exc:  # TypeError: a non-string `iss`
             raise _KlingError(401, 1002, "Authorization is not valid") from exc
         return account.access_key
+
+    def _remember(self, token: str, verified: _Verified) -> None:
+        self._verified[token] = verified
+        if len(self._verified) > VERIFIED_KEPT:
+            del self._verified[next(iter(self._verified))]  # the oldest
 
     async def create(self, request: Request, access_key: str) -> Response:
         body = await _read_object(request)
@@ -369,14 +423,17 @@ class _Simulator:
         return _envelope({k: info[k] for k in ("task_id", "task_status", "task_info", "created_at", "updated_at")})
 
     def _slots_used(self, access_key: str) -> int:
-        active = self._s.active.setdefault(access_key, {})
-        for task in [t for t in active.values() if t.phase()[0] in _TERMINAL]:
-            del active[task.task_id]
-        return sum(task.spec.n for task in active.values())
+        return self._slots_of(access_key).used()
+
+    def _slots_of(self, access_key: str) -> _SlotsInUse:
+        slots = self._s.active.get(access_key)
+        if slots is None:
+            slots = self._s.active[access_key] = _SlotsInUse()
+        return slots
 
     def _record(self, task: _Task) -> None:
         self._s.tasks[task.task_id] = task
-        self._s.active[task.access_key][task.task_id] = task
+        self._slots_of(task.access_key).add(task)
         if task.spec.external_task_id is not None:
             self._s.external[(task.access_key, task.spec.external_task_id)] = task.task_id
         self._s.counts["creates"] += 1
@@ -506,6 +563,8 @@ class _Simulator:
         for index, task in enumerate(running, start=1):
             task.delay = now - task.started + within * index / len(running)
             task.processing_at = min(task.processing_at, task.delay)
+        for slots in self._s.active.values():
+            slots.rescheduled()
         self._rescheduled.set()
         self._rescheduled = asyncio.Event()
 
@@ -515,6 +574,7 @@ class _Simulator:
         if not key or not secret or account.concurrency < 1:
             raise _BadControl("access_key and secret_key must be non-empty and concurrency >= 1")
         self._accounts[key] = account
+        self._verified.clear()  # a token verified under the account's old secret is no longer
 
     async def stats(self, _request: Request) -> Response:
         in_flight = {key: self._slots_used(key) for key in self._accounts.keys() | self._s.active.keys()}

@@ -62,13 +62,16 @@ async def served(
     ready_path: str = "/healthz",
     port: int | None = None,
     gateway: bool = False,
+    quiet: bool = False,
     root: Path = ROOT,
 ) -> AsyncIterator[Server]:
     """Run `factory` (MODULE:FACTORY) in a new process with only `env` (plus PATH) as its environment, from the
-    code under `root` (another checkout's, to compare two commits)."""
+    code under `root` (another checkout's, to compare two commits); `quiet`: no access log, as the simulator
+    runs (`kling-gateway simulator`)."""
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
-    argv = ["-m", "bench.serving", factory, str(port), *(["--gateway"] if gateway else [])]
+    argv = ["-m", "bench.serving", factory, str(port), *(["--gateway"] if gateway else []),
+            *(["--quiet"] if quiet else [])]  # fmt: skip
     async with python_process(argv, env, url + ready_path, cwd=root) as process:
         yield Server(url, process.pid, port)
 
@@ -100,7 +103,7 @@ async def _stop_together(servers: list[contextlib.AbstractAsyncContextManager[T]
         raise failures[0]
 
 
-def main(factory: str, port: int, as_gateway: bool) -> None:
+def main(factory: str, port: int, as_gateway: bool, quiet: bool) -> None:
     raise_fd_limit()
     if as_gateway:
         # Imported here: the other servers start in a fraction of the time without the gateway's imports.
@@ -116,8 +119,9 @@ def main(factory: str, port: int, as_gateway: bool) -> None:
     # of an API does (60 s and more). With uvicorn's 5 s the simulator hangs up on connections a floor still holds
     # between runs, and a request that races the hang-up can fail: the floors, unlike the gateway, do not retry.
     uvicorn.run(factory, factory=True, host="127.0.0.1", port=port, workers=1, proxy_headers=True, ws="none",
-                timeout_graceful_shutdown=5, timeout_keep_alive=65)  # fmt: skip
+                timeout_graceful_shutdown=5, timeout_keep_alive=65, log_level="warning" if quiet else "info",
+                access_log=not quiet)  # fmt: skip
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), "--gateway" in sys.argv[3:])
+    main(sys.argv[1], int(sys.argv[2]), "--gateway" in sys.argv[3:], "--quiet" in sys.argv[3:])

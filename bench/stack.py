@@ -78,7 +78,8 @@ class SimulatorProcess(contextlib.AbstractAsyncContextManager[Server]):
         self.url = f"http://127.0.0.1:{port}"
         env = {"BENCH_SIM_DELAY": str(delay_s),
                "BENCH_SIM_ACCOUNTS": json.dumps([[a.access_key, a.secret_key, a.concurrency] for a in accounts])}  # fmt: skip
-        self._served = served("bench.apps:simulator_app", env, ready_path="/_sim/stats", port=port)
+        # Quiet, as `kling-gateway simulator` runs it: Kling's access log is no work of this machine's.
+        self._served = served("bench.apps:simulator_app", env, ready_path="/_sim/stats", port=port, quiet=True)
 
     async def __aenter__(self) -> Server:
         return await self._served.__aenter__()

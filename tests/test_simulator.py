@@ -132,6 +132,27 @@ async def test_expired_token_answers_1004(sim: httpx2.AsyncClient) -> None:
     assert (response.status_code, response.json()["code"]) == (401, 1004)
 
 
+async def test_a_token_accepted_before_is_refused_once_it_expires(sim: httpx2.AsyncClient) -> None:
+    """The simulator checks a token's signature once and remembers it, but still checks its times on each use."""
+    bearer = token(ACME, exp=2)
+    expires = jwt.decode(bearer, options={"verify_signature": False})["exp"]
+    headers = {"Authorization": f"Bearer {bearer}"}
+    assert (await sim.get("/v1/images/generations", headers=headers)).json()["code"] == 0
+    await anyio.sleep(max(0.0, expires - time.time()) + 0.05)  # a time, not an event: at most 2 s
+    response = await sim.get("/v1/images/generations", headers=headers)
+    assert (response.status_code, response.json()["code"]) == (401, 1004)
+
+
+async def test_a_token_accepted_before_is_refused_once_its_account_has_a_new_secret(sim: httpx2.AsyncClient) -> None:
+    rotated = SimAccount("ak-rotated", "rotated-secret-0123456789abcdef012345678", concurrency=1)
+    await control(sim, "accounts", access_key=rotated.access_key, secret_key=rotated.secret_key, concurrency=1)
+    headers = auth(rotated)
+    assert (await sim.get("/v1/images/generations", headers=headers)).json()["code"] == 0
+    await control(sim, "accounts", access_key=rotated.access_key, secret_key="new-" + rotated.secret_key, concurrency=1)
+    response = await sim.get("/v1/images/generations", headers=headers)
+    assert (response.status_code, response.json()["code"]) == (401, 1002)
+
+
 # --- validation ---
 
 

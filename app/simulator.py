@@ -197,6 +197,8 @@ def _take(rules: list[_Rule[T]], kind: str) -> T | None:
 class _State:
     tasks: dict[str, _Task] = field(default_factory=dict)
     external: dict[tuple[str, str], str] = field(default_factory=dict)  # (access key, external id) -> task id
+    # Each account's tasks, oldest first: a list call pages through its own, not through every account's.
+    by_account: dict[str, list[_Task]] = field(default_factory=dict)
     active: dict[str, _SlotsInUse] = field(default_factory=dict)  # access key -> its tasks maybe holding slots
     faults: list[_Rule[_KlingError]] = field(default_factory=list)
     slow: list[_Rule[float]] = field(default_factory=list)
@@ -433,6 +435,7 @@ class _Simulator:
 
     def _record(self, task: _Task) -> None:
         self._s.tasks[task.task_id] = task
+        self._s.by_account.setdefault(task.access_key, []).append(task)
         self._slots_of(task.access_key).add(task)
         if task.spec.external_task_id is not None:
             self._s.external[(task.access_key, task.spec.external_task_id)] = task.task_id
@@ -455,9 +458,10 @@ class _Simulator:
         self._s.counts["lists"] += 1
         page = _page_param(request, "pageNum", 1, 1000)
         size = _page_param(request, "pageSize", 30, 500)
-        mine = [task for task in reversed(self._s.tasks.values()) if task.access_key == access_key]
+        mine = self._s.by_account.get(access_key, [])
+        newest, oldest = len(mine) - (page - 1) * size, len(mine) - page * size  # pages count from the newest
         base_url = str(request.base_url)
-        return _envelope([self._task_data(task, base_url) for task in mine[(page - 1) * size : page * size]])
+        return _envelope([self._task_data(task, base_url) for task in reversed(mine[max(0, oldest) : max(0, newest)])])
 
     def _task_data(self, task: _Task, base_url: str) -> dict[str, Any]:
         status, since = task.phase()

@@ -22,6 +22,7 @@ import contextvars
 import functools
 import logging
 import random
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -229,7 +230,7 @@ class TaskFollower:
             self._run(watch), name=f"follow {watch.record.task_id}", context=contextvars.Context()
         )
         # However the loop ends (cancelled even before its first step, say), its waiters answer at once.
-        watch.loop.add_done_callback(functools.partial(_signal_loop_end, watch), context=_SIGNAL_CONTEXT)
+        watch.loop.add_done_callback(functools.partial(_signal_loop_end, watch), context=_signal_context())
         return watch
 
     async def _run(self, watch: _Watch) -> None:
@@ -523,8 +524,16 @@ class TaskFollower:
 
 # The context the signal's callbacks run in: they only complete a future, and read or set no context variable.
 # Given none, asyncio copies the current context for every timer and done-callback: an object the collector tracks,
-# several for each waiting caller. Never entered twice at once: the loop runs its callbacks one at a time.
-_SIGNAL_CONTEXT = contextvars.Context()
+# several for each waiting caller. One per thread: a context cannot be entered twice at once, and a loop runs its
+# callbacks one at a time, but loops in two threads of a process could each be inside one.
+_signal_contexts = threading.local()
+
+
+def _signal_context() -> contextvars.Context:
+    context: contextvars.Context | None = getattr(_signal_contexts, "context", None)
+    if context is None:
+        context = _signal_contexts.context = contextvars.Context()
+    return context
 
 
 def _signal(changed: asyncio.Future[None], _: object = None) -> None:
@@ -548,9 +557,9 @@ async def _changed_within(changed: asyncio.Future[None], seconds: float) -> bool
         return True
     loop = asyncio.get_running_loop()
     woken: asyncio.Future[None] = loop.create_future()
-    wake = functools.partial(_signal, woken)
-    timer = loop.call_later(seconds, wake, context=_SIGNAL_CONTEXT)
-    changed.add_done_callback(wake, context=_SIGNAL_CONTEXT)
+    wake, context = functools.partial(_signal, woken), _signal_context()
+    timer = loop.call_later(seconds, wake, context=context)
+    changed.add_done_callback(wake, context=context)
     try:
         await woken
     finally:

@@ -141,8 +141,8 @@ VERIFIED_KEPT = 4096  # verified tokens remembered, the oldest forgotten first
 @dataclass(frozen=True, slots=True)
 class _Verified:
     access_key: str
-    nbf: float  # valid from (s since the epoch), as PyJWT checks it: not before nbf
-    exp: float  # valid until, exclusive: expired at exp
+    nbf: int  # valid from (s since the epoch, whole, as PyJWT reads it): not before nbf
+    exp: int  # valid until, exclusive: expired at exp
 
 
 class _SlotsInUse:
@@ -393,7 +393,7 @@ class _Simulator:
             if account is None:
                 raise jwt.InvalidIssuerError("unknown issuer")
             claims = jwt.decode(token, account.secret_key, algorithms=["HS256"], options={"require": ["exp", "nbf"]})
-            self._remember(token, _Verified(account.access_key, float(claims["nbf"]), float(claims["exp"])))
+            self._remember(token, _Verified(account.access_key, int(claims["nbf"]), int(claims["exp"])))
         except jwt.ImmatureSignatureError as exc:
             raise _KlingError(401, 1003, "Authorization is not active yet") from exc
         except jwt.ExpiredSignatureError as exc:

@@ -25,7 +25,7 @@ SUITES: dict[str, Callable[[bool], Awaitable[object]]] = {
 
 
 async def run(quick: bool, only: list[str]) -> None:
-    write_section("machine", machine_section("python -m bench" + (" --quick" if quick else "")))
+    write_section("machine", machine_section("python -m bench" + (" --quick" if quick else "")), first=True)
     for name in only:
         started = time.monotonic()
         await SUITES[name](quick)

@@ -91,20 +91,24 @@ def _version(name: str) -> str:
         return "not installed"
 
 
-def write_section(name: str, body: str, *, after: str | None = None) -> None:
-    """Replace the section between the markers for `name`; a new one goes after section `after`, or at the end."""
+def write_section(name: str, body: str, *, after: str | None = None, first: bool = False) -> None:
+    """Replace the section between the markers for `name`; a new one goes after section `after` if there is one,
+    else first (right under the header) if `first` or `after` is given, else at the end."""
     text = DOC.read_text() if DOC.exists() else ""
-    first = text.find("<!-- ")
-    text = HEADER + ("\n" + text[first:] if first >= 0 else "")  # the header as this code has it, sections as they are
+    start = text.find("<!-- ")
+    sections = text[start:] if start >= 0 else ""  # the header as this code has it, sections as they are
     section = f"<!-- {name}:start -->\n{body.strip()}\n<!-- {name}:end -->"
     pattern = re.compile(rf"<!-- {name}:start -->.*?<!-- {name}:end -->", re.S)
     anchor = f"<!-- {after}:end -->"
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    elif after is not None and anchor in text:
-        text = text.replace(anchor, f"{anchor}\n\n{section}", 1)
+    if pattern.search(sections):
+        sections = pattern.sub(lambda _: section, sections)
+    elif after is not None and anchor in sections:
+        sections = sections.replace(anchor, f"{anchor}\n\n{section}", 1)
+    elif first or after is not None:
+        sections = f"{section}\n\n{sections}"
     else:
-        text = f"{text.rstrip()}\n\n{section}\n"
+        sections = f"{sections.rstrip()}\n\n{section}\n"
+    text = HEADER + "\n" + sections.strip() + "\n"
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text(text)
 

@@ -4,9 +4,10 @@ MCP session manager, the pooled HTTP client and the Redis pool, and closes them 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -326,7 +327,7 @@ def build_gateway(settings: Settings, tracing: Tracing | None = None) -> Gateway
             finally:
                 drain.start()  # whatever stops the server, waiting callers get their answer first
 
-    app = FastAPI(
+    app = GatewayApp(
         title="Kling MCP Gateway",
         version=__version__,
         description="Generate images with Kling AI over MCP (`/mcp`) or REST.",
@@ -337,11 +338,8 @@ def build_gateway(settings: Settings, tracing: Tracing | None = None) -> Gateway
     )
     install_error_handlers(app)
     app.add_middleware(RestRequestGuard, max_body_bytes=settings.max_body_bytes)
-    # In front of the REST stack: MCP requests go straight to their transports.
     streamable, legacy = mcp_transports(settings, mcp, authenticator)
-    app.add_middleware(McpTransports, streamable=streamable, legacy=legacy)
-    # Outermost: the request id, timings and the log line cover everything, 413s and /mcp included.
-    app.add_middleware(ObservabilityMiddleware)
+    app.outermost = functools.partial(_observed_with_mcp_first, streamable=streamable, legacy=legacy)
     add_health_routes(app, stores.tenants, drain)
     # A FastAPI route, not Starlette's add_route: only FastAPI's routes name themselves in the scope, and the
     # route's name is what keeps scrapes out of the request log and off the "unmatched" label.
@@ -354,6 +352,26 @@ def build_gateway(settings: Settings, tracing: Tracing | None = None) -> Gateway
     if settings.admin_token is not None:
         app.include_router(build_admin_router(directory, stores, settings.admin_token))
     return Gateway(settings=settings, directory=directory, app=app)
+
+
+class GatewayApp(FastAPI):
+    """FastAPI, with the gateway's own outermost layers (`outermost`, set before the first request) outside even
+    FastAPI's error handling, which `add_middleware` cannot place."""
+
+    outermost: Callable[[ASGIApp], ASGIApp] | None = None
+
+    def build_middleware_stack(self) -> ASGIApp:
+        stack = super().build_middleware_stack()
+        return stack if self.outermost is None else self.outermost(stack)
+
+
+def _observed_with_mcp_first(rest: ASGIApp, *, streamable: ASGIApp, legacy: ASGIApp | None) -> ASGIApp:
+    """Outermost, the request id, timings and log line: they cover every answer, 413s, /mcp and FastAPI's
+    last-resort 500 included (which, sent from inside them, would go out without the request id to report).
+    Then MCP requests go straight to their transports, which answer their own errors: FastAPI's layers (its
+    error handling, telemetry and body limit) would cost each call three more coroutines, and each waiting
+    caller the objects they keep."""
+    return ObservabilityMiddleware(McpTransports(rest, streamable, legacy))
 
 
 def service_timings(settings: Settings) -> ServiceTimings:

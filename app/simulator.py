@@ -18,7 +18,7 @@ import logging
 import re
 import time
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -198,8 +198,9 @@ class _State:
     tasks: dict[str, _Task] = field(default_factory=dict)
     external: dict[tuple[str, str], str] = field(default_factory=dict)  # (access key, external id) -> task id
     # Each account's tasks, oldest first: a list call pages through its own, not through every account's.
-    by_account: dict[str, list[_Task]] = field(default_factory=dict)
-    active: dict[str, _SlotsInUse] = field(default_factory=dict)  # access key -> its tasks maybe holding slots
+    by_account: defaultdict[str, list[_Task]] = field(default_factory=lambda: defaultdict(list))
+    # access key -> its tasks maybe holding slots
+    active: defaultdict[str, _SlotsInUse] = field(default_factory=lambda: defaultdict(_SlotsInUse))
     faults: list[_Rule[_KlingError]] = field(default_factory=list)
     slow: list[_Rule[float]] = field(default_factory=list)
     malformed: list[_Rule[bool]] = field(default_factory=list)
@@ -425,18 +426,12 @@ class _Simulator:
         return _envelope({k: info[k] for k in ("task_id", "task_status", "task_info", "created_at", "updated_at")})
 
     def _slots_used(self, access_key: str) -> int:
-        return self._slots_of(access_key).used()
-
-    def _slots_of(self, access_key: str) -> _SlotsInUse:
-        slots = self._s.active.get(access_key)
-        if slots is None:
-            slots = self._s.active[access_key] = _SlotsInUse()
-        return slots
+        return self._s.active[access_key].used()
 
     def _record(self, task: _Task) -> None:
         self._s.tasks[task.task_id] = task
-        self._s.by_account.setdefault(task.access_key, []).append(task)
-        self._slots_of(task.access_key).add(task)
+        self._s.by_account[task.access_key].append(task)
+        self._s.active[task.access_key].add(task)
         if task.spec.external_task_id is not None:
             self._s.external[(task.access_key, task.spec.external_task_id)] = task.task_id
         self._s.counts["creates"] += 1

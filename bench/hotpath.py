@@ -63,7 +63,9 @@ def where(frame: Frame) -> str:
     return next(group for group in match.groups() if group)
 
 
-def summarize(session: Session, requests: int) -> str:
+def summarize(session: Session, requests: int) -> tuple[str, Finding]:
+    """The profile's tables, and the summary's row: the share of the worker's time in Kling calls and in the
+    gateway's own code."""
     root = session.root_frame()
     assert root is not None
     real = [frame for frame in frames(root) if not frame.is_synthetic]
@@ -78,14 +80,18 @@ def summarize(session: Session, requests: int) -> str:
             inclusive_app[name] += frame.time
     total = root.time
     spots = spot_seconds(real)
+    per_request_ms = session.duration / requests * 1000
+    finding = Finding("Where `POST /generate` (wait 0) spends one worker's time, 16 clients (pyinstrument)",
+                      f"Kling calls {spots[SPOTS[0][0]] / total:.0%}, the gateway's own code "
+                      f"{by_package['app'] / total:.0%} (self time); {per_request_ms:.2f} ms of wall time per request")  # fmt: skip
     spot_rows = "\n".join(f"| {label} | {spots[label] / total:.1%} | {spots[label] / requests * 1000:.3f} |"
                           for label, _, _ in SPOTS)  # fmt: skip
     frame_rows = "\n".join(f"| {name} | {seconds / total:.1%} |" for name, seconds in _top(by_frame))
     package_rows = "\n".join(f"| {name} | {seconds / total:.1%} |" for name, seconds in _top(by_package))
     app_rows = "\n".join(f"| {name} | {seconds / total:.1%} | {seconds / requests * 1000:.3f} |"
                          for name, seconds in _top(inclusive_app))  # fmt: skip
-    return f"""Sampled {session.sample_count:,} stacks over {session.duration:.1f} s ({requests:,} requests, \
-{session.duration / requests * 1000:.2f} ms of the worker's wall time per request).
+    text = f"""Sampled {session.sample_count:,} stacks over {session.duration:.1f} s ({requests:,} requests, \
+{per_request_ms:.2f} ms of the worker's wall time per request).
 
 What a fix would target (inclusive time, share of all samples):
 
@@ -110,6 +116,7 @@ Gateway functions by inclusive time (a function's share includes what it calls):
 | function | share | ms per request |
 |---|---|---|
 {app_rows}"""
+    return text, finding
 
 
 def spot_seconds(real: list[Frame]) -> defaultdict[str, float]:
@@ -124,18 +131,6 @@ def spot_seconds(real: list[Frame]) -> defaultdict[str, float]:
             ):
                 spots[label] += frame.time
     return spots
-
-
-def finding(session: Session, requests: int) -> Finding:
-    """The summary's row: the share of the worker's time in Kling calls and in the gateway's own code."""
-    root = session.root_frame()
-    assert root is not None
-    real = [frame for frame in frames(root) if not frame.is_synthetic]
-    kling = spot_seconds(real)[SPOTS[0][0]] / root.time
-    own = sum(self_time(frame) for frame in real if where(frame) == "app") / root.time
-    return Finding("Where `POST /generate` (wait 0) spends one worker's time, 16 clients (pyinstrument)",
-                   f"Kling calls {kling:.0%}, the gateway's own code {own:.0%} (self time); "
-                   f"{session.duration / requests * 1000:.2f} ms of wall time per request")  # fmt: skip
 
 
 def _top(seconds: dict[str, float]) -> list[tuple[str, float]]:
@@ -170,6 +165,7 @@ async def main(quick: bool, save: str | None = None) -> str:
         session = Session.load(out)
         if save:
             session.save(save)
+    tables, finding = summarize(session, requests)
     command = "python -m bench.hotpath" + (" --quick" if quick else "")
     body = f"""## Profile of `POST /generate`, wait 0 (`{command}`)
 
@@ -181,10 +177,10 @@ call and return, which slows code made of many small calls more than the rest, s
 it costs: httpcore2's pool scan, 15% of this profile on 2026-11-26, was 4.5% of the samples py-spy (which samples
 from outside the process, without a hook) took of the same load (16 clients, memory store) on the same day.
 
-{summarize(session, requests)}
+{tables}
 """
     write_section("profile", body)
-    write_summary("profile", [finding(session, requests)], quick=quick)
+    write_summary("profile", [finding], quick=quick)
     return body
 
 

@@ -25,20 +25,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from app.http_pool import create_http_client
 from app.logs import JsonFormatter, TextFormatter, logging_config
-from app.main import build_gateway, create_redis
+from app.main import create_redis
 from app.metrics import forget_dead_workers
 from app.observability import MAX_REQUEST_ID_CHARS, request_id_from
-from tests.conftest import (
-    ADMIN,
-    PRIMARY,
-    RunningGateway,
-    Simulator,
-    bearer,
-    gateway_settings,
-    mcp_client,
-    replica_env,
-)
-from tests.servers import free_port, gateway_process, loopback_server, serve
+from tests.conftest import ADMIN, PRIMARY, RunningGateway, Simulator, bearer, mcp_client, replica_env
+from tests.servers import free_port, gateway_process, loopback_server
 
 pytestmark = pytest.mark.anyio
 FAMILIES = (
@@ -164,17 +155,16 @@ async def test_mcp_responses_carry_a_request_id_and_server_timing(gateway: Runni
     assert SERVER_TIMING.match(response.headers["server-timing"])
 
 
-async def test_an_unexpected_failure_answers_500_with_the_request_id_to_report(simulator: Simulator) -> None:
+async def test_an_unexpected_failure_answers_500_with_the_request_id_to_report(gateway: RunningGateway) -> None:
     """A bug's 500, sent by FastAPI's last-resort handler, still carries the request id the log line has."""
-    built = build_gateway(gateway_settings(simulator))
 
     async def broken() -> None:
         raise RuntimeError("a bug")
 
-    built.app.add_api_route("/broken", broken, methods=["GET"])  # the only way to reach that handler on purpose
-    async with serve(built.app) as url, httpx2.AsyncClient(timeout=10) as http:
-        response = await http.get(f"{url}/broken", headers={"X-Request-ID": "bug-1"})
-        metrics = (await http.get(f"{url}/metrics")).text
+    # The only way to reach that handler on purpose; the router reads its routes on every request.
+    gateway.gateway.app.add_api_route("/broken", broken, methods=["GET"])
+    response = await gateway.http.get(f"{gateway.url}/broken", headers={"X-Request-ID": "bug-1"})
+    metrics = (await gateway.http.get(f"{gateway.url}/metrics")).text
     assert (response.status_code, response.headers["x-request-id"]) == (500, "bug-1")
     assert SERVER_TIMING.match(response.headers["server-timing"])
     assert sample(metrics, "kgw_http_requests_total", method="GET", route="/broken", status="500") == 1

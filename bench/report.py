@@ -15,7 +15,7 @@ from pathlib import Path
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 HEADER = (
-    "# Benchmarks\n\n`make bench` (4 to 7 minutes on a 2-core host) or `make bench-quick` (about a minute: fewer\n"
+    "# Benchmarks\n\n`make bench` (3.5 to 7 minutes on a 2-core host, by its speed) or `make bench-quick` (about a minute: fewer\n"
     "repeats, 16 clients, 1,000 waiters) runs them all and rewrites this file; each section names the command that\n"
     "reruns it alone.\n"
 )

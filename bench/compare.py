@@ -1,10 +1,14 @@
 """Two commits of the gateway side by side: the latency each adds to a create and its CPU per request, in one run
 against one simulator, alternating, so a change to the hot path is judged on this shared machine's noise alike.
 
-    python -m bench.compare BASE [OTHER] [--redis] [--mcp] [--rounds N]
+    python -m bench.compare BASE [OTHER] [--redis] [--mcp] [--after-burst] [--rounds N]
 
 With `--mcp`, the same for MCP tool calls: `generate_image` (wait 0) through the SDK's client, in both eras, as
 `python -m bench.mcp_calls` calls it: calls per second, latency and the gateway's CPU per call.
+
+With `--after-burst`, the paced load is run once more, each time BURST_GAP_S after a burst of BURST_CLIENTS clients:
+steady traffic a few seconds after a spike, when a gateway still holds what the spike made it open (its outbound
+connections, say).
 
 OTHER defaults to the working tree as it is (uncommitted changes included). Each commit runs from a temporary git
 worktree under this checkout's virtualenv, so both must run on the same dependencies. Prints a table; writes
@@ -20,7 +24,7 @@ import statistics
 import subprocess
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from app.kling import KlingCredentials
@@ -53,10 +57,15 @@ class Load:
     requests: int
     per_second: float | None = None
     lead_in: int = 0  # paced requests sent first and not counted (bench.overhead PACED_LEAD_IN_S)
+    after_burst: bool = False  # BURST_GAP_S after a burst of BURST_CLIENTS clients, not counted
 
 
 LOADS = (Load("1 client", 1, 300), Load("16 clients", 16, 640))
 PACED_REQUESTS = 300  # then 16 clients paced as bench.overhead paces them, from the closed loop's rates
+BURST_CLIENTS, BURST_REQUESTS = 64, 640
+# Longer than the gateway's outbound pool keeps an unused connection (app/http_pool.py KEEPALIVE_EXPIRY_S, 5 s), and
+# than its first status read of the burst's tasks (about 1.2 s after each create): the burst's own work is over.
+BURST_GAP_S = 6.0
 
 
 @contextlib.contextmanager
@@ -84,12 +93,15 @@ async def measured(url: str, send: Send, load: Load, expect: int, server: Server
         return await paced(url, send, clients=load.clients, per_second=load.per_second, requests=load.requests,
                            expect=expect, lead_in=load.lead_in)  # fmt: skip
 
+    if load.after_burst:
+        await closed_loop(url, send, clients=BURST_CLIENTS, requests=BURST_REQUESTS, expect=expect)
+        await asyncio.sleep(BURST_GAP_S)  # the time that passes is the point: nothing to await but the clock
     if server is None:
         return await run()
     return await with_server_cpu(server, load.lead_in + load.requests, run, following=FULL)
 
 
-async def compare(revs: list[str], redis: bool, rounds: int, mcp: bool = False) -> str:
+async def compare(revs: list[str], redis: bool, rounds: int, mcp: bool = False, after_burst: bool = False) -> str:
     raise_fd_limit()
     accounts = accounts_for((1 + ACCOUNTS_PER_GATEWAY * len(revs)) * ACCOUNT_SLOTS)
     with contextlib.ExitStack() as trees:
@@ -122,8 +134,13 @@ async def compare(revs: list[str], redis: bool, rounds: int, mcp: bool = False) 
                 results[load.name] = await alternating(rounds, contenders)
             pace = pace_below(results["16 clients"], roots)
             at_pace = Load(f"16 paced at {pace:.0f}/s", 16, PACED_REQUESTS, pace, round(PACED_LEAD_IN_S * pace))
-            contenders = {name: _contender(*target, at_pace) for name, target in targets.items()}
-            results[at_pace.name] = await alternating(rounds, contenders)
+            paced_loads = [at_pace]
+            if after_burst:
+                name = f"{at_pace.name}, {BURST_GAP_S:g} s after {BURST_CLIENTS} clients"
+                paced_loads.append(replace(at_pace, name=name, after_burst=True))
+            for load in paced_loads:
+                contenders = {name: _contender(*target, load) for name, target in targets.items()}
+                results[load.name] = await alternating(rounds, contenders)
     return render(results, revs, redis, rounds)
 
 
@@ -178,9 +195,11 @@ def main() -> None:
     parser.add_argument("other", nargs="?", default=WORKING_TREE, help="another commit (default: the working tree)")
     parser.add_argument("--redis", action="store_true", help="gateways on a Redis of their own, not in memory")
     parser.add_argument("--mcp", action="store_true", help="MCP tool calls instead of REST requests")
+    parser.add_argument("--after-burst", action="store_true",
+                        help=f"also the paced load {BURST_GAP_S:g} s after a burst of {BURST_CLIENTS} clients")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
-    print(asyncio.run(compare([args.base, args.other], args.redis, args.rounds, args.mcp)))
+    print(asyncio.run(compare([args.base, args.other], args.redis, args.rounds, args.mcp, args.after_burst)))
 
 
 if __name__ == "__main__":

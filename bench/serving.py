@@ -115,7 +115,7 @@ def main(factory: str, port: int, as_gateway: bool, quiet: bool) -> None:
         # uvicorn imports "app.main:create_app" from the module already loaded here, so it builds this instead.
         app.main.create_app = import_from_string(factory)
         raise SystemExit(cli.main(["serve", "--host", "127.0.0.1", "--port", str(port)]))
-    # Idle connections are kept longer than the gateway's Kling pool keeps them (30 s), as a load balancer in front
+    # Idle connections are kept longer than the gateway's Kling pool keeps them (5 s), as a load balancer in front
     # of an API does (60 s and more). With uvicorn's 5 s the simulator hangs up on connections a floor still holds
     # between runs, and a request that races the hang-up can fail: the floors, unlike the gateway, do not retry.
     uvicorn.run(factory, factory=True, host="127.0.0.1", port=port, workers=1, proxy_headers=True, ws="none",

@@ -199,6 +199,8 @@ def main() -> None:
                         help=f"also the paced load {BURST_GAP_S:g} s after a burst of {BURST_CLIENTS} clients")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
+    if args.mcp and args.after_burst:
+        parser.error("--after-burst runs a REST load: it does not go with --mcp")
     print(asyncio.run(compare([args.base, args.other], args.redis, args.rounds, args.mcp, args.after_burst)))
 
 

@@ -76,10 +76,11 @@ DIRECT, FLOOR = "direct to the simulator", "floor: FastAPI + the gateway's Kling
 CEILING = "bare FastAPI endpoint"
 REDIS_FLOOR = "floor with Redis: the floor + a round trip before the create and one after"
 # The goal holds for both stores: a deployment of several replicas runs on Redis.
-VERDICT_GATEWAYS = {"gateway, memory store": "memory store", "gateway, Redis": "Redis"}
-ON_REDIS = ("gateway, Redis", REDIS_FLOOR)  # the targets whose Redis is watched for slow commands
+MEMORY_GATEWAY, REDIS_GATEWAY = "gateway, memory store", "gateway, Redis"
+VERDICT_GATEWAYS = {MEMORY_GATEWAY: "memory store", REDIS_GATEWAY: "Redis"}
+ON_REDIS = (REDIS_GATEWAY, REDIS_FLOOR)  # the targets whose Redis is watched for slow commands
 # What each gateway's own work is measured over: the floor of a gateway keeping its state where it does.
-FLOOR_OF = {"gateway, memory store": FLOOR, "gateway, Redis": REDIS_FLOOR}
+FLOOR_OF = {MEMORY_GATEWAY: FLOOR, REDIS_GATEWAY: REDIS_FLOOR}
 FLOORS = (FLOOR, REDIS_FLOOR)
 FLOOR_SAYS = {FLOOR: "FastAPI and the Kling call alone",
               REDIS_FLOOR: "FastAPI, the Kling call and a Redis round trip before and after it"}  # fmt: skip
@@ -149,9 +150,9 @@ async def main(quick: bool) -> str:
             targets = {
                 DIRECT: Target(sim.url, direct_sender(
                     KlingCredentials(direct_account.access_key, direct_account.secret_key)), 200, sim),
-                "gateway, memory store": Target(memory.url, rest_sender(await api_keys(memory.url, memory_accounts)),
+                MEMORY_GATEWAY: Target(memory.url, rest_sender(await api_keys(memory.url, memory_accounts)),
                                                 202, memory, following),
-                "gateway, Redis": Target(redis.url, rest_sender(await api_keys(redis.url, redis_accounts)), 202, redis,
+                REDIS_GATEWAY: Target(redis.url, rest_sender(await api_keys(redis.url, redis_accounts)), 202, redis,
                                          following),
                 FLOOR: Target(floor.url, rest_sender(["-"]), 202, floor),
                 REDIS_FLOOR: Target(redis_floor.url, rest_sender(["-"]), 202, redis_floor),
@@ -192,10 +193,7 @@ def findings(results: dict[str, dict[str, list[Run]]], pace: float) -> list[Find
     """The summary's rows: the latency goal at 16 clients, paced and closed, each gateway against the direct create
     and its own work over its floor; the REST ceiling; what one worker sustains."""
     rows = []
-    for load, label in (
-        (paced_load(pace), f"16 clients paced at {pace:.0f} req/s"),
-        (str(PACED_CLIENTS), "16 clients, closed loop"),
-    ):
+    for load, label in goal_loads(pace).items():
         by_target = results[load]
         for name, store in VERDICT_GATEWAYS.items():
             total, own = added(by_target[name], by_target[DIRECT]), added(by_target[name], by_target[FLOOR_OF[name]])
@@ -315,6 +313,11 @@ def host_tail(direct_p99: float, p99: float) -> str:
             "stall of the host during its runs; the comparison with the floor is the one to read.) ")  # fmt: skip
 
 
+def goal_loads(pace: float) -> dict[str, str]:
+    """The loads the latency goal is judged at (16 clients, paced first), by their key in the results: their labels."""
+    return {paced_load(pace): f"16 clients paced at {pace:.0f} req/s", str(PACED_CLIENTS): "16 clients, closed loop"}
+
+
 def added(runs: list[Run], over: list[Run]) -> tuple[float, float]:
     """(p50, p99) of `runs` minus those of `over`: the medians over the rounds, the p99s over all their requests."""
     return (median([r.p50_ms for r in runs]) - median([r.p50_ms for r in over]),
@@ -358,7 +361,7 @@ def own_work(by_target: dict[str, list[Run]], gateway_name: str) -> str:
 def floor_share(paced_runs: dict[str, list[Run]]) -> str:
     """What the paced floor alone adds against the goal, and its share of what the memory-store gateway adds: the
     part any gateway on this stack pays, so the part of the goal left to the gateway's own work."""
-    gateway_p50 = added(paced_runs["gateway, memory store"], paced_runs[DIRECT])[0]
+    gateway_p50 = added(paced_runs[MEMORY_GATEWAY], paced_runs[DIRECT])[0]
     floor_p50, floor_p99 = added(paced_runs[FLOOR], paced_runs[DIRECT])
     if floor_p50 >= GOAL_P50_MS:
         left = f"is over the goal's {GOAL_P50_MS:g} ms at p50 by itself here"
@@ -406,7 +409,7 @@ def render(
     following: Following,
 ) -> str:
     quick = following == QUICK
-    labels = {"16": "16 clients, closed loop", paced_load(pace): f"16 clients paced at {pace:.0f} req/s"}
+    labels = goal_loads(pace)
     rows, verdicts = [], []
     for load, by_target in results.items():
         base = by_target[DIRECT]
@@ -416,9 +419,9 @@ def render(
                 [r.per_second for r in runs])  # fmt: skip
             timings = [t for r in runs for t in r.server_timings_ms]
             proxies = name.startswith("gateway") or name in FLOORS
-            added = f"{p50 - base_p50:+.2f} | {p99 - base_p99:+.2f}" if proxies else "| "
+            added_cells = f"{p50 - base_p50:+.2f} | {p99 - base_p99:+.2f}" if proxies else "| "
             timing = f"{median(timings):.2f}" if timings else "–"
-            rows.append(f"| {load} | {name} | {p50:.2f} | {p99:.2f} | {rate:,.0f} | {added} | {timing} | "
+            rows.append(f"| {load} | {name} | {p50:.2f} | {p99:.2f} | {rate:,.0f} | {added_cells} | {timing} | "
                         f"{cpu_ms(runs):.2f} | {steal_percent(runs):.1f} |")  # fmt: skip
             if load in labels and name in VERDICT_GATEWAYS:
                 met = within_goal(p50 - base_p50, p99 - base_p99)

@@ -546,7 +546,11 @@ class ImageService:
             await asyncio.shield(self._tasks.release_idempotency(scope, claim.owner))
             raise
         try:
-            await self._tasks.complete_idempotency(scope, replace(claim, task_id=outcome.record.task_id))
+            # Shielded: a hang-up during the (shielded) create is delivered at this, the first await after it, and
+            # an unfinished claim would make every retry of the key wait and then be refused until it lapsed.
+            await asyncio.shield(
+                self._tasks.complete_idempotency(scope, replace(claim, task_id=outcome.record.task_id))
+            )
         except RedisError:
             # The claim then lapses after its short TTL; a retry adopts the task through its external id.
             logger.warning("could not record the task of an idempotency key of tenant %s", principal.tenant.id)

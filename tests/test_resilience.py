@@ -260,6 +260,27 @@ async def test_a_caller_hanging_up_mid_create_still_gets_the_task_recorded_and_i
     assert await redis.zcard(leases) == 1  # the running task keeps its slot: no free task by hanging up
 
 
+@pytest.mark.sim_delay(60.0)
+async def test_a_caller_hanging_up_mid_create_with_an_idempotency_key_can_retry_it_at_once(
+    redis_gateway: RunningGateway, simulator: Simulator, log_lines: io.StringIO
+) -> None:
+    """The hang-up lands as the shielded create ends: the key must still name the task, or every retry would wait
+    and then be refused (409) until the claim lapsed."""
+    api_key = await redis_gateway.new_api_key("acme")
+    await simulator.control("slow", {"seconds": 1.0, "times": 1, "path": "create"})
+    headers = bearer(api_key) | {"Idempotency-Key": "order-77", "X-Request-ID": "hung-up-keyed"}
+    async with httpx2.AsyncClient(timeout=0.3) as impatient:
+        with pytest.raises(httpx2.ReadTimeout):
+            await impatient.post(f"{redis_gateway.url}/generate", json={"prompt": "x"}, headers=headers)
+    with anyio.fail_after(5):
+        while not request_logged(log_lines, "hung-up-keyed"):  # noqa: ASYNC110 - the log is the observation
+            await anyio.sleep(0.05)
+        retried = await redis_gateway.http.post(f"{redis_gateway.url}/generate", json={"prompt": "x"},
+                                                headers=headers | {"X-Request-ID": "retry"})  # fmt: skip
+    assert retried.status_code in (200, 202), retried.text
+    assert (await simulator.stats())["creates"] == 1
+
+
 def request_logged(log_lines: io.StringIO, request_id: str) -> bool:
     """Whether the request line of `request_id` (the one line per request, written when it ends) is out."""
     lines = (json.loads(line) for line in log_lines.getvalue().splitlines())

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Literal
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -87,7 +87,7 @@ def check_reference_url(url: str) -> str:
     """
     if len(url) > MAX_URL_CHARS:
         raise ValueError(f"URL is longer than {MAX_URL_CHARS} characters")
-    parts = urlsplit(url)
+    parts = read_unambiguously(url)
     if parts.scheme not in ("https", "http"):  # http is refused later unless the operator allows it
         raise ValueError("must be an https:// URL or base64 image data (local paths and other schemes are refused)")
     if parts.username or parts.password:
@@ -104,6 +104,25 @@ def check_reference_url(url: str) -> str:
     if host in _BLOCKED_HOSTNAMES or host.endswith(_INTERNAL_SUFFIXES) or "." not in host:
         raise ValueError(f"host {host!r} is not a public internet host")
     return url
+
+
+def read_unambiguously(url: str) -> SplitResult:
+    """The URL's parts, once sure that no other URL parser reads another host in it. Python's parser and the
+    WHATWG one (browsers, Node, and whatever fetches at Kling) differ: WHATWG reads a backslash as a slash,
+    decodes escapes in a host name and drops tabs and newlines anywhere, so `https://169.254.169.254\\.a.com/`
+    is a host of a.com here and the metadata address there."""
+    if "\\" in url or any(ord(char) <= 0x20 or ord(char) == 0x7F for char in url):
+        raise ValueError("must not contain backslashes, spaces or control characters (escape them with %XX)")
+    parts = urlsplit(url)
+    if "%" in parts.netloc:
+        raise ValueError("must not escape characters in its host name")
+    try:
+        port = parts.port  # a ValueError when out of range or not a number
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ValueError("has a port that is not a number from 1 to 65535")
+    return parts
 
 
 def _is_ip_literal(host: str) -> bool:
@@ -271,7 +290,7 @@ class GenerateRequest(BaseModel):
     def _webhook_url(cls, value: str | None) -> str | None:
         if not value:
             return None
-        parts = urlsplit(value)
+        parts = read_unambiguously(value)
         if parts.scheme not in ("https", "http") or not parts.hostname:
             raise ValueError("must be an https:// URL")
         if parts.username or parts.password:

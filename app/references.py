@@ -26,9 +26,17 @@ async def system_resolver(host: str) -> list[str]:
     return [str(info[4][0]) for info in infos]
 
 
+# Ranges that no public host uses, which `is_global` of Python 3.11 before 3.11.10 (CVE-2024-4032) calls global:
+# local-use NAT64, which a cluster's own translator maps onto private IPv4 (RFC 8215), and the deprecated
+# IPv4-compatible addresses (RFC 4291 §2.5.5.1), `::a9fe:a9fe` for the metadata service.
+_NEVER_PUBLIC = (ipaddress.ip_network("64:ff9b:1::/48"), ipaddress.ip_network("::/96"))
+
+
 def is_public_address(text: str) -> bool:
     address = ipaddress.ip_address(text.split("%", 1)[0])
     if isinstance(address, ipaddress.IPv6Address):
+        if any(address in network for network in _NEVER_PUBLIC):
+            return False
         embedded = address.ipv4_mapped or address.sixtofour
         if embedded is not None:
             return is_public_address(str(embedded))

@@ -432,6 +432,29 @@ def test_a_png_header_claiming_gigantic_dimensions_is_refused_without_decoding()
 
 
 @pytest.mark.parametrize(
+    "url",
+    [
+        "https://169.254.169.254\\.example.com/a.png",  # a browser-style parser reads the host as 169.254.169.254
+        "https://169.254.169%2E254/a.png",  # and decodes escapes in a host
+        "https://127.0.0.1%2e/a.png",
+        "https://example.com\\@127.0.0.1/a.png",
+        "https://exa\tmple.com/a.png",  # tabs and newlines are dropped by such a parser, wherever they are
+        "https://example.com:99999/a.png",  # no such port
+        "https://example.com:0/a.png",
+    ],
+)
+def test_a_reference_url_that_another_url_parser_could_read_as_another_host_is_refused(url: str) -> None:
+    assert refusal({"prompt": "a fox", "ref_image_url": url}).details["field"] == "ref_image_url"
+
+
+@pytest.mark.parametrize(
+    "url", ["https://example.com:99999/hook", "https://exa%6Dple.com/hook", "https://a.com\\@b.com/"]
+)
+def test_a_webhook_url_that_is_not_one_unambiguous_host_is_refused(url: str) -> None:
+    assert refusal({"prompt": "a fox", "webhook_url": url}).details["field"] == "webhook_url"
+
+
+@pytest.mark.parametrize(
     "url", ["https://１２７.０.０.１/x.png", "https://127。0。0.1/x.png", "https://a.ｌｏｃａｌｈｏｓｔ/x.png"]
 )
 def test_full_width_and_ideographic_spellings_of_internal_hosts_are_refused(url: str) -> None:

@@ -23,7 +23,10 @@ def resolving_to(*addresses: str) -> ReferenceGuard:
 @pytest.mark.parametrize(
     "address",
     ["10.1.2.3", "127.0.0.1", "169.254.169.254", "192.168.0.1", "100.64.1.1", "::1", "fd00:ec2::254",
-     "fe80::1", "::ffff:10.0.0.1", "64:ff9b::a00:1", "2002:a00:1::", "224.0.0.1", "0.0.0.0"],  # noqa: S104 - an address to refuse, not to bind
+     "fe80::1", "::ffff:10.0.0.1", "64:ff9b::a00:1", "2002:a00:1::", "224.0.0.1",
+     "0.0.0.0",  # noqa: S104 - an address to refuse, not to bind
+     # Python 3.11 before 3.11.10 calls these global: local-use NAT64 (RFC 8215) and IPv4-compatible addresses.
+     "64:ff9b:1::a9fe:a9fe", "::a9fe:a9fe", "::7f00:1", "::808:808"],
 )  # fmt: skip
 async def test_a_host_resolving_to_a_non_public_address_is_refused(address: str) -> None:
     with pytest.raises(InvalidRequest) as caught:

@@ -38,7 +38,15 @@ from app.kling import (
 from app.lifecycle import Drain
 from app.models import GenerateRequest, TaskStatus, TaskView
 from app.observability import Waiting
-from app.ratelimit import AccountGovernor, Admission, Limiter, Remaining, count_slot_taken, limit_refused
+from app.ratelimit import (
+    AccountGovernor,
+    Admission,
+    Limiter,
+    Remaining,
+    count_slot_taken,
+    limit_refused,
+    refuse_impossible,
+)
 from app.references import ReferenceGuard
 from app.sealing import SealingError
 from app.tasks import IdempotencyClaim, PollLease, ProgressCallback, TaskRecord, TaskStore
@@ -208,6 +216,8 @@ class ImageService:
             raise UpstreamUnavailable("this gateway replica is shutting down; retry (another replica will answer)",
                                       retry_after=1)  # fmt: skip
         request = apply_policy(principal.tenant.policy, request)
+        # Checks of the arguments, before anything is counted: a request no account slot can ever hold costs no rate.
+        refuse_impossible(request.num_images, principal.concurrency)
         await self._references.check(request.ref_image_url)
         if request.webhook_url is not None:
             await self._check_webhook(principal, request.webhook_url)

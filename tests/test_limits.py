@@ -118,6 +118,28 @@ async def test_a_daily_quota_of_five_images_refuses_the_third_two_image_request(
     assert answers[2].json()["error"]["limit"] == "images_per_day"
 
 
+async def test_more_images_than_the_account_runs_at_once_is_refused_before_anything_is_charged(
+    redis_gateway: RunningGateway, simulator: Simulator
+) -> None:
+    api_key = await redis_gateway.new_api_key("acme", concurrency=4)
+    await set_limits(redis_gateway, requests_per_minute=2)
+    too_many = [
+        await redis_gateway.http.post(
+            f"{redis_gateway.url}/generate", json={"prompt": "x", "num_images": 9}, headers=bearer(api_key)
+        )
+        for _ in range(3)
+    ]
+    assert {response.status_code for response in too_many} == {422}
+    assert too_many[0].json()["error"]["field"] == "num_images"
+    assert "at most 4 images at once" in too_many[0].json()["error"]["message"]
+    fitting = await redis_gateway.http.post(
+        f"{redis_gateway.url}/generate", json={"prompt": "x", "num_images": 4}, headers=bearer(api_key)
+    )
+    assert fitting.status_code == 202, fitting.text  # the refusals took none of the two requests a minute
+    assert fitting.json()["quota"]["requests_this_minute"] == 1
+    assert (await simulator.stats())["create_attempts"] == 1
+
+
 async def test_two_tenants_sharing_a_four_slot_account_complete_ten_tasks_without_a_1303(
     redis_gateway: RunningGateway, replica_b: str, simulator: Simulator
 ) -> None:

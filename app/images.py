@@ -111,11 +111,13 @@ def request_fingerprint(request: GenerateRequest) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
-def external_task_id_for(tenant_id: str, idempotency_key: str | None) -> str:
-    """Derived from (tenant, key) when there is a key, so a retry reaches the same Kling task."""
+def external_task_id_for(tenant_id: str, idempotency_key: str | None, fingerprint: str = "") -> str:
+    """Derived from (tenant, key, the request's fingerprint) when there is a key, so a retry reaches the same Kling
+    task. The fingerprint keeps a key used again with other arguments once its day is over (when the gateway no
+    longer remembers it) from reaching, and adopting, the earlier task: Kling keeps external ids for good."""
     if idempotency_key is None:
         return f"kgw-{uuid.uuid4().hex}"
-    return "kgw-" + hashlib.sha256(f"{tenant_id}\0{idempotency_key}".encode()).hexdigest()[:32]
+    return "kgw-" + hashlib.sha256(f"{tenant_id}\0{idempotency_key}\0{fingerprint}".encode()).hexdigest()[:32]
 
 
 def retry_delay(failure: KlingFailure, attempt: int, *, known_absent: bool = False) -> float | None:
@@ -550,7 +552,8 @@ class ImageService:
         self, principal: Principal, request: GenerateRequest, key: str, scope: str, claim: IdempotencyClaim
     ) -> Outcome:
         try:
-            outcome = await self._submit(principal, request, external_task_id_for(principal.tenant.id, key))
+            external_task_id = external_task_id_for(principal.tenant.id, key, claim.fingerprint)
+            outcome = await self._submit(principal, request, external_task_id)
         except BaseException:
             # Nothing was created (a possibly created task was looked up already): a retry may submit again.
             await asyncio.shield(self._tasks.release_idempotency(scope, claim.owner))

@@ -8,6 +8,7 @@ from typing import Any
 
 import anyio
 import pytest
+from redis.asyncio import Redis
 
 from tests.conftest import ADMIN, SECONDARY, RunningGateway, Simulator, bearer, gateway_settings, running_gateway
 
@@ -149,6 +150,19 @@ async def test_the_same_idempotency_key_replays_the_same_task(gateway: RunningGa
     changed = await gateway.http.post(f"{gateway.url}/generate", json={"prompt": "a wolf"}, headers=headers)
     assert changed.status_code == 422
     assert changed.json()["error"]["field"] == "idempotency_key"
+
+
+async def test_a_key_used_again_with_other_arguments_after_its_day_creates_a_new_task(
+    redis_gateway: RunningGateway, simulator: Simulator, redis: Redis
+) -> None:
+    headers = {**bearer(await redis_gateway.new_api_key("acme")), "Idempotency-Key": "order-43"}
+    fox = await redis_gateway.http.post(f"{redis_gateway.url}/generate", json={"prompt": "a fox"}, headers=headers)
+    (record,) = await redis.keys("kgw:idem:*")
+    await redis.delete(record)  # what its 24 hours do
+    wolf = await redis_gateway.http.post(f"{redis_gateway.url}/generate", json={"prompt": "a wolf"}, headers=headers)
+    assert (fox.status_code, wolf.status_code) == (202, 202), wolf.text
+    assert wolf.json()["task_id"] != fox.json()["task_id"]  # not the fox's task, whose images are of a fox
+    assert (await simulator.stats())["creates"] == 2
 
 
 async def test_concurrent_duplicates_with_one_idempotency_key_create_one_task(

@@ -36,6 +36,7 @@ from app.kling import (
     build_generation_body,
 )
 from app.lifecycle import Drain
+from app.metrics import LEASES_RETAKEN
 from app.models import GenerateRequest, TaskStatus, TaskView
 from app.observability import Waiting
 from app.ratelimit import (
@@ -353,7 +354,7 @@ class ImageService:
                 status=TaskStatus.SUBMITTED, created_at_ms=task.created_at, updated_at_ms=task.updated_at,
                 webhook_url=request.webhook_url,
             ).updated_from(task)  # fmt: skip
-            leases = _TaskLeases(self, principal, admission.lease_id, account_lease)
+            leases = _TaskLeases(self, principal, admission.lease_id, account_lease, images)
             self._follower.follow(record, principal.kling, leases)
             # The request is counted with its task, once rather than on admission and here; with Redis, in the
             # process, written later in a batch (app/usage_buffer.py), so the record is the one round trip here
@@ -424,13 +425,22 @@ class ImageService:
         except (RedisError, OSError):
             logger.warning("could not record usage of tenant %s", principal.tenant.id)
 
-    async def _refresh(self, principal: Principal, tenant_lease: str, account_lease: str) -> None:
+    async def _refresh(self, principal: Principal, tenant_lease: str, account_lease: str, images: int) -> None:
+        """Extend a running task's leases; one found lapsed is taken again (and reported), for the task still
+        holds its place at Kling: left lapsed, its slots would be given to others and the limits exceeded."""
         try:
-            await self._limiter.refresh(principal.tenant.id, tenant_lease)
-            await self._governor.refresh(principal.credential_id, account_lease)
+            held = {
+                "tenant": await self._limiter.refresh(principal.tenant.id, tenant_lease, retake=1),
+                "kling_account": await self._governor.refresh(principal.credential_id, account_lease, retake=images),
+            }
         except (RedisError, OSError):
             # Redis is away: the leases may lapse and free their slots early; Kling's 1303 is the backstop.
             logger.warning("could not refresh the leases of tenant %s", principal.tenant.id)
+            return
+        for kind in (kind for kind, kept in held.items() if not kept):
+            LEASES_RETAKEN.labels(kind).inc()
+            logger.warning("a %s lease of a running task of tenant %s had lapsed; taken again", kind,
+                           principal.tenant.id)  # fmt: skip
 
     async def _undo(self, principal: Principal, tenant_lease: str, account_lease: str | None, refund: int) -> None:
         """An admitted submission that created nothing: its slots back; the request still counts as one."""
@@ -574,16 +584,19 @@ class _TaskLeases:
     """A submitted task's tenant lease and account slot, as the follower holds them (`Leases`) for the task's
     whole life: one small object, where two closures over the same four values took seven."""
 
-    __slots__ = ("_account_lease", "_principal", "_service", "_tenant_lease")
+    __slots__ = ("_account_lease", "_images", "_principal", "_service", "_tenant_lease")
 
-    def __init__(self, service: ImageService, principal: Principal, tenant_lease: str, account_lease: str) -> None:
+    def __init__(
+        self, service: ImageService, principal: Principal, tenant_lease: str, account_lease: str, images: int
+    ) -> None:
         self._service = service
         self._principal = principal
         self._tenant_lease = tenant_lease
         self._account_lease = account_lease
+        self._images = images
 
     async def refresh(self) -> None:
-        await self._service._refresh(self._principal, self._tenant_lease, self._account_lease)
+        await self._service._refresh(self._principal, self._tenant_lease, self._account_lease, self._images)
 
     async def release(self) -> None:
         await self._service._release(self._principal, self._tenant_lease, self._account_lease, 0)

@@ -71,6 +71,12 @@ KLING_REQUEST_SECONDS = Histogram("kgw_kling_request_seconds", "Duration of HTTP
 LIMITER_DECISIONS = Counter(
     "kgw_limiter_decisions", "Limit checks, by limit and result (admitted, refused, unavailable)", ("limit", "result")
 )
+LEASES_RETAKEN = Counter(
+    "kgw_leases_retaken",
+    "Leases of running tasks found lapsed (Redis lost them, or the replica stalled past their TTL) and taken again,"
+    " by kind (tenant, kling_account)",
+    ("kind",),
+)
 REDIS_ERRORS = Counter("kgw_redis_errors", "Redis commands or connections that failed, by kind", ("kind",))
 # Gauges add up across live workers (a dead worker's share is dropped when it exits).
 TASKS_IN_FLIGHT = Gauge(

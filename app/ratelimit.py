@@ -140,8 +140,9 @@ class Limiter(Protocol):
     async def admit_task(self, tenant_id: str, key_id: str, limits: TenantLimits, images: int) -> Admission:
         """Charge one request, take a concurrency lease and reserve `images` of today's quota, all or nothing."""
 
-    async def refresh(self, tenant_id: str, lease_id: str) -> bool:
-        """Extend a lease; False when it was lost (expired)."""
+    async def refresh(self, tenant_id: str, lease_id: str, *, retake: int = 0) -> bool:
+        """Extend a lease; False when it was lost (expired). With `retake`, a lost lease is taken again for that
+        weight, over the limit if need be: what it stands for (a task running at Kling) still takes its place."""
 
     async def release(self, tenant_id: str, lease_id: str, *, refund_images: int = 0) -> None:
         """Free a lease (idempotent); refund images Kling never accepted."""
@@ -158,7 +159,9 @@ class AccountGovernor(Protocol):
         caller a slot it keeps, `count_slot_taken`)."""
         ...
 
-    async def refresh(self, credential_id: str, lease_id: str) -> bool: ...
+    async def refresh(self, credential_id: str, lease_id: str, *, retake: int = 0) -> bool:
+        """As `Limiter.refresh`: `retake` is the slots a lost lease takes again."""
+
     async def release(self, credential_id: str, lease_id: str) -> None: ...
 
 
@@ -240,15 +243,21 @@ redis.call('INCRBY', KEYS[5], images); redis.call('EXPIRE', KEYS[5], tonumber(AR
 return {1, math.min(remaining, key_remaining), max_concurrent - used - 1, max_images - today - images}
 """
 )
-# KEYS: leases, weights | ARGV: lease id, ttl ms
-REFRESH = """
+# KEYS: leases, weights | ARGV: lease id, ttl ms, the weight a lost lease is taken again for (0: none)
+REFRESH = (
+    _LUA_LEASES
+    + """
 local t = redis.call('TIME'); local now = t[1] * 1000000 + t[2]
 local expires = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not expires or tonumber(expires) <= now then return 0 end  -- lost: expired, even if not purged yet
+if not expires or tonumber(expires) <= now then  -- lost: expired, even if not purged yet
+  if tonumber(ARGV[3]) > 0 then take(KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[3]), tonumber(ARGV[2]), now) end
+  return 0
+end
 redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]) * 1000, ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[2]); redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return 1
 """
+)
 # KEYS: leases, weights, day | ARGV: lease id, images to refund
 RELEASE = """
 local held = redis.call('ZREM', KEYS[1], ARGV[1])
@@ -387,9 +396,9 @@ class RedisLimiter:
         count_admitted(limits, task=True)
         return Admission(lease_id, Remaining(requests, concurrent, images_left))
 
-    async def refresh(self, tenant_id: str, lease_id: str) -> bool:
+    async def refresh(self, tenant_id: str, lease_id: str, *, retake: int = 0) -> bool:
         keys = self._keys(tenant_id, "")[2:4]
-        return bool(await self._refresh(keys=keys, args=[lease_id, self._lease_ttl_ms]))
+        return bool(await self._refresh(keys=keys, args=[lease_id, self._lease_ttl_ms, retake]))
 
     async def release(self, tenant_id: str, lease_id: str, *, refund_images: int = 0) -> None:
         keys = self._keys(tenant_id, "", day_of_lease(lease_id))[2:5]
@@ -443,8 +452,9 @@ class RedisAccountGovernor:
             raise
         return lease_id if taken else None
 
-    async def refresh(self, credential_id: str, lease_id: str) -> bool:
-        return bool(await self._refresh(keys=self._keys(credential_id)[:2], args=[lease_id, self._lease_ttl_ms]))
+    async def refresh(self, credential_id: str, lease_id: str, *, retake: int = 0) -> bool:
+        args: list[int | str] = [lease_id, self._lease_ttl_ms, retake]
+        return bool(await self._refresh(keys=self._keys(credential_id)[:2], args=args))
 
     async def release(self, credential_id: str, lease_id: str) -> None:
         await self._batches.run(self._leave, self._keys(credential_id), [lease_id])
@@ -552,11 +562,13 @@ class _Leases:
     def take(self, scope: str, lease_id: str, weight: int, expires: float) -> None:
         self._scope(scope).put(lease_id, expires, weight)
 
-    def refresh(self, scope: str, lease_id: str, expires: float, now: float) -> bool:
+    def refresh(self, scope: str, lease_id: str, expires: float, now: float, retake: int) -> bool:
         leases = self._scope(scope)
         leases.expire(now)
         held = leases.held.get(lease_id)
         if held is None:
+            if retake:
+                leases.put(lease_id, expires, retake)
             return False
         leases.put(lease_id, expires, held[1])
         return True
@@ -619,9 +631,9 @@ class MemoryLimiter:
         count_admitted(limits, task=True)
         return Admission(lease_id, left)
 
-    async def refresh(self, tenant_id: str, lease_id: str) -> bool:
+    async def refresh(self, tenant_id: str, lease_id: str, *, retake: int = 0) -> bool:
         now = self._clock()
-        return self._leases.refresh(tenant_id, lease_id, now + self._lease_ttl_s, now)
+        return self._leases.refresh(tenant_id, lease_id, now + self._lease_ttl_s, now, retake)
 
     async def release(self, tenant_id: str, lease_id: str, *, refund_images: int = 0) -> None:
         if self._leases.drop(tenant_id, lease_id) and refund_images:
@@ -665,9 +677,9 @@ class MemoryAccountGovernor:
         self._leases.take(credential_id, lease_id, slots, now + self._lease_ttl_s)
         return lease_id
 
-    async def refresh(self, credential_id: str, lease_id: str) -> bool:
+    async def refresh(self, credential_id: str, lease_id: str, *, retake: int = 0) -> bool:
         now = time.monotonic()
-        return self._leases.refresh(credential_id, lease_id, now + self._lease_ttl_s, now)
+        return self._leases.refresh(credential_id, lease_id, now + self._lease_ttl_s, now, retake)
 
     async def release(self, credential_id: str, lease_id: str) -> None:
         self._queues.get(credential_id, OrderedDict()).pop(lease_id, None)
@@ -720,10 +732,10 @@ class FallbackLimiter:
             admission = await local.admit_task(tenant_id, key_id, _scaled(limits, self._replicas), images)
             return Admission(LOCAL_PREFIX + admission.lease_id, admission.remaining)
 
-    async def refresh(self, tenant_id: str, lease_id: str) -> bool:
+    async def refresh(self, tenant_id: str, lease_id: str, *, retake: int = 0) -> bool:
         if lease_id.startswith(LOCAL_PREFIX) and self._fallback is not None:
-            return await self._fallback.refresh(tenant_id, lease_id.removeprefix(LOCAL_PREFIX))
-        return await self._primary.refresh(tenant_id, lease_id)
+            return await self._fallback.refresh(tenant_id, lease_id.removeprefix(LOCAL_PREFIX), retake=retake)
+        return await self._primary.refresh(tenant_id, lease_id, retake=retake)
 
     async def release(self, tenant_id: str, lease_id: str, *, refund_images: int = 0) -> None:
         if lease_id.startswith(LOCAL_PREFIX) and self._fallback is not None:
@@ -765,10 +777,10 @@ class FallbackGovernor:
         """This replica's share of the slots, but never less than this request needs nor more than the account has."""
         return min(capacity, max(slots, capacity // self._replicas))
 
-    async def refresh(self, credential_id: str, lease_id: str) -> bool:
+    async def refresh(self, credential_id: str, lease_id: str, *, retake: int = 0) -> bool:
         if lease_id.startswith(LOCAL_PREFIX) and self._fallback is not None:
-            return await self._fallback.refresh(credential_id, lease_id.removeprefix(LOCAL_PREFIX))
-        return await self._primary.refresh(credential_id, lease_id)
+            return await self._fallback.refresh(credential_id, lease_id.removeprefix(LOCAL_PREFIX), retake=retake)
+        return await self._primary.refresh(credential_id, lease_id, retake=retake)
 
     async def release(self, credential_id: str, lease_id: str) -> None:
         if lease_id.startswith(LOCAL_PREFIX) and self._fallback is not None:

@@ -392,3 +392,27 @@ async def test_a_running_tasks_lease_is_renewed_while_its_follower_waits_for_cal
                                                 headers=bearer(api_key))  # fmt: skip
     assert refused.status_code == 429
     assert refused.json()["error"]["limit"] == "concurrent_tasks"
+
+
+@pytest.mark.sim_delay(30.0)
+async def test_a_running_tasks_lease_that_redis_lost_is_taken_again_and_reported(
+    redis_gateway: RunningGateway, redis: Redis, redis_url: str, simulator: Simulator
+) -> None:
+    api_key = await redis_gateway.new_api_key("acme")
+    await set_limits(redis_gateway, concurrent_tasks=1)
+    tenant_id = (await redis_gateway.http.get(f"{redis_gateway.url}/admin/tenants", headers=ADMIN)).json()[-1]["id"]
+    leases = f"kgw:rl:{{t:{tenant_id}}}:leases"
+    env = replica_env(redis_url, simulator.url, lease_ttl_seconds="1", public_url="http://127.0.0.1:9")
+    async with gateway_process(env) as replica:
+        held = await redis_gateway.http.post(f"{replica.url}/generate", json={"prompt": "x"}, headers=bearer(api_key))
+        assert held.status_code == 202, held.text
+        await redis.delete(leases, f"kgw:rl:{{t:{tenant_id}}}:weights")  # as a Redis restarted without its data
+        with anyio.fail_after(5):
+            while not await redis.exists(leases):  # noqa: ASYNC110 - Redis's state is the observation
+                await anyio.sleep(0.05)
+        refused = await redis_gateway.http.post(f"{replica.url}/generate", json={"prompt": "y"},
+                                                headers=bearer(api_key))  # fmt: skip
+        metrics = (await redis_gateway.http.get(f"{replica.url}/metrics")).text
+    assert refused.status_code == 429
+    assert refused.json()["error"]["limit"] == "concurrent_tasks"
+    assert 'kgw_leases_retaken_total{kind="tenant"} 1.0' in metrics

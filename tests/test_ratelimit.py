@@ -336,6 +336,29 @@ async def test_refreshing_a_lease_past_its_expiry_fails_even_before_anything_pur
     assert not await limiter.refresh(TENANT, lost.lease_id)
 
 
+async def test_a_lapsed_lease_refreshed_with_retake_counts_again_until_released(backend: Backend) -> None:
+    limiter, governor = backend.limiter(lease_ttl_s=0.2), backend.governor(lease_ttl_s=0.2)
+    limits = TenantLimits(requests_per_minute=HIGH, concurrent_tasks=1)
+    slots = await governor.acquire(CREDENTIAL, 3, 4, 0)  # first, so it has lapsed when the tenant's lease has
+    running = await limiter.admit_task(TENANT, "k1", limits, 1)
+    with anyio.fail_after(1):  # no event marks an expiry: ask until the slot comes back
+        while True:
+            try:
+                await limiter.release(TENANT, (await limiter.admit_task(TENANT, "k1", limits, 1)).lease_id)
+                break
+            except RateLimited:
+                await anyio.sleep(0.02)
+    assert not await limiter.refresh(TENANT, running.lease_id, retake=1)
+    assert not await governor.refresh(CREDENTIAL, slots, retake=3)
+    await refused_by("concurrent_tasks", limiter.admit_task(TENANT, "k1", limits, 1))  # the task counts again
+    assert await governor.try_acquire(CREDENTIAL, 2, 4) is None  # and so do its 3 slots of 4
+    assert await limiter.refresh(TENANT, running.lease_id, retake=1)  # held again: a plain refresh
+    await limiter.release(TENANT, running.lease_id)
+    await governor.release(CREDENTIAL, slots)
+    await limiter.admit_task(TENANT, "k1", limits, 1)
+    assert await governor.try_acquire(CREDENTIAL, 4, 4) is not None
+
+
 async def test_a_refund_after_utc_midnight_does_not_free_images_of_the_new_day(
     backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -136,7 +136,19 @@ class StoreUnavailable(GatewayError):
 
 # What each Kling code means for the caller: (status, type, advice). See reference/kling-api.md §6.
 _KLING_CODES: dict[range, tuple[int, str, str]] = {
-    range(1000, 1005): (
+    range(1000, 1003): (
+        502,
+        "kling_auth_failed",
+        "Kling rejected this tenant's Kling credentials; an administrator must fix them",
+    ),
+    # Not the credentials: Kling's clock says the token's `nbf` (signed 5 s in the past) is still to come.
+    range(1003, 1004): (
+        502,
+        "kling_auth_failed",
+        "Kling says the gateway's token is not valid yet: the gateway host's clock is behind; an administrator "
+        "must set it right (NTP)",
+    ),
+    range(1004, 1005): (
         502,
         "kling_auth_failed",
         "Kling rejected this tenant's Kling credentials; an administrator must fix them",

@@ -115,6 +115,14 @@ async def test_each_kling_error_code_keeps_its_status_message_and_request_id_and
     assert error.details == {"kling_code": code, "kling_request_id": exc.request_id}
 
 
+def test_a_token_kling_finds_not_yet_valid_points_the_administrator_at_the_clock_not_the_credentials() -> None:
+    early = error_from_kling(KlingError(401, 1003, "Authorization is not active", "req-1"))
+    wrong = error_from_kling(KlingError(401, 1002, "Authorization is invalid", "req-2"))
+    assert "clock" in early.message
+    assert "credentials" not in early.message
+    assert "credentials" in wrong.message
+
+
 async def test_an_account_at_its_concurrency_limit_gets_1303_which_the_caller_sees_as_429_with_retry_after(
     simulator: Simulator,
 ) -> None:

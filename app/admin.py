@@ -16,7 +16,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from app.errors import Forbidden, InvalidRequest, Unauthorized
-from app.tenant_schemas import LimitsIn, PolicyIn, TenantName
+from app.tenant_schemas import KlingBaseUrl, LimitsIn, PolicyIn, TenantName
 from app.tenants import ApiKeyRecord, Credential, KeyFormat, Tenant, TenantDirectory
 from app.usage import AuditEntry, DailyUsage
 from app.webhooks import new_webhook_secret
@@ -33,6 +33,7 @@ class CredentialIn(BaseModel):
     access_key: Annotated[str, Field(min_length=1, max_length=256)]
     secret_key: Annotated[SecretStr, Field(min_length=1, max_length=256)]
     concurrency: Annotated[int, Field(ge=1, le=1000, description="Images the Kling account may have in flight")] = 5
+    base_url: KlingBaseUrl = None
 
 
 class CredentialOut(BaseModel):
@@ -40,11 +41,12 @@ class CredentialOut(BaseModel):
     access_key: str
     concurrency: int
     created_at: float
+    base_url: str | None = Field(description="The account's Kling API; null: the gateway's KGW_KLING_BASE_URL")
 
     @classmethod
     def of(cls, credential: Credential) -> CredentialOut:
         return cls(id=credential.id, access_key=credential.access_key, concurrency=credential.concurrency,
-                   created_at=credential.created_at)  # fmt: skip
+                   created_at=credential.created_at, base_url=credential.base_url)  # fmt: skip
 
 
 class TenantIn(BaseModel):
@@ -147,7 +149,7 @@ def build_admin_router(directory: TenantDirectory, stores: Stores, admin_token: 
     async def create_credential(body: CredentialIn) -> CredentialOut:
         """Add a Kling account (or return the existing one with this access key and secret)."""
         credential = await directory.add_credential(
-            body.access_key, body.secret_key.get_secret_value(), body.concurrency
+            body.access_key, body.secret_key.get_secret_value(), body.concurrency, base_url=body.base_url
         )
         await audit.append(ACTOR, "credential.create", credential.id, {"access_key": credential.access_key})
         return CredentialOut.of(credential)
@@ -165,7 +167,7 @@ def build_admin_router(directory: TenantDirectory, stores: Stores, admin_token: 
         if body.kling is not None:
             kling = body.kling
             credential = await directory.add_credential(kling.access_key, kling.secret_key.get_secret_value(),
-                                                        kling.concurrency)  # fmt: skip
+                                                        kling.concurrency, base_url=kling.base_url)  # fmt: skip
             ids = (credential.id,)
             await audit.append(ACTOR, "credential.create", credential.id, {"access_key": credential.access_key})
         tenant = await directory.create_tenant(body.name, ids, body.policy.policy(), body.limits.limits())

@@ -23,6 +23,7 @@ from app.main import ConfigurationError, Stores, admin_directory, apply_file, op
 from app.metrics import prepare_multiprocess_dir
 from app.sealing import SealingError, new_master_key
 from app.simulator import SimAccount, SimulatorConfig, serve_simulator
+from app.tenant_schemas import check_kling_base_url
 from app.tenants import TenantDirectory, TenantPolicy
 from app.tenants_file import TenantsFileError
 
@@ -110,9 +111,17 @@ def _with_directory(work: Callable[[TenantDirectory, Stores], Awaitable[int]]) -
         return 2
 
 
+def kling_base_url_argument(value: str) -> str | None:
+    try:
+        return check_kling_base_url(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def cmd_tenants_create(args: argparse.Namespace) -> int:
     async def work(directory: TenantDirectory, stores: Stores) -> int:
-        credential = await directory.add_credential(args.kling_access_key, args.kling_secret_key, args.concurrency)
+        credential = await directory.add_credential(args.kling_access_key, args.kling_secret_key, args.concurrency,
+                                                    base_url=args.kling_base_url)  # fmt: skip
         policy = TenantPolicy(tuple(args.allowed_models) if args.allowed_models else None, args.default_model,
                               args.max_images)  # fmt: skip
         tenant = await directory.create_tenant(args.name, (credential.id,), policy)
@@ -253,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--kling-access-key", required=True)
     create.add_argument("--kling-secret-key", required=True)
     create.add_argument("--concurrency", type=int, default=5, help="images the Kling account may run at once")
+    create.add_argument("--kling-base-url", type=kling_base_url_argument,
+                        help="the account's Kling API when not KGW_KLING_BASE_URL (a China account: "
+                             "https://api-beijing.klingai.com)")  # fmt: skip
     create.set_defaults(run=cmd_tenants_create)
     create.add_argument("--allowed-models", nargs="+", help="image models this tenant may use (default: all)")
     create.add_argument("--default-model", help="model used when a request names none")

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
 import httpcore2
@@ -44,11 +44,13 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class KlingCredentials:
     """One Kling account's AK/SK. `repr` hides the secret. `credential_id` (the gateway's id of the account)
-    names it in metrics, where the access key must never appear."""
+    names it in metrics, where the access key must never appear. `base_url`: where the account's API is, when not
+    at the gateway's KGW_KLING_BASE_URL (a China account's is api-beijing: its keys do not work on the global API)."""
 
     access_key: str
     secret_key: str
     credential_id: str = ""
+    base_url: str = ""
 
     def __repr__(self) -> str:
         return f"KlingCredentials(access_key={self.access_key!r}, secret_key='***')"
@@ -208,9 +210,9 @@ class KlingClient:
         breakers: Breakers | None = None,
     ) -> None:
         self._pool = pool
-        base = urlsplit(base_url.rstrip("/"))
-        # Split once: a URL string would be parsed again by httpcore2 on every call.
-        self._scheme, self._host, self._port, self._prefix = base.scheme, base.hostname or "", base.port, base.path
+        self._default_base = base_url
+        # Each base URL split once: a URL string would be parsed again by httpcore2 on every call.
+        self._bases: dict[str, _Base] = {}
         self._deadline_s = deadline_s
         self._jwts = JwtCache()
         self._breakers = breakers or Breakers()
@@ -273,7 +275,8 @@ class KlingClient:
     async def _send(self, request: _Request[T], *, force_new_token: bool) -> T:
         method, path, body = request.method, request.path, request.body
         headers, content = encode_call(self._jwts.token(request.credentials, force_new=force_new_token), body)
-        url = httpcore2.URL(scheme=self._scheme, host=self._host, port=self._port, target=self._prefix + path)
+        base = self._base(request.credentials.base_url or self._default_base)
+        url = httpcore2.URL(scheme=base.scheme, host=base.host, port=base.port, target=base.prefix + path)
         with kling_call(request.endpoint, failure_code) as call:
             try:
                 # The pool's timeouts are per phase; a slow drip would never trip them, so bound the whole call.
@@ -294,6 +297,20 @@ class KlingClient:
             data = request.parse(parse_envelope(response))
             call.answered(0, data.task_id if isinstance(data, KlingTask) else None)
         return data
+
+    def _base(self, base_url: str) -> _Base:
+        base = self._bases.get(base_url)
+        if base is None:
+            parts = urlsplit(base_url.rstrip("/"))
+            base = self._bases[base_url] = _Base(parts.scheme, parts.hostname or "", parts.port, parts.path)
+        return base
+
+
+class _Base(NamedTuple):
+    scheme: str
+    host: str
+    port: int | None
+    prefix: str
 
 
 def encode_call(token: str, body: dict[str, Any] | None) -> tuple[list[tuple[bytes, bytes]], bytes | None]:

@@ -4,14 +4,36 @@ the tenants file, so a file can set nothing the API would refuse."""
 from __future__ import annotations
 
 from typing import Annotated
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from app.models import canonical_model_name
 from app.ratelimit import TenantLimits
 from app.tenants import TenantPolicy
 
 TenantName = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$")]
+
+
+def check_kling_base_url(value: str | None) -> str | None:
+    """An http(s) URL of a host (and maybe a path), without a trailing slash; None (or empty) for the gateway's
+    KGW_KLING_BASE_URL."""
+    if not value:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an absolute http(s) URL, such as https://api-beijing.klingai.com")
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise ValueError("must not hold credentials, a query or a fragment")
+    return value.rstrip("/")
+
+
+KlingBaseUrl = Annotated[
+    str | None,
+    AfterValidator(check_kling_base_url),
+    Field(max_length=256, description="The account's Kling API, when not the gateway's KGW_KLING_BASE_URL: "
+          "https://api-beijing.klingai.com for an account of Kling's China site"),
+]  # fmt: skip
 
 
 class PolicyIn(BaseModel):

@@ -64,6 +64,7 @@ class Credential:
     sealed_secret: str
     concurrency: int
     created_at: float
+    base_url: str | None = None  # the account's API, when not the gateway's KGW_KLING_BASE_URL
 
 
 @dataclass(frozen=True)
@@ -205,7 +206,13 @@ class TenantDirectory:
     # --- credentials ---
 
     async def add_credential(
-        self, access_key: str, secret_key: str, concurrency: int = 5, *, reuse: bool = True
+        self,
+        access_key: str,
+        secret_key: str,
+        concurrency: int = 5,
+        *,
+        base_url: str | None = None,
+        reuse: bool = True,
     ) -> Credential:
         """A new credential, or the existing one for this access key when the secret matches (a shared account).
         With `reuse=False` an existing one raises Conflict instead, so the caller knows it created nothing."""
@@ -214,16 +221,20 @@ class TenantDirectory:
             current = self._sealer.open(existing.id, existing.sealed_secret)
             if not hmac.compare_digest(current.encode(), secret_key.encode()):
                 raise Conflict(f"a credential for access key {access_key!r} exists with another secret key")
+            if existing.base_url != base_url:
+                raise Conflict(f"a credential for access key {access_key!r} exists with another base URL")
             return existing
         credential_id = f"c_{uuid.uuid4().hex[:16]}"
         credential = Credential(credential_id, access_key, self._sealer.seal(credential_id, secret_key), concurrency,
-                                time.time())  # fmt: skip
+                                time.time(), base_url)  # fmt: skip
         await self.store.add_credential(credential)
         return credential
 
-    async def update_credential(self, credential: Credential, secret_key: str | None, concurrency: int) -> Credential:
+    async def update_credential(
+        self, credential: Credential, secret_key: str | None, concurrency: int, base_url: str | None
+    ) -> Credential:
         sealed = self._sealer.seal(credential.id, secret_key) if secret_key is not None else credential.sealed_secret
-        updated = replace(credential, sealed_secret=sealed, concurrency=concurrency)
+        updated = replace(credential, sealed_secret=sealed, concurrency=concurrency, base_url=base_url)
         await self.store.save_credential(updated)
         return updated
 
@@ -257,7 +268,7 @@ class TenantDirectory:
 
     def kling_credentials(self, credential: Credential) -> KlingCredentials:
         secret = self._sealer.open(credential.id, credential.sealed_secret)
-        return KlingCredentials(credential.access_key, secret, credential.id)
+        return KlingCredentials(credential.access_key, secret, credential.id, credential.base_url or "")
 
     async def kling_credentials_by_id(self, credential_id: str) -> KlingCredentials | None:
         credential = await self.store.get_credential(credential_id)

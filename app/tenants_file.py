@@ -4,6 +4,7 @@
     access_key = "AK..."
     secret_key_env = "ACME_KLING_SECRET_KEY"   # or secret_key_file = "/run/secrets/acme-kling"
     concurrency = 5
+    # base_url = "https://api-beijing.klingai.com"  # an account of Kling's China site; default KGW_KLING_BASE_URL
 
     [[tenants]]
     name = "acme"
@@ -29,7 +30,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from app.errors import Conflict
-from app.tenant_schemas import LimitsIn, PolicyIn, TenantName
+from app.tenant_schemas import KlingBaseUrl, LimitsIn, PolicyIn, TenantName
 from app.tenants import TenantDirectory
 
 
@@ -43,6 +44,7 @@ class CredentialEntry(BaseModel):
     secret_key_env: str | None = None
     secret_key_file: str | None = None
     concurrency: Annotated[int, Field(ge=1, le=1000)] = 5
+    base_url: KlingBaseUrl = None
 
     @model_validator(mode="after")
     def _one_secret_reference(self) -> CredentialEntry:
@@ -120,7 +122,8 @@ async def _apply_credential(
     if existing is None:
         try:
             # Not reused: another replica creating it between our look-up and now must not count as our creation.
-            created = await directory.add_credential(entry.access_key, secret, entry.concurrency, reuse=False)
+            created = await directory.add_credential(entry.access_key, secret, entry.concurrency,
+                                                     base_url=entry.base_url, reuse=False)  # fmt: skip
         except Conflict:
             if not retry:
                 raise
@@ -129,8 +132,10 @@ async def _apply_credential(
         applied.created.append(f"credential {entry.access_key}")
         return created.id
     current = directory.kling_credentials(existing).secret_key
-    if not hmac.compare_digest(current.encode(), secret.encode()) or existing.concurrency != entry.concurrency:
-        await directory.update_credential(existing, secret, entry.concurrency)
+    changed = (not hmac.compare_digest(current.encode(), secret.encode()) or existing.concurrency != entry.concurrency
+               or existing.base_url != entry.base_url)  # fmt: skip
+    if changed:
+        await directory.update_credential(existing, secret, entry.concurrency, entry.base_url)
         applied.updated.append(f"credential {entry.access_key}")
     return existing.id
 

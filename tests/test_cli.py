@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import pty
 import re
@@ -95,6 +96,21 @@ async def test_master_key_rotation_reseals_secrets_so_the_old_key_can_be_dropped
     code, out, _ = await run_cli("tenants", "create", "acme-2", "--kling-access-key", "ak",
                                  "--kling-secret-key", "sk-" + "s" * 32, env=new_only)  # fmt: skip
     assert code == 0, out  # the shared account's sealed secret opens under the new key alone
+
+
+async def test_a_tenant_created_from_the_cli_on_a_china_site_account_keeps_its_base_url(
+    redis: Redis, redis_url: str
+) -> None:
+    env = cli_env(KGW_REDIS_URL=redis_url, KGW_KEY_PEPPER=KEY_PEPPER, KGW_MASTER_KEY=MASTER_KEY)
+    create = ["tenants", "create", "acme", "--kling-access-key", "ak-cn", "--kling-secret-key", "sk-" + "s" * 32]
+    code, _, err = await run_cli(*create, "--kling-base-url", "api-beijing.klingai.com", env=env)
+    assert code == 2
+    assert "--kling-base-url" in err
+    assert "absolute http(s) URL" in err
+    code, out, _ = await run_cli(*create, "--kling-base-url", "https://api-beijing.klingai.com/", env=env)
+    assert code == 0, out
+    (credential,) = [json.loads(raw) for raw in (await redis.mget(await redis.keys("kgw:credential:c_*"))) if raw]
+    assert credential["base_url"] == "https://api-beijing.klingai.com"
 
 
 async def test_admin_verbs_without_redis_explain_what_to_set() -> None:

@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 
 from app.config import Settings
 from app.main import admin_directory
+from app.simulator import SimAccount, SimulatorConfig, create_simulator_app
 from app.tenants import KeyFormat
 from app.tenants_file import TenantsFileError, apply_tenants_file, load_tenants_file
 from tests.conftest import (
@@ -39,7 +40,7 @@ from tests.conftest import (
     running_gateway,
     text_of,
 )
-from tests.servers import gateway_process
+from tests.servers import gateway_process, serve
 
 pytestmark = pytest.mark.anyio
 
@@ -363,3 +364,71 @@ async def test_two_replicas_applying_the_same_tenants_file_at_once_make_one_tena
     finally:
         for client in clients:
             await client.aclose()
+
+
+# --- a Kling account on another of Kling's sites (its own base URL) ---
+
+
+@pytest.fixture
+async def china_site(simulator: Simulator) -> AsyncIterator[Simulator]:
+    """A second Kling API, as api-beijing is to api-singapore: it knows only its own accounts."""
+    config = SimulatorConfig(accounts=(CHINA_ACCOUNT,), delay=0.3)
+    async with serve(create_simulator_app(config)) as url, httpx2.AsyncClient(timeout=10) as http:
+        yield Simulator(url=url, http=http)
+
+
+CHINA_ACCOUNT = SimAccount(access_key="ak-china", secret_key="sk-china-" + "c" * 40, concurrency=5)
+
+
+async def test_a_tenant_whose_kling_account_names_its_own_base_url_runs_its_tasks_there(
+    gateway: RunningGateway, simulator: Simulator, china_site: Simulator
+) -> None:
+    kling = {"access_key": CHINA_ACCOUNT.access_key, "secret_key": CHINA_ACCOUNT.secret_key,
+             "base_url": china_site.url + "/"}  # fmt: skip
+    created = await gateway.http.post(f"{gateway.url}/admin/tenants", json={"name": "beijing", "kling": kling},
+                                      headers=ADMIN)  # fmt: skip
+    assert created.status_code == 201, created.text
+    issued = await gateway.http.post(f"{gateway.url}/admin/tenants/{created.json()['id']}/keys", json={},
+                                     headers=ADMIN)  # fmt: skip
+    china_key, global_key = issued.json()["api_key"], await gateway.new_api_key("singapore")
+    async with mcp_client(gateway.url, china_key) as session:
+        result = await session.call_tool("generate_image", {"prompt": "a pagoda", "wait_seconds": 20})
+    assert not result.is_error, text_of(result)
+    done = await gateway.http.post(f"{gateway.url}/generate", json={"prompt": "a harbour", "wait_seconds": 20},
+                                   headers=bearer(global_key))  # fmt: skip
+    assert done.status_code == 200, done.text
+    assert ((await china_site.stats())["creates"], (await simulator.stats())["creates"]) == (1, 1)
+    listed = (await gateway.http.get(f"{gateway.url}/admin/credentials", headers=ADMIN)).json()
+    assert {c["access_key"]: c["base_url"] for c in listed} == {CHINA_ACCOUNT.access_key: china_site.url,
+                                                                PRIMARY.access_key: None}  # fmt: skip
+
+
+@pytest.mark.parametrize("base_url", ["ftp://api-beijing.klingai.com", "api-beijing.klingai.com",
+                                      "https://user:pw@api-beijing.klingai.com", "https://a.com/?x=1"])  # fmt: skip
+async def test_a_kling_base_url_that_is_not_a_plain_http_url_is_refused_naming_it(
+    gateway: RunningGateway, base_url: str
+) -> None:
+    body = {"access_key": "ak", "secret_key": "sk-" + "s" * 32, "base_url": base_url}
+    refused = await gateway.http.post(f"{gateway.url}/admin/credentials", json=body, headers=ADMIN)
+    assert refused.status_code == 422
+    assert refused.json()["error"]["field"].endswith("base_url")
+
+
+async def test_the_tenants_file_sets_and_changes_an_accounts_base_url(
+    redis: Redis, redis_url: str, tmp_path: Path
+) -> None:
+    settings = Settings.model_validate({"redis_url": redis_url, "key_pepper": KEY_PEPPER, "master_key": MASTER_KEY})
+    directory = admin_directory(settings, redis)[0]
+    secret = {"CHINA_SECRET": CHINA_ACCOUNT.secret_key}
+    file = tmp_path / "tenants.toml"
+    for base_url, expected in (
+        ("https://api-beijing.klingai.com/", "created"),
+        ("https://kling.example.cn", "updated"),
+    ):
+        file.write_text(f'[[credentials]]\naccess_key = "{CHINA_ACCOUNT.access_key}"\nsecret_key_env = "CHINA_SECRET"\n'
+                        f'base_url = "{base_url}"\n')  # fmt: skip
+        applied = await apply_tenants_file(directory, load_tenants_file(str(file)), secret)
+        assert getattr(applied, expected) == [f"credential {CHINA_ACCOUNT.access_key}"]
+        (credential,) = await directory.store.list_credentials()
+        assert credential.base_url == base_url.rstrip("/")
+        assert directory.kling_credentials(credential).base_url == base_url.rstrip("/")

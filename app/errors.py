@@ -134,25 +134,19 @@ class StoreUnavailable(GatewayError):
         super().__init__("the gateway's state store is unavailable; retry shortly", "store_unavailable", 503, 2)
 
 
+_CREDENTIALS_REJECTED = (502, "kling_auth_failed", "Kling rejected this tenant's Kling credentials; an administrator "
+                         "must fix them")  # fmt: skip
 # What each Kling code means for the caller: (status, type, advice). See reference/kling-api.md §6.
 _KLING_CODES: dict[range, tuple[int, str, str]] = {
-    range(1000, 1003): (
-        502,
-        "kling_auth_failed",
-        "Kling rejected this tenant's Kling credentials; an administrator must fix them",
-    ),
-    # Not the credentials: Kling's clock says the token's `nbf` (signed 5 s in the past) is still to come.
+    range(1000, 1003): _CREDENTIALS_REJECTED,
+    # Not the credentials: the token's `nbf` (the gateway's time less 5 s) is still to come by Kling's clock.
     range(1003, 1004): (
         502,
         "kling_auth_failed",
-        "Kling says the gateway's token is not valid yet: the gateway host's clock is behind; an administrator "
-        "must set it right (NTP)",
+        "Kling says the gateway's token is not valid yet: the gateway host's clock is ahead of Kling's; an "
+        "administrator must set it right (NTP)",
     ),
-    range(1004, 1005): (
-        502,
-        "kling_auth_failed",
-        "Kling rejected this tenant's Kling credentials; an administrator must fix them",
-    ),
+    range(1004, 1005): _CREDENTIALS_REJECTED,
     range(1100, 1103): (
         403,
         "kling_account_unavailable",

@@ -112,12 +112,14 @@ def request_fingerprint(request: GenerateRequest) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
-def external_task_id_for(tenant_id: str, idempotency_key: str | None, fingerprint: str = "") -> str:
-    """Derived from (tenant, key, the request's fingerprint) when there is a key, so a retry reaches the same Kling
-    task. The fingerprint keeps a key used again with other arguments once its day is over (when the gateway no
-    longer remembers it) from reaching, and adopting, the earlier task: Kling keeps external ids for good."""
-    if idempotency_key is None:
-        return f"kgw-{uuid.uuid4().hex}"
+def fresh_external_task_id() -> str:
+    return f"kgw-{uuid.uuid4().hex}"
+
+
+def keyed_external_task_id(tenant_id: str, idempotency_key: str, fingerprint: str) -> str:
+    """Derived from (tenant, key, the request's fingerprint), so a retry reaches the same Kling task. The
+    fingerprint keeps a key used again with other arguments once its day is over (when the gateway no longer
+    remembers it) from reaching, and adopting, the earlier task: Kling keeps external ids for good."""
     return "kgw-" + hashlib.sha256(f"{tenant_id}\0{idempotency_key}\0{fingerprint}".encode()).hexdigest()[:32]
 
 
@@ -219,8 +221,6 @@ class ImageService:
             raise UpstreamUnavailable("this gateway replica is shutting down; retry (another replica will answer)",
                                       retry_after=1)  # fmt: skip
         request = apply_policy(principal.tenant.policy, request)
-        # Checks of the arguments, before anything is counted: a request no account slot can ever hold costs no rate.
-        refuse_impossible(request.num_images, principal.concurrency)
         await self._references.check(request.ref_image_url)
         if request.webhook_url is not None:
             await self._check_webhook(principal, request.webhook_url)
@@ -332,10 +332,13 @@ class ImageService:
         lapse: a task that may run at Kling must not free its slots early.
         """
         tenant, images = principal.tenant, request.num_images
+        # Before admission, so that a request no account slot can ever hold costs no rate; not before an
+        # idempotency key's replay, which returns its task even if the account has fewer slots since.
+        refuse_impossible(images, principal.concurrency)
         admission, account_lease = await self._admit_with_slot(principal, images)
         # Only a key-derived id can have been sent before (a retry of the same key): a fresh one needs no marker.
         create = self._create_once if external_task_id is not None else self._create
-        external_task_id = external_task_id or external_task_id_for(tenant.id, None)
+        external_task_id = external_task_id or fresh_external_task_id()
         with anyio.CancelScope(shield=True):
             try:
                 callback_url = self._callback_url_for(external_task_id)
@@ -437,7 +440,7 @@ class ImageService:
             # Redis is away: the leases may lapse and free their slots early; Kling's 1303 is the backstop.
             logger.warning("could not refresh the leases of tenant %s", principal.tenant.id)
             return
-        for kind in (kind for kind, kept in held.items() if not kept):
+        for kind in [kind for kind, kept in held.items() if not kept]:
             LEASES_RETAKEN.labels(kind).inc()
             logger.warning("a %s lease of a running task of tenant %s had lapsed; taken again", kind,
                            principal.tenant.id)  # fmt: skip
@@ -562,7 +565,7 @@ class ImageService:
         self, principal: Principal, request: GenerateRequest, key: str, scope: str, claim: IdempotencyClaim
     ) -> Outcome:
         try:
-            external_task_id = external_task_id_for(principal.tenant.id, key, claim.fingerprint)
+            external_task_id = keyed_external_task_id(principal.tenant.id, key, claim.fingerprint)
             outcome = await self._submit(principal, request, external_task_id)
         except BaseException:
             # Nothing was created (a possibly created task was looked up already): a retry may submit again.

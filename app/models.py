@@ -115,7 +115,7 @@ def read_unambiguously(url: str) -> SplitResult:
         raise ValueError("must not contain backslashes, spaces or control characters (escape them with %XX)")
     parts = urlsplit(url)
     if "%" in parts.netloc:
-        raise ValueError("must not escape characters in its host name")
+        raise ValueError("must not escape characters in its host name (nor before it)")
     try:
         port = parts.port  # a ValueError when out of range or not a number
     except ValueError:

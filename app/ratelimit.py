@@ -243,7 +243,9 @@ redis.call('INCRBY', KEYS[5], images); redis.call('EXPIRE', KEYS[5], tonumber(AR
 return {1, math.min(remaining, key_remaining), max_concurrent - used - 1, max_images - today - images}
 """
 )
-# KEYS: leases, weights | ARGV: lease id, ttl ms, the weight a lost lease is taken again for (0: none)
+# KEYS: leases, weights | ARGV: lease id, ttl ms, the weight a lost lease is taken again for (0: none). A retake cannot
+# tell a lapsed lease from one released a moment before: a task's follower refreshes and releases its leases one after
+# the other, never at once, and a lease revived all the same would lapse after one TTL, as any unrefreshed lease does.
 REFRESH = (
     _LUA_LEASES
     + """

@@ -25,13 +25,17 @@ def check_kling_base_url(value: str | None) -> str | None:
         raise ValueError("must be an absolute http(s) URL, such as https://api-beijing.klingai.com")
     if parts.username or parts.password or parts.query or parts.fragment:
         raise ValueError("must not hold credentials, a query or a fragment")
+    try:
+        parts.port  # noqa: B018 - read for its ValueError: every Kling call would raise it otherwise
+    except ValueError as exc:
+        raise ValueError("has a port that is not a number from 1 to 65535") from exc
     return value.rstrip("/")
 
 
 KlingBaseUrl = Annotated[
-    str | None,
+    Annotated[str, Field(max_length=256)] | None,
     AfterValidator(check_kling_base_url),
-    Field(max_length=256, description="The account's Kling API, when not the gateway's KGW_KLING_BASE_URL: "
+    Field(description="The account's Kling API, when not the gateway's KGW_KLING_BASE_URL: "
           "https://api-beijing.klingai.com for an account of Kling's China site"),
 ]  # fmt: skip
 

@@ -393,6 +393,15 @@ class TenantDirectory:
             await self._on_key_changed(key_id)
 
 
+def _credential_json(credential: Credential) -> str:
+    """The record as stored in Redis. An unset `base_url` is left out, so that replicas of an earlier version (which
+    know no such field) still read it during a rolling upgrade."""
+    fields = asdict(credential)
+    if fields["base_url"] is None:
+        del fields["base_url"]
+    return json.dumps(fields)
+
+
 def _webhook_seal_id(tenant_id: str) -> str:
     """What a tenant's sealed webhook secret is bound to, so it cannot be swapped for a Kling secret."""
     return f"webhook:{tenant_id}"
@@ -532,7 +541,7 @@ class RedisTenantStore:
         await self._redis.sadd(f"{self._ns}:credentials", credential.id)
 
     async def save_credential(self, credential: Credential) -> None:
-        await self._redis.set(f"{self._ns}:credential:{credential.id}", json.dumps(asdict(credential)))
+        await self._redis.set(f"{self._ns}:credential:{credential.id}", _credential_json(credential))
 
     async def get_credential(self, credential_id: str) -> Credential | None:
         raw = await self._redis.get(f"{self._ns}:credential:{credential_id}")

@@ -415,4 +415,6 @@ async def test_a_running_tasks_lease_that_redis_lost_is_taken_again_and_reported
         metrics = (await redis_gateway.http.get(f"{replica.url}/metrics")).text
     assert refused.status_code == 429
     assert refused.json()["error"]["limit"] == "concurrent_tasks"
-    assert 'kgw_leases_retaken_total{kind="tenant"} 1.0' in metrics
+    retaken = re.search(r'^kgw_leases_retaken_total\{kind="tenant"\} (\S+)$', metrics, re.MULTILINE)
+    assert retaken is not None
+    assert float(retaken[1]) >= 1  # more, should the replica stall past its 1 s lease again

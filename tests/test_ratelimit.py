@@ -337,11 +337,12 @@ async def test_refreshing_a_lease_past_its_expiry_fails_even_before_anything_pur
 
 
 async def test_a_lapsed_lease_refreshed_with_retake_counts_again_until_released(backend: Backend) -> None:
-    limiter, governor = backend.limiter(lease_ttl_s=0.2), backend.governor(lease_ttl_s=0.2)
+    # Leases lapse after 0.5 s: the retaken ones must outlive the three checks that follow their retake.
+    limiter, governor = backend.limiter(lease_ttl_s=0.5), backend.governor(lease_ttl_s=0.5)
     limits = TenantLimits(requests_per_minute=HIGH, concurrent_tasks=1)
     slots = await governor.acquire(CREDENTIAL, 3, 4, 0)  # first, so it has lapsed when the tenant's lease has
     running = await limiter.admit_task(TENANT, "k1", limits, 1)
-    with anyio.fail_after(1):  # no event marks an expiry: ask until the slot comes back
+    with anyio.fail_after(2):  # no event marks an expiry: ask until the slot comes back
         while True:
             try:
                 await limiter.release(TENANT, (await limiter.admit_task(TENANT, "k1", limits, 1)).lease_id)

@@ -4,6 +4,7 @@ the tenants file, and refusals that need no store lookup."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -404,7 +405,8 @@ async def test_a_tenant_whose_kling_account_names_its_own_base_url_runs_its_task
 
 
 @pytest.mark.parametrize("base_url", ["ftp://api-beijing.klingai.com", "api-beijing.klingai.com",
-                                      "https://user:pw@api-beijing.klingai.com", "https://a.com/?x=1"])  # fmt: skip
+                                      "https://user:pw@api-beijing.klingai.com", "https://a.com/?x=1",
+                                      "https://a.com:99999", "https://a.com:port"])  # fmt: skip
 async def test_a_kling_base_url_that_is_not_a_plain_http_url_is_refused_naming_it(
     gateway: RunningGateway, base_url: str
 ) -> None:
@@ -421,14 +423,21 @@ async def test_the_tenants_file_sets_and_changes_an_accounts_base_url(
     directory = admin_directory(settings, redis)[0]
     secret = {"CHINA_SECRET": CHINA_ACCOUNT.secret_key}
     file = tmp_path / "tenants.toml"
-    for base_url, expected in (
+    changes = [
         ("https://api-beijing.klingai.com/", "created"),
         ("https://kling.example.cn", "updated"),
-    ):
+        (None, "updated"),
+    ]
+    for base_url, expected in changes:
+        line = f'base_url = "{base_url}"\n' if base_url else ""
         file.write_text(f'[[credentials]]\naccess_key = "{CHINA_ACCOUNT.access_key}"\nsecret_key_env = "CHINA_SECRET"\n'
-                        f'base_url = "{base_url}"\n')  # fmt: skip
+                        + line)  # fmt: skip
         applied = await apply_tenants_file(directory, load_tenants_file(str(file)), secret)
         assert getattr(applied, expected) == [f"credential {CHINA_ACCOUNT.access_key}"]
         (credential,) = await directory.store.list_credentials()
-        assert credential.base_url == base_url.rstrip("/")
-        assert directory.kling_credentials(credential).base_url == base_url.rstrip("/")
+        assert credential.base_url == (base_url.rstrip("/") if base_url else None)
+        assert directory.kling_credentials(credential).base_url == (credential.base_url or "")
+    # Unset, it is not stored at all: replicas of the version before base_url existed still read the record.
+    stored = await redis.get(f"kgw:credential:{credential.id}")
+    assert stored is not None
+    assert "base_url" not in json.loads(stored)

@@ -23,7 +23,7 @@ from typing import Any
 import anyio
 from redis.exceptions import RedisError
 
-from app.errors import Conflict, InvalidRequest, NotFound, UpstreamUnavailable, error_from_kling
+from app.errors import Conflict, InvalidRequest, NotFound, RateLimited, UpstreamUnavailable, error_from_kling
 from app.follower import TaskFollower
 from app.kling import (
     KlingClient,
@@ -110,6 +110,12 @@ def request_fingerprint(request: GenerateRequest) -> str:
     """What makes two requests "the same" for an idempotency key: every argument but the wait."""
     fields = request.model_dump(exclude={"wait_seconds", "idempotency_key"})
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def refused_a_slot(failure: BaseException) -> bool:
+    """Whether a submission failed for want of a Kling account slot in time: a refusal on concurrency, which must
+    not cost the tenant its rate (reference/reliability.md §1.3)."""
+    return isinstance(failure, RateLimited) and failure.details.get("limit") == "kling_account"
 
 
 def fresh_external_task_id() -> str:
@@ -392,19 +398,30 @@ class ImageService:
                 count_slot_taken()
                 return admission, taken
             return admission, await self._take_slot(principal, images)
-        except BaseException:
+        except BaseException as exc:
             # One shielded await: anyio cancels again at each await, and the work must all go on regardless.
-            await asyncio.shield(self._undo_unslotted(principal, admission, trying, images))
+            await asyncio.shield(self._undo_unslotted(principal, admission, trying, images, refused_a_slot(exc)))
             raise
 
     async def _undo_unslotted(
-        self, principal: Principal, admission: Admission, trying: asyncio.Future[str | None] | None, images: int
+        self,
+        principal: Principal,
+        admission: Admission,
+        trying: asyncio.Future[str | None] | None,
+        images: int,
+        refused: bool,
     ) -> None:
         """An admitted submission that got no slot: a slot its try took (its answer cut off by a cancellation)
-        goes back, then the admission."""
+        goes back, then the admission; and, when the account had no slot for it in time (`refused`), its rate."""
         if trying is not None:
             await self._give_back_slot(principal, trying)
         await self._undo(principal, admission.lease_id, None, images)
+        if refused:
+            try:
+                await self._limiter.refund_rate(principal.tenant.id, principal.key_id, principal.tenant.limits,
+                                                admission.lease_id)  # fmt: skip
+            except (RedisError, OSError):
+                logger.warning("could not give back the rate of tenant %s after a refusal", principal.tenant.id)
 
     async def _take_slot(self, principal: Principal, images: int) -> str:
         wait_s = self._timings.queue_timeout_s

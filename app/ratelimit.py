@@ -147,6 +147,11 @@ class Limiter(Protocol):
     async def release(self, tenant_id: str, lease_id: str, *, refund_images: int = 0) -> None:
         """Free a lease (idempotent); refund images Kling never accepted."""
 
+    async def refund_rate(self, tenant_id: str, key_id: str, limits: TenantLimits, lease_id: str) -> None:
+        """Give back the rate `admit_task` charged for the admission of `lease_id`: for a submission then refused
+        on concurrency (no slot of the Kling account in time), which must not cost the tenant its rate as well
+        (reference/reliability.md §1.3). Call it once per admission."""
+
 
 class AccountGovernor(Protocol):
     async def acquire(self, credential_id: str, slots: int, capacity: int, wait_s: float) -> str:
@@ -269,6 +274,21 @@ if held == 1 and tonumber(ARGV[2]) > 0 and redis.call('EXISTS', KEYS[3]) == 1 th
 end
 return held
 """
+# KEYS: tenant tat, key tat | ARGV: interval, key interval (0 = off). One interval off each, as if the request had not
+# come; a bucket that runs no further ahead of now than that is simply full again.
+REFUND_RATE = """
+local t = redis.call('TIME'); local now = t[1] * 1000000 + t[2]
+for i = 1, 2 do
+  local interval = tonumber(ARGV[i])
+  local tat = tonumber(redis.call('GET', KEYS[i]) or 0)
+  if interval > 0 and tat > 0 then
+    local back = tat - interval
+    if back <= now then redis.call('DEL', KEYS[i])
+    else redis.call('SET', KEYS[i], back, 'PX', math.ceil((back - now) / 1000) + 1) end
+  end
+end
+return 1
+"""
 # An account's state before a slot script decides: expired leases purged, waiters gone quiet dropped from its queue.
 _LUA_ACCOUNT = """
 local function tidied(stale_ms)  -- KEYS: leases, weights, queue, heartbeats; returns now, slots in use
@@ -351,6 +371,7 @@ class RedisLimiter:
         self._admit_task = redis.register_script(ADMIT_TASK)
         self._refresh = redis.register_script(REFRESH)
         self._release = redis.register_script(RELEASE)
+        self._refund_rate = redis.register_script(REFUND_RATE)
 
     def _keys(self, tenant_id: str, key_id: str, day: str | None = None) -> list[str]:
         tag = f"{self._ns}:rl:{{t:{tenant_id}}}"
@@ -405,6 +426,11 @@ class RedisLimiter:
     async def release(self, tenant_id: str, lease_id: str, *, refund_images: int = 0) -> None:
         keys = self._keys(tenant_id, "", day_of_lease(lease_id))[2:5]
         await self._batches.run(self._release, keys, [lease_id, refund_images])
+
+    async def refund_rate(self, tenant_id: str, key_id: str, limits: TenantLimits, lease_id: str) -> None:
+        interval = _gcra_args(limits.requests_per_minute)[0]
+        key_interval = _gcra_args(limits.requests_per_minute_per_key)[0]
+        await self._refund_rate(keys=self._keys(tenant_id, key_id)[:2], args=[interval, key_interval])
 
 
 class RedisAccountGovernor:
@@ -514,6 +540,12 @@ class _Gcra:
 
     def charge(self, key: str, tat: float) -> None:
         self._tat[key] = tat
+
+    def refund(self, key: str, per_minute: int | None, now: float) -> None:
+        """One interval off the bucket, as `REFUND_RATE` does."""
+        tat = self._tat.get(key)
+        if per_minute and tat is not None:
+            self._tat[key] = max(now, tat - 60.0 / per_minute)
 
 
 class _ScopeLeases:
@@ -642,6 +674,11 @@ class MemoryLimiter:
             day = (tenant_id, day_of_lease(lease_id))
             self._images[day] = max(0, self._images.get(day, 0) - refund_images)
 
+    async def refund_rate(self, tenant_id: str, key_id: str, limits: TenantLimits, lease_id: str) -> None:
+        now = self._clock()
+        self._gcra.refund(tenant_id, limits.requests_per_minute, now)
+        self._gcra.refund(f"{tenant_id}:{key_id}", limits.requests_per_minute_per_key, now)
+
 
 class MemoryAccountGovernor:
     def __init__(self, *, lease_ttl_s: float) -> None:
@@ -738,6 +775,13 @@ class FallbackLimiter:
         if lease_id.startswith(LOCAL_PREFIX) and self._fallback is not None:
             return await self._fallback.refresh(tenant_id, lease_id.removeprefix(LOCAL_PREFIX), retake=retake)
         return await self._primary.refresh(tenant_id, lease_id, retake=retake)
+
+    async def refund_rate(self, tenant_id: str, key_id: str, limits: TenantLimits, lease_id: str) -> None:
+        if lease_id.startswith(LOCAL_PREFIX) and self._fallback is not None:
+            scaled = _scaled(limits, self._replicas)  # as the local admission charged it
+            await self._fallback.refund_rate(tenant_id, key_id, scaled, lease_id.removeprefix(LOCAL_PREFIX))
+            return
+        await self._primary.refund_rate(tenant_id, key_id, limits, lease_id)
 
     async def release(self, tenant_id: str, lease_id: str, *, refund_images: int = 0) -> None:
         if lease_id.startswith(LOCAL_PREFIX) and self._fallback is not None:

@@ -140,6 +140,24 @@ async def test_more_images_than_the_account_runs_at_once_is_refused_before_anyth
     assert (await simulator.stats())["create_attempts"] == 1
 
 
+@pytest.mark.sim_delay(30.0)
+async def test_submissions_refused_for_want_of_an_account_slot_cost_no_rate(
+    simulator: Simulator, redis_url: str
+) -> None:
+    settings = redis_gateway_settings(simulator, redis_url, queue_timeout_seconds=0.3)
+    async with running_gateway(settings) as running:
+        api_key = await running.new_api_key("acme", concurrency=1)
+        await set_limits(running, requests_per_minute=2)
+        answers = [
+            await running.http.post(f"{running.url}/generate", json={"prompt": "x"}, headers=bearer(api_key))
+            for _ in range(3)
+        ]
+    assert [answer.status_code for answer in answers] == [202, 429, 429]
+    # Both waited for the account's one slot, held by the first task, and were refused for it; neither was charged,
+    # or the third would have been refused by the rate (two a minute) before it could wait.
+    assert [answer.json()["error"]["limit"] for answer in answers[1:]] == ["kling_account", "kling_account"]
+
+
 async def test_two_tenants_sharing_a_four_slot_account_complete_ten_tasks_without_a_1303(
     redis_gateway: RunningGateway, replica_b: str, simulator: Simulator
 ) -> None:

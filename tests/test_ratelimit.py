@@ -360,6 +360,18 @@ async def test_a_lapsed_lease_refreshed_with_retake_counts_again_until_released(
     assert await governor.try_acquire(CREDENTIAL, 4, 4) is not None
 
 
+async def test_a_refunded_rate_charge_admits_another_request_in_its_place(backend: Backend) -> None:
+    limiter = backend.limiter()
+    limits = TenantLimits(requests_per_minute=2, requests_per_minute_per_key=2, concurrent_tasks=HIGH)
+    first = await limiter.admit_task(TENANT, "k1", limits, 1)
+    await limiter.admit_task(TENANT, "k1", limits, 1)
+    await refused_by("requests_per_minute", limiter.admit_task(TENANT, "k1", limits, 1))
+    await limiter.release(TENANT, first.lease_id)
+    await limiter.refund_rate(TENANT, "k1", limits, first.lease_id)
+    await limiter.admit_task(TENANT, "k1", limits, 1)  # the tenant's and the key's buckets both gave one back
+    await refused_by("requests_per_minute", limiter.admit_task(TENANT, "k1", limits, 1))
+
+
 async def test_a_refund_after_utc_midnight_does_not_free_images_of_the_new_day(
     backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -9,15 +9,16 @@ from __future__ import annotations
 import hmac
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from app.errors import Forbidden, InvalidRequest, Unauthorized
+from app.models import FieldProblem
 from app.tenant_schemas import KlingBaseUrl, LimitsIn, PolicyIn, TenantName
-from app.tenants import ApiKeyRecord, Credential, KeyFormat, Tenant, TenantDirectory
+from app.tenants import ApiKeyRecord, Credential, KeyFormat, Tenant, TenantDirectory, api_key_label
 from app.usage import AuditEntry, DailyUsage
 from app.webhooks import new_webhook_secret
 
@@ -29,16 +30,41 @@ _admin_bearer = HTTPBearer(auto_error=False, scheme_name="AdminToken", descripti
 
 
 class CredentialIn(BaseModel):
+    """A Kling account by its access key and secret key, or by a static API key made in Kling's console."""
+
     model_config = ConfigDict(extra="forbid")
-    access_key: Annotated[str, Field(min_length=1, max_length=256)]
-    secret_key: Annotated[SecretStr, Field(min_length=1, max_length=256)]
+    access_key: Annotated[str | None, Field(min_length=1, max_length=256)] = None
+    secret_key: Annotated[SecretStr | None, Field(min_length=1, max_length=256)] = None
+    api_key: Annotated[SecretStr | None, Field(min_length=1, max_length=512, description="Instead of the two keys: "
+                                               "a static API key, sent to Kling as it is")] = None  # fmt: skip
     concurrency: Annotated[int, Field(ge=1, le=1000, description="Images the Kling account may have in flight")] = 5
     base_url: KlingBaseUrl = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> CredentialIn:
+        if self.api_key is not None:
+            if self.access_key is not None or self.secret_key is not None:
+                raise FieldProblem("api_key", "is given instead of access_key and secret_key, not with them")
+        elif self.access_key is None or self.secret_key is None:
+            raise FieldProblem("access_key", "and secret_key are required (or an api_key instead)")
+        return self
+
+    async def added_to(self, directory: TenantDirectory) -> Credential:
+        """The credential this names, created in `directory` (or the existing one, as `add_credential` says)."""
+        if self.api_key is not None:
+            key = self.api_key.get_secret_value()
+            return await directory.add_credential(api_key_label(key), key, self.concurrency, base_url=self.base_url,
+                                                  static_key=True)  # fmt: skip
+        assert self.access_key is not None
+        assert self.secret_key is not None
+        return await directory.add_credential(self.access_key, self.secret_key.get_secret_value(), self.concurrency,
+                                              base_url=self.base_url)  # fmt: skip
 
 
 class CredentialOut(BaseModel):
     id: str
-    access_key: str
+    access_key: str = Field(description="The access key; for a static API key, a label derived from it")
+    kind: Literal["access_key", "api_key"]
     concurrency: int
     created_at: float
     base_url: str | None = Field(description="The account's Kling API; null: the gateway's KGW_KLING_BASE_URL")
@@ -46,7 +72,8 @@ class CredentialOut(BaseModel):
     @classmethod
     def of(cls, credential: Credential) -> CredentialOut:
         return cls(id=credential.id, access_key=credential.access_key, concurrency=credential.concurrency,
-                   created_at=credential.created_at, base_url=credential.base_url)  # fmt: skip
+                   kind="api_key" if credential.static_key else "access_key", created_at=credential.created_at,
+                   base_url=credential.base_url)  # fmt: skip
 
 
 class TenantIn(BaseModel):
@@ -148,9 +175,7 @@ def build_admin_router(directory: TenantDirectory, stores: Stores, admin_token: 
     @router.post("/credentials", status_code=201)
     async def create_credential(body: CredentialIn) -> CredentialOut:
         """Add a Kling account (or return the existing one with this access key and secret)."""
-        credential = await directory.add_credential(
-            body.access_key, body.secret_key.get_secret_value(), body.concurrency, base_url=body.base_url
-        )
+        credential = await body.added_to(directory)
         await audit.append(ACTOR, "credential.create", credential.id, {"access_key": credential.access_key})
         return CredentialOut.of(credential)
 
@@ -165,9 +190,7 @@ def build_admin_router(directory: TenantDirectory, stores: Stores, admin_token: 
             raise InvalidRequest("kling", "give either kling (a Kling account) or credential_ids")
         ids = tuple(body.credential_ids or ())
         if body.kling is not None:
-            kling = body.kling
-            credential = await directory.add_credential(kling.access_key, kling.secret_key.get_secret_value(),
-                                                        kling.concurrency, base_url=kling.base_url)  # fmt: skip
+            credential = await body.kling.added_to(directory)
             ids = (credential.id,)
             await audit.append(ACTOR, "credential.create", credential.id, {"access_key": credential.access_key})
         tenant = await directory.create_tenant(body.name, ids, body.policy.policy(), body.limits.limits())

@@ -43,14 +43,17 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class KlingCredentials:
-    """One Kling account's AK/SK. `repr` hides the secret. `credential_id` (the gateway's id of the account)
-    names it in metrics, where the access key must never appear. `base_url`: where the account's API is, when not
-    at the gateway's KGW_KLING_BASE_URL (a China account's is api-beijing: its keys do not work on the global API)."""
+    """One Kling account's AK/SK, or with `static_key` its console-made API key (in `secret_key`; `access_key` is
+    then a label derived from it), which Kling takes as the bearer token as it is. `repr` hides the secret.
+    `credential_id` (the gateway's id of the account) names it in metrics, where the access key must never appear.
+    `base_url`: where the account's API is, when not at the gateway's KGW_KLING_BASE_URL (a China account's is
+    api-beijing: its keys do not work on the global API)."""
 
     access_key: str
     secret_key: str
     credential_id: str = ""
     base_url: str = ""
+    static_key: bool = False
 
     def __repr__(self) -> str:
         return f"KlingCredentials(access_key={self.access_key!r}, secret_key='***')"
@@ -142,6 +145,8 @@ class JwtCache:
         self._tokens: dict[str, tuple[str, float]] = {}
 
     def token(self, credentials: KlingCredentials, *, force_new: bool = False) -> str:
+        if credentials.static_key:
+            return credentials.secret_key  # sent as it is (reference/kling-api.md §2): nothing to sign or cache
         # Keyed by a digest of both keys so a rotated secret never reuses a token signed with the old one.
         cache_key = hashlib.sha256(f"{credentials.access_key}\0{credentials.secret_key}".encode()).hexdigest()
         cached = self._tokens.get(cache_key)
@@ -268,7 +273,7 @@ class KlingClient:
             return await self._send(request, force_new_token=False)
         except KlingError as exc:
             # A token can expire between our clock and Kling's; re-sign once, as Kling's docs advise.
-            if exc.code != CODE_TOKEN_EXPIRED:
+            if exc.code != CODE_TOKEN_EXPIRED or request.credentials.static_key:
                 raise
             return await self._send(request, force_new_token=True)
 

@@ -72,6 +72,7 @@ class SimAccount:
     access_key: str
     secret_key: str
     concurrency: int = 5  # image slots in flight for this account (a task holds n slots)
+    api_key: str | None = None  # a static API key the account also takes as its bearer token (no JWT)
 
 
 @dataclass(frozen=True)
@@ -318,6 +319,7 @@ class _Simulator:
     def __init__(self, config: SimulatorConfig) -> None:
         self._config = config
         self._accounts = {account.access_key: account for account in config.accounts}
+        self._api_keys = {account.api_key: account.access_key for account in config.accounts if account.api_key}
         self._s = _State()
         self._http: httpx2.AsyncClient | None = None
         self._tg: TaskGroup | None = None
@@ -386,6 +388,9 @@ class _Simulator:
         try:
             if scheme.lower() != "bearer":
                 raise jwt.InvalidTokenError("not a bearer token")
+            static = self._api_keys.get(token)
+            if static is not None:
+                return static
             verified = self._verified.get(token)
             if verified is not None and verified.nbf <= time.time() < verified.exp:
                 return verified.access_key
@@ -569,10 +574,16 @@ class _Simulator:
 
     def _set_account(self, body: dict[str, Any]) -> None:
         key, secret = _ctl(body, "access_key", str, None), _ctl(body, "secret_key", str, None)
-        account = SimAccount(key, secret, _ctl(body, "concurrency", int, 5))
+        api_key = body.get("api_key")
+        if api_key is not None and not isinstance(api_key, str):
+            raise _BadControl("api_key must be a str")
+        account = SimAccount(key, secret, _ctl(body, "concurrency", int, 5), api_key or None)
         if not key or not secret or account.concurrency < 1:
             raise _BadControl("access_key and secret_key must be non-empty and concurrency >= 1")
         self._accounts[key] = account
+        self._api_keys = {k: v for k, v in self._api_keys.items() if v != key}  # its old API key no longer works
+        if account.api_key:
+            self._api_keys[account.api_key] = key
         self._verified.clear()  # a token verified under the account's old secret is no longer
 
     async def stats(self, _request: Request) -> Response:

@@ -65,6 +65,8 @@ class Credential:
     concurrency: int
     created_at: float
     base_url: str | None = None  # the account's API, when not the gateway's KGW_KLING_BASE_URL
+    # A console-made static API key (sealed as the secret; `access_key` is its `api_key_label`), not an AK/SK pair.
+    static_key: bool = False
 
 
 @dataclass(frozen=True)
@@ -212,6 +214,7 @@ class TenantDirectory:
         concurrency: int = 5,
         *,
         base_url: str | None = None,
+        static_key: bool = False,
         reuse: bool = True,
     ) -> Credential:
         """A new credential, or the existing one for this access key when the secret matches (a shared account).
@@ -223,10 +226,12 @@ class TenantDirectory:
                 raise Conflict(f"a credential for access key {access_key!r} exists with another secret key")
             if existing.base_url != base_url:
                 raise Conflict(f"a credential for access key {access_key!r} exists with another base URL")
+            if existing.static_key != static_key:
+                raise Conflict(f"a credential for access key {access_key!r} exists of the other kind")
             return existing
         credential_id = f"c_{uuid.uuid4().hex[:16]}"
         credential = Credential(credential_id, access_key, self._sealer.seal(credential_id, secret_key), concurrency,
-                                time.time(), base_url)  # fmt: skip
+                                time.time(), base_url, static_key)  # fmt: skip
         await self.store.add_credential(credential)
         return credential
 
@@ -268,7 +273,8 @@ class TenantDirectory:
 
     def kling_credentials(self, credential: Credential) -> KlingCredentials:
         secret = self._sealer.open(credential.id, credential.sealed_secret)
-        return KlingCredentials(credential.access_key, secret, credential.id, credential.base_url or "")
+        return KlingCredentials(credential.access_key, secret, credential.id, credential.base_url or "",
+                                credential.static_key)  # fmt: skip
 
     async def kling_credentials_by_id(self, credential_id: str) -> KlingCredentials | None:
         credential = await self.store.get_credential(credential_id)
@@ -393,12 +399,19 @@ class TenantDirectory:
             await self._on_key_changed(key_id)
 
 
+def api_key_label(api_key: str) -> str:
+    """What names a static API key's credential where an AK/SK one shows its access key (listings, audit, the
+    tenants file's references, metrics' breaker keys): a digest of it, which tells nothing of the key."""
+    return "key-" + hashlib.sha256(api_key.encode()).hexdigest()[:16]
+
+
 def _credential_json(credential: Credential) -> str:
     """The record as stored in Redis. An unset `base_url` is left out, so that replicas of an earlier version (which
     know no such field) still read it during a rolling upgrade."""
     fields = asdict(credential)
-    if fields["base_url"] is None:
-        del fields["base_url"]
+    for name, unset in (("base_url", None), ("static_key", False)):
+        if fields[name] == unset:
+            del fields[name]
     return json.dumps(fields)
 
 

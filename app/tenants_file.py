@@ -6,9 +6,13 @@
     concurrency = 5
     # base_url = "https://api-beijing.klingai.com"  # an account of Kling's China site; default KGW_KLING_BASE_URL
 
+    [[credentials]]                            # or a static API key made in Kling's console
+    name = "acme-console"                      # what tenants call it
+    api_key_env = "ACME_KLING_API_KEY"         # or api_key_file = "/run/secrets/acme-kling-api-key"
+
     [[tenants]]
     name = "acme"
-    credentials = ["AK..."]                    # access keys; the first runs new tasks
+    credentials = ["AK..."]                    # access keys (or names); the first runs new tasks
     [tenants.policy]
     allowed_models = ["kling-v3"]
     max_images_per_request = 4
@@ -31,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from app.errors import Conflict
 from app.tenant_schemas import KlingBaseUrl, LimitsIn, PolicyIn, TenantName
-from app.tenants import TenantDirectory
+from app.tenants import TenantDirectory, api_key_label
 
 
 class TenantsFileError(Exception):
@@ -39,18 +43,41 @@ class TenantsFileError(Exception):
 
 
 class CredentialEntry(BaseModel):
+    """An AK/SK account (`access_key` and a reference to its secret key), or a static API key (`name` and a
+    reference to the key)."""
+
     model_config = ConfigDict(extra="forbid")
-    access_key: Annotated[str, Field(min_length=1)]
+    access_key: Annotated[str | None, Field(min_length=1)] = None
+    name: Annotated[str | None, Field(min_length=1, description="What tenants call this credential")] = None
     secret_key_env: str | None = None
     secret_key_file: str | None = None
+    api_key_env: str | None = None
+    api_key_file: str | None = None
     concurrency: Annotated[int, Field(ge=1, le=1000)] = 5
     base_url: KlingBaseUrl = None
 
     @model_validator(mode="after")
     def _one_secret_reference(self) -> CredentialEntry:
-        if (self.secret_key_env is None) == (self.secret_key_file is None):
-            raise ValueError("give exactly one of secret_key_env or secret_key_file (secrets are never inline)")
+        secret_refs = sum(ref is not None for ref in (self.secret_key_env, self.secret_key_file))
+        api_key_refs = sum(ref is not None for ref in (self.api_key_env, self.api_key_file))
+        if self.access_key is not None:
+            if secret_refs != 1 or api_key_refs:
+                raise ValueError("give exactly one of secret_key_env or secret_key_file (secrets are never inline)")
+        elif self.name is None or api_key_refs != 1 or secret_refs:
+            raise ValueError("give access_key and a secret key reference, or name and exactly one of api_key_env "
+                             "or api_key_file (secrets are never inline)")  # fmt: skip
         return self
+
+    @property
+    def static_key(self) -> bool:
+        return self.access_key is None
+
+    @property
+    def reference(self) -> str:
+        """What the file's tenants call it: its name, else its access key."""
+        reference = self.name or self.access_key
+        assert reference is not None  # the validator saw to it
+        return reference
 
 
 class TenantEntry(BaseModel):
@@ -83,16 +110,18 @@ def load_tenants_file(path: str) -> TenantsFile:
 
 
 def _secret_of(entry: CredentialEntry, environ: Mapping[str, str]) -> str:
-    if entry.secret_key_env is not None:
-        secret = environ.get(entry.secret_key_env)
+    """The secret key, or the static API key, the entry refers to."""
+    variable, file = entry.secret_key_env or entry.api_key_env, entry.secret_key_file or entry.api_key_file
+    if variable is not None:
+        secret = environ.get(variable)
         if not secret:
-            raise TenantsFileError(f"credential {entry.access_key}: ${entry.secret_key_env} is not set")
+            raise TenantsFileError(f"credential {entry.reference}: ${variable} is not set")
         return secret
-    assert entry.secret_key_file is not None
+    assert file is not None
     try:
-        return Path(entry.secret_key_file).read_text().strip()
+        return Path(file).read_text().strip()
     except OSError as exc:
-        raise TenantsFileError(f"credential {entry.access_key}: cannot read {entry.secret_key_file}") from exc
+        raise TenantsFileError(f"credential {entry.reference}: cannot read {file}") from exc
 
 
 async def apply_tenants_file(
@@ -103,13 +132,12 @@ async def apply_tenants_file(
     applied = Applied(created=[], updated=[])
     credential_ids: dict[str, str] = {}
     for entry in spec.credentials:
-        credential_ids[entry.access_key] = await _apply_credential(
-            directory, entry, _secret_of(entry, environ), applied
-        )
+        credential_ids[entry.reference] = await _apply_credential(directory, entry, _secret_of(entry, environ), applied)
     for tenant_entry in spec.tenants:
         unknown = [key for key in tenant_entry.credentials if key not in credential_ids]
         if unknown:
-            raise TenantsFileError(f"tenant {tenant_entry.name}: no [[credentials]] entry for {', '.join(unknown)}")
+            raise TenantsFileError(f"tenant {tenant_entry.name}: no [[credentials]] entry for {', '.join(unknown)} "
+                                   "(by access key, or name)")  # fmt: skip
         ids = tuple(credential_ids[key] for key in tenant_entry.credentials)
         await _apply_tenant(directory, tenant_entry, ids, applied)
     return applied
@@ -118,25 +146,29 @@ async def apply_tenants_file(
 async def _apply_credential(
     directory: TenantDirectory, entry: CredentialEntry, secret: str, applied: Applied, *, retry: bool = True
 ) -> str:
-    existing = await directory.store.find_credential(entry.access_key)
+    # A static key is found by its label: a new key (rotated at Kling) is a new credential, which the tenants naming
+    # it move to; tasks under way keep the one they started on.
+    access_key = api_key_label(secret) if entry.static_key else entry.access_key
+    assert access_key is not None
+    existing = await directory.store.find_credential(access_key)
     if existing is None:
         try:
             # Not reused: another replica creating it between our look-up and now must not count as our creation.
-            created = await directory.add_credential(entry.access_key, secret, entry.concurrency,
-                                                     base_url=entry.base_url, reuse=False)  # fmt: skip
+            created = await directory.add_credential(access_key, secret, entry.concurrency, base_url=entry.base_url,
+                                                     static_key=entry.static_key, reuse=False)  # fmt: skip
         except Conflict:
             if not retry:
                 raise
             # Another replica applying the same file at the same moment created it first: its record is there.
             return await _apply_credential(directory, entry, secret, applied, retry=False)
-        applied.created.append(f"credential {entry.access_key}")
+        applied.created.append(f"credential {entry.reference}")
         return created.id
     current = directory.kling_credentials(existing).secret_key
     changed = (not hmac.compare_digest(current.encode(), secret.encode()) or existing.concurrency != entry.concurrency
                or existing.base_url != entry.base_url)  # fmt: skip
     if changed:
         await directory.update_credential(existing, secret, entry.concurrency, entry.base_url)
-        applied.updated.append(f"credential {entry.access_key}")
+        applied.updated.append(f"credential {entry.reference}")
     return existing.id
 
 

@@ -113,6 +113,19 @@ async def test_a_tenant_created_from_the_cli_on_a_china_site_account_keeps_its_b
     assert credential["base_url"] == "https://api-beijing.klingai.com"
 
 
+async def test_a_tenant_created_from_the_cli_on_a_static_api_key(redis: Redis, redis_url: str) -> None:
+    env = cli_env(KGW_REDIS_URL=redis_url, KGW_KEY_PEPPER=KEY_PEPPER, KGW_MASTER_KEY=MASTER_KEY)
+    code, _, err = await run_cli("tenants", "create", "acme", "--kling-api-key", "k" * 40, "--kling-access-key", "ak",
+                                 env=env)  # fmt: skip
+    assert (code, "instead of" in err) == (2, True)
+    code, out, _ = await run_cli("tenants", "create", "acme", "--kling-api-key", "k" * 40, env=env)
+    assert code == 0, out
+    assert "k" * 40 not in out
+    (credential,) = [json.loads(raw) for raw in (await redis.mget(await redis.keys("kgw:credential:c_*"))) if raw]
+    assert credential["static_key"] is True
+    assert credential["access_key"].startswith("key-")
+
+
 async def test_admin_verbs_without_redis_explain_what_to_set() -> None:
     code, _, err = await run_cli("tenants", "list", env=cli_env())
     assert code == 2

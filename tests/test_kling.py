@@ -115,6 +115,20 @@ async def test_each_kling_error_code_keeps_its_status_message_and_request_id_and
     assert error.details == {"kling_code": code, "kling_request_id": exc.request_id}
 
 
+async def test_a_static_api_key_is_sent_as_the_bearer_token_as_it_is(simulator: Simulator) -> None:
+    api_key = "kling-console-key-" + "k" * 40
+    await simulator.control("accounts", {"access_key": "ak-console", "secret_key": "sk-console-" + "c" * 32,
+                                         "api_key": api_key})  # fmt: skip
+    async with create_kling_pool() as http:
+        client = KlingClient(http, simulator.url)
+        with anyio.fail_after(10):
+            created = await client.create_image_task(KlingCredentials("key-1", api_key, static_key=True), BODY)
+            with pytest.raises(KlingError) as refused:
+                await client.create_image_task(KlingCredentials("key-2", api_key + "x", static_key=True), BODY)
+    assert created.task_id
+    assert refused.value.code == 1002  # a static key Kling does not know is refused as an unknown token is
+
+
 def test_a_token_kling_finds_not_yet_valid_points_the_administrator_at_the_clock_not_the_credentials() -> None:
     early = error_from_kling(KlingError(401, 1003, "Authorization is not active", "req-1"))
     wrong = error_from_kling(KlingError(401, 1002, "Authorization is invalid", "req-2"))

@@ -441,3 +441,67 @@ async def test_the_tenants_file_sets_and_changes_an_accounts_base_url(
     stored = await redis.get(f"kgw:credential:{credential.id}")
     assert stored is not None
     assert "base_url" not in json.loads(stored)
+
+
+# --- a Kling account by its static API key ---
+
+CONSOLE_KEY = "kling-console-key-" + "q" * 40
+
+
+async def test_a_tenant_on_a_static_api_key_generates_and_the_key_is_never_shown(
+    gateway: RunningGateway, simulator: Simulator
+) -> None:
+    await simulator.control("accounts", {"access_key": "ak-console", "secret_key": "sk-console-" + "c" * 32,
+                                         "api_key": CONSOLE_KEY})  # fmt: skip
+    body = {"name": "console", "kling": {"api_key": CONSOLE_KEY}}
+    created = await gateway.http.post(f"{gateway.url}/admin/tenants", json=body, headers=ADMIN)
+    assert created.status_code == 201, created.text
+    issued = await gateway.http.post(f"{gateway.url}/admin/tenants/{created.json()['id']}/keys", json={},
+                                     headers=ADMIN)  # fmt: skip
+    done = await gateway.http.post(f"{gateway.url}/generate", json={"prompt": "a kite", "wait_seconds": 20},
+                                   headers=bearer(issued.json()["api_key"]))  # fmt: skip
+    assert done.status_code == 200, done.text
+    (credential,) = (await gateway.http.get(f"{gateway.url}/admin/credentials", headers=ADMIN)).json()
+    assert credential["kind"] == "api_key"
+    assert credential["access_key"].startswith("key-")
+    audit = (await gateway.http.get(f"{gateway.url}/admin/audit", headers=ADMIN)).text
+    assert CONSOLE_KEY not in audit + str(credential)
+
+
+@pytest.mark.parametrize(
+    ("kling", "field"),
+    [
+        ({"api_key": CONSOLE_KEY, "access_key": "ak"}, "api_key"),
+        ({"access_key": "ak"}, "access_key"),
+        ({}, "access_key"),
+    ],
+)
+async def test_a_kling_account_is_given_by_its_two_keys_or_by_an_api_key_not_both(
+    gateway: RunningGateway, kling: dict[str, str], field: str
+) -> None:
+    refused = await gateway.http.post(f"{gateway.url}/admin/tenants", json={"name": "x", "kling": kling}, headers=ADMIN)
+    assert refused.status_code == 422
+    assert refused.json()["error"]["field"] == field
+
+
+async def test_the_tenants_file_names_a_static_api_key_and_tenants_refer_to_it_by_that_name(
+    redis: Redis, redis_url: str, tmp_path: Path
+) -> None:
+    settings = Settings.model_validate({"redis_url": redis_url, "key_pepper": KEY_PEPPER, "master_key": MASTER_KEY})
+    directory = admin_directory(settings, redis)[0]
+    file = tmp_path / "tenants.toml"
+    file.write_text('[[credentials]]\nname = "console"\napi_key_env = "CONSOLE_KEY"\n\n'
+                    '[[tenants]]\nname = "acme"\ncredentials = ["console"]\n')  # fmt: skip
+    applied = await apply_tenants_file(directory, load_tenants_file(str(file)), {"CONSOLE_KEY": CONSOLE_KEY})
+    assert applied.created == ["credential console", "tenant acme"]
+    (credential,) = await directory.store.list_credentials()
+    kling = directory.kling_credentials(credential)
+    assert (kling.static_key, kling.secret_key) == (True, CONSOLE_KEY)
+    (tenant,) = await directory.store.list_tenants()
+    assert tenant.credential_ids == (credential.id,)
+    again = await apply_tenants_file(directory, load_tenants_file(str(file)), {"CONSOLE_KEY": CONSOLE_KEY})
+    assert (again.created, again.updated) == ([], [])
+
+    file.write_text('[[credentials]]\nname = "console"\napi_key_env = "K"\nsecret_key_env = "S"\n')
+    with pytest.raises(TenantsFileError, match="api_key_env"):
+        load_tenants_file(str(file))

@@ -23,8 +23,8 @@ from app.main import ConfigurationError, Stores, admin_directory, apply_file, op
 from app.metrics import prepare_multiprocess_dir
 from app.sealing import SealingError, new_master_key
 from app.simulator import SimAccount, SimulatorConfig, serve_simulator
-from app.tenant_schemas import check_kling_base_url
-from app.tenants import TenantDirectory, TenantPolicy, api_key_label
+from app.tenant_schemas import check_kling_base_url, check_static_api_key
+from app.tenants import TenantDirectory, TenantPolicy
 from app.tenants_file import TenantsFileError
 
 Command = Callable[[argparse.Namespace], int]
@@ -118,19 +118,27 @@ def kling_base_url_argument(value: str) -> str | None:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def static_api_key_argument(value: str) -> str:
+    try:
+        return check_static_api_key(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def cmd_tenants_create(args: argparse.Namespace) -> int:
-    if (args.kling_api_key is None) == (args.kling_access_key is None or args.kling_secret_key is None):
-        print("error: give --kling-access-key and --kling-secret-key, or --kling-api-key alone", file=sys.stderr)
-        return 2
-    if args.kling_api_key is not None and (args.kling_access_key or args.kling_secret_key):
+    two_keys = (args.kling_access_key, args.kling_secret_key)
+    if args.kling_api_key is not None and any(key is not None for key in two_keys):
         print("error: --kling-api-key is instead of --kling-access-key and --kling-secret-key", file=sys.stderr)
+        return 2
+    if args.kling_api_key is None and any(key is None for key in two_keys):
+        print("error: give --kling-access-key and --kling-secret-key, or --kling-api-key", file=sys.stderr)
         return 2
 
     async def work(directory: TenantDirectory, stores: Stores) -> int:
         if args.kling_api_key is not None:
-            credential = await directory.add_credential(api_key_label(args.kling_api_key), args.kling_api_key,
-                                                        args.concurrency, base_url=args.kling_base_url,
-                                                        static_key=True)  # fmt: skip
+            credential = await directory.add_credential(directory.api_key_label(args.kling_api_key),
+                                                        args.kling_api_key, args.concurrency,
+                                                        base_url=args.kling_base_url, static_key=True)  # fmt: skip
         else:
             credential = await directory.add_credential(args.kling_access_key, args.kling_secret_key,
                                                         args.concurrency, base_url=args.kling_base_url)  # fmt: skip
@@ -273,7 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("name")
     create.add_argument("--kling-access-key")
     create.add_argument("--kling-secret-key")
-    create.add_argument("--kling-api-key", help="instead of the two keys: a static API key made in Kling's console")
+    create.add_argument(
+        "--kling-api-key",
+        type=static_api_key_argument,
+        help="instead of the two keys: a static API key made in Kling's console",
+    )
     create.add_argument("--concurrency", type=int, default=5, help="images the Kling account may run at once")
     create.add_argument("--kling-base-url", type=kling_base_url_argument,
                         help="the account's Kling API when not KGW_KLING_BASE_URL (a China account: "

@@ -354,8 +354,10 @@ class ImageService:
                 logger.warning("task %s may exist at Kling; its slots lapse by themselves", external_task_id)
                 await self._record_usage(principal, requests=1)
                 raise exc.error from exc
-            except BaseException:
+            except BaseException as exc:
                 await self._undo(principal, admission.lease_id, account_lease, images)
+                if refused_a_slot(exc):  # Kling answered 1303 until the deadline: its account was as full
+                    await self._refund_rate(principal, admission.lease_id)
                 raise
             record = TaskRecord(
                 task_id=task.task_id, tenant_id=tenant.id, credential_id=principal.credential_id,
@@ -417,11 +419,13 @@ class ImageService:
             await self._give_back_slot(principal, trying)
         await self._undo(principal, admission.lease_id, None, images)
         if refused:
-            try:
-                await self._limiter.refund_rate(principal.tenant.id, principal.key_id, principal.tenant.limits,
-                                                admission.lease_id)  # fmt: skip
-            except (RedisError, OSError):
-                logger.warning("could not give back the rate of tenant %s after a refusal", principal.tenant.id)
+            await self._refund_rate(principal, admission.lease_id)
+
+    async def _refund_rate(self, principal: Principal, lease_id: str) -> None:
+        try:
+            await self._limiter.refund_rate(principal.tenant.id, principal.key_id, principal.tenant.limits, lease_id)
+        except (RedisError, OSError):
+            logger.warning("could not give back the rate of tenant %s after a refusal", principal.tenant.id)
 
     async def _take_slot(self, principal: Principal, images: int) -> str:
         wait_s = self._timings.queue_timeout_s

@@ -3,6 +3,7 @@ the tenants file, so a file can set nothing the API would refuse."""
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 from urllib.parse import urlsplit
 
@@ -30,6 +31,18 @@ def check_kling_base_url(value: str | None) -> str | None:
     except ValueError as exc:
         raise ValueError("has a port that is not a number from 1 to 65535") from exc
     return value.rstrip("/")
+
+
+_STATIC_KEY = re.compile(r"^[\x21-\x7e]{8,512}$")
+
+
+def check_static_api_key(value: str) -> str:
+    """A static API key as Kling's console shows it: printable ASCII without spaces, since it goes into an HTTP
+    header as it is (a stray newline from a file or a paste would make every call fail, and the error name the key)."""
+    key = value.strip()
+    if not _STATIC_KEY.match(key):
+        raise ValueError("must be 8 to 512 printable ASCII characters without spaces")
+    return key
 
 
 KlingBaseUrl = Annotated[

@@ -205,6 +205,12 @@ class TenantDirectory:
     def digest(self, secret: str) -> str:
         return hmac.new(self._pepper, secret.encode(), hashlib.sha256).hexdigest()
 
+    def api_key_label(self, api_key: str) -> str:
+        """What names a static API key's credential where an AK/SK one shows its access key (listings, audit,
+        metrics' breaker keys): a keyed digest of it, which tells nothing of the key, nor confirms a guess of it
+        to whoever reads the listings without the pepper."""
+        return "key-" + self.digest(api_key)[:16]
+
     # --- credentials ---
 
     async def add_credential(
@@ -397,12 +403,6 @@ class TenantDirectory:
     async def _key_changed(self, key_id: str) -> None:
         if self._on_key_changed is not None:
             await self._on_key_changed(key_id)
-
-
-def api_key_label(api_key: str) -> str:
-    """What names a static API key's credential where an AK/SK one shows its access key (listings, audit, the
-    tenants file's references, metrics' breaker keys): a digest of it, which tells nothing of the key."""
-    return "key-" + hashlib.sha256(api_key.encode()).hexdigest()[:16]
 
 
 def _credential_json(credential: Credential) -> str:

@@ -34,8 +34,8 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from app.errors import Conflict
-from app.tenant_schemas import KlingBaseUrl, LimitsIn, PolicyIn, TenantName
-from app.tenants import TenantDirectory, api_key_label
+from app.tenant_schemas import KlingBaseUrl, LimitsIn, PolicyIn, TenantName, check_static_api_key
+from app.tenants import TenantDirectory
 
 
 class TenantsFileError(Exception):
@@ -46,7 +46,8 @@ class CredentialEntry(BaseModel):
     """An AK/SK account (`access_key` and a reference to its secret key), or a static API key (`name` and a
     reference to the key)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Errors never quote the input: a secret written inline by mistake would be printed with them.
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
     access_key: Annotated[str | None, Field(min_length=1)] = None
     name: Annotated[str | None, Field(min_length=1, description="What tenants call this credential")] = None
     secret_key_env: str | None = None
@@ -74,10 +75,15 @@ class CredentialEntry(BaseModel):
 
     @property
     def reference(self) -> str:
-        """What the file's tenants call it: its name, else its access key."""
+        """What the file names it by in what it reports: its name, else its access key."""
         reference = self.name or self.access_key
         assert reference is not None  # the validator saw to it
         return reference
+
+    @property
+    def references(self) -> list[str]:
+        """What the file's tenants may call it: its name and its access key, whichever it has."""
+        return [reference for reference in (self.name, self.access_key) if reference is not None]
 
 
 class TenantEntry(BaseModel):
@@ -89,9 +95,17 @@ class TenantEntry(BaseModel):
 
 
 class TenantsFile(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
     credentials: list[CredentialEntry] = Field(default_factory=list)
     tenants: list[TenantEntry] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_references(self) -> TenantsFile:
+        references = [reference for entry in self.credentials for reference in entry.references]
+        repeated = sorted({reference for reference in references if references.count(reference) > 1})
+        if repeated:
+            raise ValueError(f"more than one [[credentials]] entry is called {', '.join(repeated)}")
+        return self
 
 
 @dataclass(frozen=True)
@@ -113,15 +127,21 @@ def _secret_of(entry: CredentialEntry, environ: Mapping[str, str]) -> str:
     """The secret key, or the static API key, the entry refers to."""
     variable, file = entry.secret_key_env or entry.api_key_env, entry.secret_key_file or entry.api_key_file
     if variable is not None:
-        secret = environ.get(variable)
+        secret = environ.get(variable, "").strip()
         if not secret:
             raise TenantsFileError(f"credential {entry.reference}: ${variable} is not set")
-        return secret
-    assert file is not None
-    try:
-        return Path(file).read_text().strip()
-    except OSError as exc:
-        raise TenantsFileError(f"credential {entry.reference}: cannot read {file}") from exc
+    else:
+        assert file is not None
+        try:
+            secret = Path(file).read_text().strip()
+        except OSError as exc:
+            raise TenantsFileError(f"credential {entry.reference}: cannot read {file}") from exc
+    if entry.static_key:
+        try:
+            check_static_api_key(secret)
+        except ValueError as exc:  # says nothing of the key itself
+            raise TenantsFileError(f"credential {entry.reference}: the API key {exc}") from exc
+    return secret
 
 
 async def apply_tenants_file(
@@ -132,7 +152,8 @@ async def apply_tenants_file(
     applied = Applied(created=[], updated=[])
     credential_ids: dict[str, str] = {}
     for entry in spec.credentials:
-        credential_ids[entry.reference] = await _apply_credential(directory, entry, _secret_of(entry, environ), applied)
+        credential_id = await _apply_credential(directory, entry, _secret_of(entry, environ), applied)
+        credential_ids.update(dict.fromkeys(entry.references, credential_id))
     for tenant_entry in spec.tenants:
         unknown = [key for key in tenant_entry.credentials if key not in credential_ids]
         if unknown:
@@ -148,7 +169,7 @@ async def _apply_credential(
 ) -> str:
     # A static key is found by its label: a new key (rotated at Kling) is a new credential, which the tenants naming
     # it move to; tasks under way keep the one they started on.
-    access_key = api_key_label(secret) if entry.static_key else entry.access_key
+    access_key = directory.api_key_label(secret) if entry.static_key else entry.access_key
     assert access_key is not None
     existing = await directory.store.find_credential(access_key)
     if existing is None:

@@ -142,7 +142,7 @@ async def test_more_images_than_the_account_runs_at_once_is_refused_before_anyth
 
 @pytest.mark.sim_delay(30.0)
 async def test_submissions_refused_for_want_of_an_account_slot_cost_no_rate(
-    simulator: Simulator, redis_url: str
+    simulator: Simulator, redis: Redis, redis_url: str
 ) -> None:
     settings = redis_gateway_settings(simulator, redis_url, queue_timeout_seconds=0.3)
     async with running_gateway(settings) as running:
@@ -153,9 +153,23 @@ async def test_submissions_refused_for_want_of_an_account_slot_cost_no_rate(
             for _ in range(3)
         ]
     assert [answer.status_code for answer in answers] == [202, 429, 429]
+    assert answers[0].json()["quota"]["requests_this_minute"] == 1  # two a minute, as set
     # Both waited for the account's one slot, held by the first task, and were refused for it; neither was charged,
     # or the third would have been refused by the rate (two a minute) before it could wait.
     assert [answer.json()["error"]["limit"] for answer in answers[1:]] == ["kling_account", "kling_account"]
+
+
+async def test_submissions_kling_refuses_with_1303_until_their_deadline_cost_no_rate(simulator: Simulator) -> None:
+    await simulator.control("faults", {"code": 1303, "http_status": 429, "times": 100, "path": "create"})
+    async with running_gateway(gateway_settings(simulator, queue_timeout_seconds=0.5)) as running:
+        api_key = await running.new_api_key("acme")
+        await set_limits(running, requests_per_minute=2)
+        answers = [
+            await running.http.post(f"{running.url}/generate", json={"prompt": "x"}, headers=bearer(api_key))
+            for _ in range(3)
+        ]
+    # Another client of the account held its slots: a refusal on concurrency, which leaves the rate as it was.
+    assert [(answer.status_code, answer.json()["error"]["limit"]) for answer in answers] == [(429, "kling_account")] * 3
 
 
 async def test_two_tenants_sharing_a_four_slot_account_complete_ten_tasks_without_a_1303(

@@ -472,6 +472,8 @@ async def test_a_tenant_on_a_static_api_key_generates_and_the_key_is_never_shown
     ("kling", "field"),
     [
         ({"api_key": CONSOLE_KEY, "access_key": "ak"}, "api_key"),
+        ({"api_key": CONSOLE_KEY[:10] + "\n" + CONSOLE_KEY[10:]}, "api_key"),
+        ({"api_key": "with space " + CONSOLE_KEY}, "api_key"),
         ({"access_key": "ak"}, "access_key"),
         ({}, "access_key"),
     ],
@@ -503,5 +505,13 @@ async def test_the_tenants_file_names_a_static_api_key_and_tenants_refer_to_it_b
     assert (again.created, again.updated) == ([], [])
 
     file.write_text('[[credentials]]\nname = "console"\napi_key_env = "K"\nsecret_key_env = "S"\n')
-    with pytest.raises(TenantsFileError, match="api_key_env"):
+    with pytest.raises(TenantsFileError, match="exactly one of api_key_env"):
+        load_tenants_file(str(file))
+    file.write_text('[[credentials]]\nname = "console"\napi_key = "inline-by-mistake-0123"\n')
+    with pytest.raises(TenantsFileError) as inline:
+        load_tenants_file(str(file))
+    assert "inline-by-mistake-0123" not in str(inline.value)  # the error names the field, never its value
+    file.write_text('[[credentials]]\nname = "console"\napi_key_env = "K"\n\n'
+                    '[[credentials]]\nname = "console"\napi_key_env = "L"\n')  # fmt: skip
+    with pytest.raises(TenantsFileError, match=r"more than one .* called console"):
         load_tenants_file(str(file))

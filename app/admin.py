@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from app.errors import Forbidden, InvalidRequest, Unauthorized
 from app.models import FieldProblem
-from app.tenant_schemas import KlingBaseUrl, LimitsIn, PolicyIn, TenantName, check_static_api_key
+from app.tenant_schemas import KlingBaseUrl, LimitsIn, PolicyIn, StaticApiKey, TenantName
 from app.tenants import ApiKeyRecord, Credential, KeyFormat, Tenant, TenantDirectory
 from app.usage import AuditEntry, DailyUsage
 from app.webhooks import new_webhook_secret
@@ -35,8 +35,8 @@ class CredentialIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     access_key: Annotated[str | None, Field(min_length=1, max_length=256)] = None
     secret_key: Annotated[SecretStr | None, Field(min_length=1, max_length=256)] = None
-    api_key: Annotated[SecretStr | None, Field(min_length=1, max_length=512, description="Instead of the two keys: "
-                                               "a static API key, sent to Kling as it is")] = None  # fmt: skip
+    api_key: Annotated[StaticApiKey | None, Field(description="Instead of the two keys: a static API key, sent to "
+                                                  "Kling as it is")] = None  # fmt: skip
     concurrency: Annotated[int, Field(ge=1, le=1000, description="Images the Kling account may have in flight")] = 5
     base_url: KlingBaseUrl = None
 
@@ -45,10 +45,6 @@ class CredentialIn(BaseModel):
         if self.api_key is not None:
             if self.access_key is not None or self.secret_key is not None:
                 raise FieldProblem("api_key", "is given instead of access_key and secret_key, not with them")
-            try:
-                self.api_key = SecretStr(check_static_api_key(self.api_key.get_secret_value()))
-            except ValueError as exc:
-                raise FieldProblem("api_key", str(exc)) from exc
         elif self.access_key is None or self.secret_key is None:
             raise FieldProblem("access_key", "and secret_key are required (or an api_key instead)")
         return self
@@ -57,8 +53,7 @@ class CredentialIn(BaseModel):
         """The credential this names, created in `directory` (or the existing one, as `add_credential` says)."""
         if self.api_key is not None:
             key = self.api_key.get_secret_value()
-            return await directory.add_credential(directory.api_key_label(key), key, self.concurrency,
-                                                  base_url=self.base_url, static_key=True)  # fmt: skip
+            return await directory.add_api_key_credential(key, self.concurrency, base_url=self.base_url)
         assert self.access_key is not None
         assert self.secret_key is not None
         return await directory.add_credential(self.access_key, self.secret_key.get_secret_value(), self.concurrency,

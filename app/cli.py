@@ -10,6 +10,7 @@ import shutil
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import uvicorn
 from pydantic import ValidationError
@@ -26,6 +27,8 @@ from app.simulator import SimAccount, SimulatorConfig, serve_simulator
 from app.tenant_schemas import check_kling_base_url, check_static_api_key
 from app.tenants import TenantDirectory, TenantPolicy
 from app.tenants_file import TenantsFileError
+
+T = TypeVar("T")
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -111,18 +114,16 @@ def _with_directory(work: Callable[[TenantDirectory, Stores], Awaitable[int]]) -
         return 2
 
 
-def kling_base_url_argument(value: str) -> str | None:
-    try:
-        return check_kling_base_url(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
+def argument_checked_by(check: Callable[[str], T]) -> Callable[[str], T]:
+    """An argparse `type` from one of the schemas' checks: its ValueError becomes argparse's usage error."""
 
+    def checked(value: str) -> T:
+        try:
+            return check(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
 
-def static_api_key_argument(value: str) -> str:
-    try:
-        return check_static_api_key(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return checked
 
 
 def cmd_tenants_create(args: argparse.Namespace) -> int:
@@ -136,9 +137,8 @@ def cmd_tenants_create(args: argparse.Namespace) -> int:
 
     async def work(directory: TenantDirectory, stores: Stores) -> int:
         if args.kling_api_key is not None:
-            credential = await directory.add_credential(directory.api_key_label(args.kling_api_key),
-                                                        args.kling_api_key, args.concurrency,
-                                                        base_url=args.kling_base_url, static_key=True)  # fmt: skip
+            credential = await directory.add_api_key_credential(args.kling_api_key, args.concurrency,
+                                                                base_url=args.kling_base_url)  # fmt: skip
         else:
             credential = await directory.add_credential(args.kling_access_key, args.kling_secret_key,
                                                         args.concurrency, base_url=args.kling_base_url)  # fmt: skip
@@ -283,11 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--kling-secret-key")
     create.add_argument(
         "--kling-api-key",
-        type=static_api_key_argument,
+        type=argument_checked_by(check_static_api_key),
         help="instead of the two keys: a static API key made in Kling's console",
     )
     create.add_argument("--concurrency", type=int, default=5, help="images the Kling account may run at once")
-    create.add_argument("--kling-base-url", type=kling_base_url_argument,
+    create.add_argument("--kling-base-url", type=argument_checked_by(check_kling_base_url),
                         help="the account's Kling API when not KGW_KLING_BASE_URL (a China account: "
                              "https://api-beijing.klingai.com)")  # fmt: skip
     create.set_defaults(run=cmd_tenants_create)

@@ -355,9 +355,8 @@ class ImageService:
                 await self._record_usage(principal, requests=1)
                 raise exc.error from exc
             except BaseException as exc:
-                await self._undo(principal, admission.lease_id, account_lease, images)
-                if refused_a_slot(exc):  # Kling answered 1303 until the deadline: its account was as full
-                    await self._refund_rate(principal, admission.lease_id)
+                # A refused slot here: Kling answered 1303 until the deadline, its account as full as our queue says.
+                await self._undo(principal, admission.lease_id, account_lease, images, rate_back=refused_a_slot(exc))
                 raise
             record = TaskRecord(
                 task_id=task.task_id, tenant_id=tenant.id, credential_id=principal.credential_id,
@@ -402,7 +401,9 @@ class ImageService:
             return admission, await self._take_slot(principal, images)
         except BaseException as exc:
             # One shielded await: anyio cancels again at each await, and the work must all go on regardless.
-            await asyncio.shield(self._undo_unslotted(principal, admission, trying, images, refused_a_slot(exc)))
+            await asyncio.shield(
+                self._undo_unslotted(principal, admission, trying, images, rate_back=refused_a_slot(exc))
+            )
             raise
 
     async def _undo_unslotted(
@@ -411,21 +412,14 @@ class ImageService:
         admission: Admission,
         trying: asyncio.Future[str | None] | None,
         images: int,
-        refused: bool,
+        *,
+        rate_back: bool,
     ) -> None:
         """An admitted submission that got no slot: a slot its try took (its answer cut off by a cancellation)
-        goes back, then the admission; and, when the account had no slot for it in time (`refused`), its rate."""
+        goes back, then the admission (as `_undo`)."""
         if trying is not None:
             await self._give_back_slot(principal, trying)
-        await self._undo(principal, admission.lease_id, None, images)
-        if refused:
-            await self._refund_rate(principal, admission.lease_id)
-
-    async def _refund_rate(self, principal: Principal, lease_id: str) -> None:
-        try:
-            await self._limiter.refund_rate(principal.tenant.id, principal.key_id, principal.tenant.limits, lease_id)
-        except (RedisError, OSError):
-            logger.warning("could not give back the rate of tenant %s after a refusal", principal.tenant.id)
+        await self._undo(principal, admission.lease_id, None, images, rate_back=rate_back)
 
     async def _take_slot(self, principal: Principal, images: int) -> str:
         wait_s = self._timings.queue_timeout_s
@@ -466,10 +460,20 @@ class ImageService:
             logger.warning("a %s lease of a running task of tenant %s had lapsed; taken again", kind,
                            principal.tenant.id)  # fmt: skip
 
-    async def _undo(self, principal: Principal, tenant_lease: str, account_lease: str | None, refund: int) -> None:
-        """An admitted submission that created nothing: its slots back; the request still counts as one."""
+    async def _undo(
+        self, principal: Principal, tenant_lease: str, account_lease: str | None, refund: int, *, rate_back: bool
+    ) -> None:
+        """An admitted submission that created nothing: its slots back; the request still counts as one. With
+        `rate_back` (refused for want of an account slot), its rate charge too: a refusal on concurrency costs none."""
         await self._release(principal, tenant_lease, account_lease, refund)
         await self._record_usage(principal, requests=1)
+        if not rate_back:
+            return
+        try:
+            await self._limiter.refund_rate(principal.tenant.id, principal.key_id, principal.tenant.limits,
+                                            tenant_lease)  # fmt: skip
+        except (RedisError, OSError):
+            logger.warning("could not give back the rate of tenant %s after a refusal", principal.tenant.id)
 
     async def _release(self, principal: Principal, tenant_lease: str, account_lease: str | None, refund: int) -> None:
         """The account's slot, then the tenant's lease (with Redis, in one round trip), each on its own: one failing

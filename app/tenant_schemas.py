@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import re
 from typing import Annotated
-from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from app.models import canonical_model_name
+from app.models import canonical_model_name, read_unambiguously
 from app.ratelimit import TenantLimits
 from app.tenants import TenantPolicy
 
@@ -21,15 +20,11 @@ def check_kling_base_url(value: str | None) -> str | None:
     KGW_KLING_BASE_URL."""
     if not value:
         return None
-    parts = urlsplit(value)
+    parts = read_unambiguously(value)  # a port every Kling call could parse, among the rest
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("must be an absolute http(s) URL, such as https://api-beijing.klingai.com")
     if parts.username or parts.password or parts.query or parts.fragment:
         raise ValueError("must not hold credentials, a query or a fragment")
-    try:
-        parts.port  # noqa: B018 - read for its ValueError: every Kling call would raise it otherwise
-    except ValueError as exc:
-        raise ValueError("has a port that is not a number from 1 to 65535") from exc
     return value.rstrip("/")
 
 
@@ -45,6 +40,11 @@ def check_static_api_key(value: str) -> str:
     return key
 
 
+def _check_static_api_key_secret(value: SecretStr) -> SecretStr:
+    return SecretStr(check_static_api_key(value.get_secret_value()))
+
+
+StaticApiKey = Annotated[SecretStr, AfterValidator(_check_static_api_key_secret)]
 KlingBaseUrl = Annotated[
     Annotated[str, Field(max_length=256)] | None,
     AfterValidator(check_kling_base_url),

@@ -241,6 +241,13 @@ class TenantDirectory:
         await self.store.add_credential(credential)
         return credential
 
+    async def add_api_key_credential(
+        self, api_key: str, concurrency: int = 5, *, base_url: str | None = None, reuse: bool = True
+    ) -> Credential:
+        """`add_credential` for a static API key: the credential goes by the key's label."""
+        return await self.add_credential(self.api_key_label(api_key), api_key, concurrency, base_url=base_url,
+                                         static_key=True, reuse=reuse)  # fmt: skip
+
     async def update_credential(
         self, credential: Credential, secret_key: str | None, concurrency: int, base_url: str | None
     ) -> Credential:
